@@ -1,0 +1,97 @@
+//! The application state, built once before the HTTP server so every actix worker shares
+//! the same pools and clients, and the HTTP app every role and test serves.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::middleware::from_fn;
+use actix_web::{web, App, HttpServer};
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::config::Settings;
+use crate::infra::amqp::Amqp;
+use crate::infra::db::{DbError, Databases};
+use crate::infra::http::{extract, middleware};
+use crate::infra::redis::Redis;
+use crate::modules::{auth, users};
+use crate::ops;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub db: Arc<Databases>,
+    pub redis: Redis,
+    pub amqp: Amqp,
+    pub auth: Arc<auth::AuthState>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("database: {0}")]
+    Db(#[from] DbError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("rabbitmq: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("auth: {0}")]
+    Auth(#[from] auth::AuthError),
+    #[error("http: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl AppState {
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let db = Databases::connect(&settings.database).await?;
+        let redis = Redis::connect(&settings.redis).await?;
+        let amqp = Amqp::connect(&settings.amqp).await?;
+        let auth = auth::AuthState::new(&settings.auth, &settings.rate_limit)?;
+        Ok(Self {
+            settings: Arc::new(settings),
+            db: Arc::new(db),
+            redis,
+            amqp,
+            auth: Arc::new(auth),
+        })
+    }
+}
+
+/// Starts the HTTP API on `listener`. The server does not install signal handlers: the
+/// caller decides when to stop it (see `roles`).
+pub fn http_server(state: AppState, listener: TcpListener) -> std::io::Result<Server> {
+    let http = state.settings.http.clone();
+    let data = web::Data::new(state);
+    let openapi = ops::openapi();
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .app_data(extract::json_config(http.body_limit_bytes))
+            .app_data(web::PayloadConfig::new(http.body_limit_bytes))
+            .app_data(extract::path_config())
+            .app_data(extract::query_config())
+            .wrap(from_fn(middleware::request_context))
+            .configure(ops::configure)
+            .configure(auth::configure)
+            .configure(users::configure)
+            .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", openapi.clone()))
+            .default_service(web::to(extract::not_found))
+    })
+    .shutdown_timeout(http.shutdown_grace_secs)
+    .disable_signals();
+    if http.workers > 0 {
+        server = server.workers(http.workers);
+    }
+    Ok(server.listen(listener)?.run())
+}
+
+/// Background upkeep the API role runs while it serves.
+pub async fn api_upkeep(state: AppState) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        state.auth.forget_idle_clients();
+    }
+}

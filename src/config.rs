@@ -1,0 +1,181 @@
+//! Typed, layered configuration: `config/default.toml`, then `config/{FLASHSALE_ENV}.toml`
+//! (optional, `development` when unset), then `FLASHSALE__SECTION__KEY` environment variables.
+//! The result is validated once at start and passed down; nothing reads it globally.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub amqp: AmqpSettings,
+    pub auth: AuthSettings,
+    pub rate_limit: RateLimitSettings,
+    pub users: UsersSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub host: String,
+    pub port: u16,
+    pub workers: usize,
+    pub body_limit_bytes: usize,
+    pub trusted_proxies: Vec<IpAddr>,
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub pool_max_size: u32,
+    pub pool_timeout_ms: u64,
+    pub read_your_writes_secs: u64,
+    pub global: DatabaseNode,
+    pub shards: Vec<DatabaseNode>,
+}
+
+/// One logical database: a primary and zero or more read replicas.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseNode {
+    pub primary: String,
+    #[serde(default)]
+    pub replicas: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    pub url: String,
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub access_ttl_secs: u64,
+    pub refresh_ttl_secs: u64,
+    pub active_kid: String,
+    #[serde(default)]
+    pub keys: HashMap<String, String>,
+    pub argon2: Argon2Settings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Argon2Settings {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+    pub max_concurrent: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    pub auth_per_ip_per_minute: u32,
+    pub user_per_minute: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsersSettings {
+    pub cache_ttl_secs: u64,
+    pub max_addresses: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+const MIN_KEY_BYTES: usize = 32;
+
+impl Settings {
+    /// Loads the layered configuration from `dir` (normally `./config`).
+    pub fn load(dir: &Path) -> Result<Self, ConfigError> {
+        let env = std::env::var("FLASHSALE_ENV").unwrap_or_else(|_| "development".to_owned());
+        let settings: Settings = config::Config::builder()
+            .add_source(config::File::from(dir.join("default.toml")))
+            .add_source(config::File::from(dir.join(format!("{env}.toml"))).required(false))
+            .add_source(
+                config::Environment::with_prefix("FLASHSALE")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("http.trusted_proxies")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what types alone cannot; each failure names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.database.shards.is_empty() {
+            return invalid("database.shards", "at least one shard is required");
+        }
+        if self.database.pool_max_size == 0 {
+            return invalid("database.pool_max_size", "must be at least 1");
+        }
+        if self.http.body_limit_bytes == 0 {
+            return invalid("http.body_limit_bytes", "must be at least 1");
+        }
+        match self.auth.keys.get(&self.auth.active_kid) {
+            None => return invalid("auth.active_kid", "names no key in auth.keys"),
+            Some(_) if self.auth.keys.values().any(|k| k.len() < MIN_KEY_BYTES) => {
+                return invalid("auth.keys", "every key must be at least 32 bytes");
+            }
+            Some(_) => {}
+        }
+        if self.auth.access_ttl_secs == 0 || self.auth.refresh_ttl_secs == 0 {
+            return invalid("auth.access_ttl_secs", "token lifetimes must be positive");
+        }
+        if self.auth.argon2.max_concurrent == 0 {
+            return invalid("auth.argon2.max_concurrent", "must be at least 1");
+        }
+        if self.rate_limit.auth_per_ip_per_minute == 0 || self.rate_limit.user_per_minute == 0 {
+            return invalid("rate_limit", "limits must be at least 1 per minute");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,100 @@
+//! The `flashsale` command line: serve a role, migrate, seed, administer.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use flashsale::app::AppState;
+use flashsale::config::Settings;
+use flashsale::infra::{db, telemetry};
+use flashsale::modules::auth;
+use flashsale::roles::{self, Role};
+use flashsale::seed;
+
+#[derive(Parser)]
+#[command(name = "flashsale", version, about = "Flash-sale e-commerce platform")]
+struct Cli {
+    /// Folder holding default.toml and the {FLASHSALE_ENV}.toml overrides.
+    #[arg(long, env = "FLASHSALE_CONFIG_DIR", default_value = "config")]
+    config_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the platform in one role; the same binary scales each role separately.
+    Serve {
+        /// api: HTTP routes; order-worker / notify-worker: queue consumers; all: everything.
+        #[arg(long, value_enum, default_value = "all")]
+        role: Role,
+    },
+    /// Create the global and shard databases if missing and run their migrations (idempotent).
+    Migrate,
+    /// Generate demo and benchmark data (users sign in with the printed password).
+    Seed {
+        /// How many users to create (user0..userN-1@seed.flashsale.test).
+        #[arg(long, default_value_t = 1000)]
+        users: u64,
+    },
+    /// Administrative tasks.
+    Admin {
+        #[command(subcommand)]
+        action: AdminAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// Give the user with EMAIL the admin role (effective at their next login or refresh).
+    Grant { email: String },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(&cli.config_dir) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("flashsale: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(&settings.log);
+    match run(cli.command, settings).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "flashsale failed");
+            eprintln!("flashsale: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
+    match command {
+        Command::Migrate => db::migrate(&settings.database).await?,
+        Command::Serve { role } => {
+            tracing::info!(?role, "starting");
+            roles::serve(AppState::build(settings).await?, role).await?;
+        }
+        Command::Seed { users } => {
+            let state = AppState::build(settings).await?;
+            let created = seed::seed_users(&state, users).await?;
+            println!(
+                "seeded {users} users ({created} new): user0..user{}@seed.flashsale.test, password `{}`",
+                users.saturating_sub(1),
+                seed::SEED_PASSWORD
+            );
+        }
+        Command::Admin {
+            action: AdminAction::Grant { email },
+        } => {
+            let state = AppState::build(settings).await?;
+            let user_id = auth::grant_admin(&state, &email).await?;
+            println!("{email} ({user_id}) is now an admin; it applies at their next login or refresh");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! The business domains. Each module's `mod.rs` is its public API; modules call one another
+//! only through it, in process.
+
+pub mod auth;
+pub mod users;
