@@ -12,7 +12,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::config::Settings;
 use crate::infra::amqp::Amqp;
-use crate::infra::db::{DbError, Databases};
+use crate::infra::db::{Databases, DbError};
 use crate::infra::http::{extract, middleware};
 use crate::infra::redis::Redis;
 use crate::modules::{auth, users};

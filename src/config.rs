@@ -123,9 +123,15 @@ pub enum ConfigError {
 const MIN_KEY_BYTES: usize = 32;
 
 impl Settings {
-    /// Loads the layered configuration from `dir` (normally `./config`).
+    /// Loads the layered configuration from `dir` (normally `./config`) for the environment
+    /// named by `FLASHSALE_ENV` (default `development`).
     pub fn load(dir: &Path) -> Result<Self, ConfigError> {
         let env = std::env::var("FLASHSALE_ENV").unwrap_or_else(|_| "development".to_owned());
+        Self::load_for(dir, &env)
+    }
+
+    /// Loads the layered configuration for environment `env`.
+    pub fn load_for(dir: &Path, env: &str) -> Result<Self, ConfigError> {
         let settings: Settings = config::Config::builder()
             .add_source(config::File::from(dir.join("default.toml")))
             .add_source(config::File::from(dir.join(format!("{env}.toml"))).required(false))

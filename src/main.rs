@@ -93,7 +93,9 @@ async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::er
         } => {
             let state = AppState::build(settings).await?;
             let user_id = auth::grant_admin(&state, &email).await?;
-            println!("{email} ({user_id}) is now an admin; it applies at their next login or refresh");
+            println!(
+                "{email} ({user_id}) is now an admin; it applies at their next login or refresh"
+            );
         }
     }
     Ok(())

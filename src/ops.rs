@@ -10,12 +10,23 @@ use crate::modules::{auth, users};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health))
-        .route("/ready", web::get().to(ready));
+        .route("/ready", web::get().to(ready))
+        .route("/docs", web::get().to(docs_redirect));
+}
+
+/// Swagger UI lives under `/docs/`; the bare path is what people type.
+async fn docs_redirect() -> HttpResponse {
+    HttpResponse::PermanentRedirect()
+        .insert_header((actix_web::http::header::LOCATION, "/docs/"))
+        .finish()
 }
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "flashsale", description = "Flash-sale e-commerce platform API"),
+    info(
+        title = "flashsale",
+        description = "Flash-sale e-commerce platform API"
+    ),
     paths(health, ready)
 )]
 struct OpsApi;

@@ -236,7 +236,7 @@ pub async fn create_database(url: &str, template: Option<&str>) -> Result<(), Db
     }
     // Names were checked to be [A-Za-z0-9_-] above, so quoting them is enough.
     let template = template
-        .map(|t| format!(" TEMPLATE \"{t}\" STRATEGY FILE_COPY"))
+        .map(|t| format!(" TEMPLATE \"{t}\""))
         .unwrap_or_default();
     let created = diesel::sql_query(format!("CREATE DATABASE \"{name}\"{template}"))
         .execute(&mut conn)

@@ -52,7 +52,9 @@ pub async fn not_found() -> Result<actix_web::HttpResponse, Problem> {
 }
 
 /// Parses an optional JSON body (empty means `None`) with the same errors as `web::Json`.
-pub fn parse_optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<Option<T>, Problem> {
+pub fn parse_optional_json<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+) -> Result<Option<T>, Problem> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }

@@ -49,9 +49,11 @@ impl From<AuthError> for Problem {
         match e {
             AuthError::Validation(detail) => Problem::validation(detail),
             AuthError::EmailTaken => Problem::conflict("email_taken", e.to_string()),
-            AuthError::InvalidCredentials => {
-                Problem::new(StatusCode::UNAUTHORIZED, "invalid_credentials", e.to_string())
-            }
+            AuthError::InvalidCredentials => Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                e.to_string(),
+            ),
             AuthError::MissingToken
             | AuthError::InvalidToken
             | AuthError::InvalidRefreshToken

@@ -41,8 +41,14 @@ async fn register(
 ) -> Result<HttpResponse, Problem> {
     limit_by_ip(&state, &req)?;
     let body = body.into_inner();
-    let user =
-        super::register_user(&state, body.email, body.password, body.full_name, body.phone).await?;
+    let user = super::register_user(
+        &state,
+        body.email,
+        body.password,
+        body.full_name,
+        body.phone,
+    )
+    .await?;
     let response = super::start_session(&state, user).await?;
     Ok(HttpResponse::Created().json(response))
 }
@@ -57,7 +63,9 @@ async fn login(
 ) -> Result<web::Json<AuthResponse>, Problem> {
     limit_by_ip(&state, &req)?;
     let body = body.into_inner();
-    Ok(web::Json(super::login(&state, &body.email, body.password).await?))
+    Ok(web::Json(
+        super::login(&state, &body.email, body.password).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body = RefreshRequest,
@@ -66,7 +74,9 @@ async fn refresh(
     state: web::Data<AppState>,
     body: web::Json<RefreshRequest>,
 ) -> Result<web::Json<AuthResponse>, Problem> {
-    Ok(web::Json(super::refresh(&state, &body.refresh_token).await?))
+    Ok(web::Json(
+        super::refresh(&state, &body.refresh_token).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/auth/logout", tag = "auth", request_body(content = Option<LogoutRequest>),

@@ -39,8 +39,9 @@ pub struct AuthState {
 
 impl AuthState {
     pub fn new(auth: &AuthSettings, limits: &RateLimitSettings) -> Result<Self, AuthError> {
-        let per_ip = NonZeroU32::new(limits.auth_per_ip_per_minute)
-            .ok_or(AuthError::Config("rate_limit.auth_per_ip_per_minute must be positive"))?;
+        let per_ip = NonZeroU32::new(limits.auth_per_ip_per_minute).ok_or(AuthError::Config(
+            "rate_limit.auth_per_ip_per_minute must be positive",
+        ))?;
         Ok(Self {
             keys: TokenKeys::new(auth)?,
             hasher: PasswordHasher::new(&auth.argon2)?,
@@ -109,8 +110,16 @@ async fn start_session(state: &AppState, user: users::User) -> Result<AuthRespon
     issue_pair(state, user, Uuid::new_v4()).await
 }
 
-async fn issue_pair(state: &AppState, user: users::User, family: Uuid) -> Result<AuthResponse, AuthError> {
-    let refresh_token = state.auth.sessions.issue(&state.redis, user.id, family).await?;
+async fn issue_pair(
+    state: &AppState,
+    user: users::User,
+    family: Uuid,
+) -> Result<AuthResponse, AuthError> {
+    let refresh_token = state
+        .auth
+        .sessions
+        .issue(&state.redis, user.id, family)
+        .await?;
     let access_token = state.auth.keys.issue(user.id, user.role, family)?;
     Ok(AuthResponse {
         user,
@@ -121,7 +130,11 @@ async fn issue_pair(state: &AppState, user: users::User, family: Uuid) -> Result
     })
 }
 
-pub async fn login(state: &AppState, email: &str, password: String) -> Result<AuthResponse, AuthError> {
+pub async fn login(
+    state: &AppState,
+    email: &str,
+    password: String,
+) -> Result<AuthResponse, AuthError> {
     // An unparsable email is simply unknown: same answer, same cost, as a wrong password.
     let user_id = match normalize_email(email) {
         Ok(email) => store::user_id_for_email(&state.db, &email).await?,
@@ -141,18 +154,31 @@ pub async fn login(state: &AppState, email: &str, password: String) -> Result<Au
 }
 
 pub async fn refresh(state: &AppState, refresh_token: &str) -> Result<AuthResponse, AuthError> {
-    let (user_id, family) = state.auth.sessions.rotate(&state.redis, refresh_token).await?;
+    let (user_id, family) = state
+        .auth
+        .sessions
+        .rotate(&state.redis, refresh_token)
+        .await?;
     // The role is read again so `admin grant` takes effect at the next refresh.
     let user = users::find_fresh(state, user_id).await?;
     issue_pair(state, user, family).await
 }
 
-pub async fn logout(state: &AppState, caller: &AuthUser, refresh_token: Option<&str>) -> Result<(), AuthError> {
+pub async fn logout(
+    state: &AppState,
+    caller: &AuthUser,
+    refresh_token: Option<&str>,
+) -> Result<(), AuthError> {
     let sessions = &state.auth.sessions;
-    sessions.deny_access_token(&state.redis, caller.jti, caller.exp).await?;
+    sessions
+        .deny_access_token(&state.redis, caller.jti, caller.exp)
+        .await?;
     sessions.revoke_family(&state.redis, caller.sid).await?;
     if let Some(token) = refresh_token {
-        if let Some(family) = sessions.family_of(&state.redis, token, caller.user_id).await? {
+        if let Some(family) = sessions
+            .family_of(&state.redis, token, caller.user_id)
+            .await?
+        {
             sessions.revoke_family(&state.redis, family).await?;
         }
     }

@@ -44,7 +44,11 @@ impl PasswordHasher {
 
     /// Checks `password` against `stored`, or against the dummy hash when there is no user,
     /// so an unknown email costs as much as a wrong password.
-    pub async fn verify(&self, password: String, stored: Option<String>) -> Result<bool, AuthError> {
+    pub async fn verify(
+        &self,
+        password: String,
+        stored: Option<String>,
+    ) -> Result<bool, AuthError> {
         let argon = self.argon.clone();
         let known = stored.is_some();
         let hash = stored.unwrap_or_else(|| self.dummy_hash.clone());

@@ -41,7 +41,9 @@ struct RefreshToken {
 
 impl RefreshToken {
     fn parse(token: &str) -> Result<Self, AuthError> {
-        let (family, secret) = token.split_once('.').ok_or(AuthError::InvalidRefreshToken)?;
+        let (family, secret) = token
+            .split_once('.')
+            .ok_or(AuthError::InvalidRefreshToken)?;
         let family = Uuid::try_parse(family).map_err(|_| AuthError::InvalidRefreshToken)?;
         if secret.is_empty() || secret.len() > 64 {
             return Err(AuthError::InvalidRefreshToken);
@@ -69,7 +71,12 @@ impl Sessions {
     }
 
     /// Stores and returns a new refresh token for `user_id` in `family`.
-    pub async fn issue(&self, redis: &Redis, user_id: Uuid, family: Uuid) -> Result<String, AuthError> {
+    pub async fn issue(
+        &self,
+        redis: &Redis,
+        user_id: Uuid,
+        family: Uuid,
+    ) -> Result<String, AuthError> {
         let mut secret = [0u8; 32];
         rand::rng().fill_bytes(&mut secret);
         let secret = URL_SAFE_NO_PAD.encode(secret);
@@ -109,7 +116,12 @@ impl Sessions {
     }
 
     /// The owner of a refresh token, without consuming it (logout checks ownership).
-    pub async fn family_of(&self, redis: &Redis, token: &str, owner: Uuid) -> Result<Option<Uuid>, AuthError> {
+    pub async fn family_of(
+        &self,
+        redis: &Redis,
+        token: &str,
+        owner: Uuid,
+    ) -> Result<Option<Uuid>, AuthError> {
         let parsed = RefreshToken::parse(token)?;
         let uid: Option<String> = redis::cmd("HGET")
             .arg(token_key(redis, parsed.family, &parsed.digest))
@@ -131,7 +143,12 @@ impl Sessions {
     }
 
     /// Denies one access token until it would have expired anyway.
-    pub async fn deny_access_token(&self, redis: &Redis, jti: Uuid, exp: i64) -> Result<(), AuthError> {
+    pub async fn deny_access_token(
+        &self,
+        redis: &Redis,
+        jti: Uuid,
+        exp: i64,
+    ) -> Result<(), AuthError> {
         let remaining = (exp - chrono::Utc::now().timestamp()).max(1);
         redis::cmd("SET")
             .arg(denied_key(redis, jti))

@@ -70,5 +70,10 @@ pub async fn set_role(state: &AppState, id: Uuid, role: Role) -> Result<(), User
 }
 
 async fn mark_written(state: &AppState, id: Uuid) -> Result<(), UsersError> {
-    store::after_write(&state.redis, id, state.settings.database.read_your_writes_secs).await
+    store::after_write(
+        &state.redis,
+        id,
+        state.settings.database.read_your_writes_secs,
+    )
+    .await
 }

@@ -143,7 +143,8 @@ impl NewAddress {
         }
         check_text("city", &self.city, MAX_LINE_CHARS)?;
         check_text("postal_code", &self.postal_code, MAX_POSTAL_CHARS)?;
-        let country_ok = self.country.len() == 2 && self.country.bytes().all(|b| b.is_ascii_uppercase());
+        let country_ok =
+            self.country.len() == 2 && self.country.bytes().all(|b| b.is_ascii_uppercase());
         if !country_ok {
             return Err(UsersError::Validation(
                 "country must be an ISO 3166-1 alpha-2 code such as \"DE\"".into(),

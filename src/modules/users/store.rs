@@ -155,7 +155,11 @@ pub async fn load_credentials(db: &Databases, id: Uuid) -> Result<Option<Credent
     .transpose()
 }
 
-pub async fn update_user(db: &Databases, id: Uuid, changes: &UpdateUser) -> Result<User, UsersError> {
+pub async fn update_user(
+    db: &Databases,
+    id: Uuid,
+    changes: &UpdateUser,
+) -> Result<User, UsersError> {
     let mut conn = db.shard_for(id).write_conn().await?;
     let row: Option<UserRow> = diesel::update(users::table.find(id))
         .set((
@@ -308,7 +312,11 @@ pub async fn cache_user(redis: &Redis, user: &User, ttl_secs: u64) -> Result<(),
 
 /// After a write: drop the cached profile and send this user's reads to the primary until
 /// replicas have caught up.
-pub async fn after_write(redis: &Redis, id: Uuid, primary_window_secs: u64) -> Result<(), UsersError> {
+pub async fn after_write(
+    redis: &Redis,
+    id: Uuid,
+    primary_window_secs: u64,
+) -> Result<(), UsersError> {
     redis::pipe()
         .atomic()
         .del(profile_key(redis, id))

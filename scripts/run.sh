@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs the whole platform on this machine: services up, databases created and migrated,
+# API on :8080 with both workers in the same process (`serve --role all`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/flashsale-target}"
+
+bash scripts/services.sh
+cargo build --release --bin flashsale
+bin="$CARGO_TARGET_DIR/release/flashsale"
+"$bin" migrate
+exec "$bin" serve --role all

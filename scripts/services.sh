@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Makes sure what flashsale needs on this machine is present and running: PostgreSQL, Redis,
+# RabbitMQ, and the Rust tools the checks use. Idempotent: running it again changes nothing.
+set -euo pipefail
+
+log() { printf '[services] %s\n' "$*" >&2; }
+
+wait_for() { # name, check command...
+  local name=$1; shift
+  for _ in $(seq 1 60); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 1
+  done
+  log "$name did not come up"; return 1
+}
+
+apt_install() { # packages...
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+command -v psql >/dev/null || apt_install postgresql postgresql-client
+command -v redis-server >/dev/null || apt_install redis-server
+command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+
+if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
+  log "starting PostgreSQL"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n 1)" main start || true
+  wait_for PostgreSQL pg_isready -h 127.0.0.1 -p 5432 -q
+fi
+
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  log "starting Redis"
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  wait_for Redis redis-cli -h 127.0.0.1 -p 6379 ping
+fi
+
+amqp_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+if ! amqp_up; then
+  log "starting RabbitMQ"
+  rabbitmq-server -detached || true
+  wait_for RabbitMQ amqp_up
+fi
+
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  log "adding rustfmt and clippy"
+  rustup component add rustfmt clippy
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+log "PostgreSQL, Redis and RabbitMQ are up"

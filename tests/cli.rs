@@ -1,0 +1,138 @@
+//! The binary itself: help, config errors, migrate, and `serve --role all` end to end.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{test_settings, TestApp, SERVER};
+use flashsale::config::DatabaseNode;
+use flashsale::infra::db;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flashsale");
+
+#[test]
+fn help_explains_every_command_and_role() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in ["serve", "migrate", "seed", "admin"] {
+        assert!(help.contains(word), "--help lacks {word}: {help}");
+    }
+    let out = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for role in ["api", "order-worker", "notify-worker", "all"] {
+        assert!(help.contains(role), "serve --help lacks {role}: {help}");
+    }
+}
+
+#[test]
+fn invalid_configuration_fails_at_start_naming_the_key() {
+    let cases = [
+        ("FLASHSALE__HTTP__PORT", "not-a-port", "http.port"),
+        ("FLASHSALE__AUTH__ACTIVE_KID", "missing", "auth.active_kid"),
+        (
+            "FLASHSALE__DATABASE__POOL_MAX_SIZE",
+            "0",
+            "database.pool_max_size",
+        ),
+    ];
+    for (var, value, key) in cases {
+        let out = Command::new(BIN)
+            .args(["migrate"])
+            .env("FLASHSALE_ENV", "test")
+            .env(var, value)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{var}={value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(key), "{var}={value}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_creates_missing_databases_and_is_idempotent() {
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let mut settings = test_settings().database;
+    settings.global = DatabaseNode {
+        primary: format!("{SERVER}/fst_{id}_mg"),
+        replicas: vec![],
+    };
+    settings.shards = (0..2)
+        .map(|i| DatabaseNode {
+            primary: format!("{SERVER}/fst_{id}_ms{i}"),
+            replicas: vec![],
+        })
+        .collect();
+    db::migrate(&settings).await.expect("first migrate");
+    db::migrate(&settings)
+        .await
+        .expect("second migrate is a no-op");
+    let databases = db::Databases::connect(&settings).await.unwrap();
+    databases.ping().await.expect("every database answers");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_role_all_becomes_ready_and_stops_on_sigterm() {
+    let (settings, id) = TestApp::builder().shards(2).settings().await;
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("flashsale-cli-{id}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy("config/default.toml", dir.join("default.toml")).unwrap();
+    let shards: String = settings
+        .database
+        .shards
+        .iter()
+        .map(|s| format!("[[database.shards]]\nprimary = \"{}\"\n", s.primary))
+        .collect();
+    let overrides = format!(
+        "[http]\nport = {port}\nworkers = 1\n[database.global]\nprimary = \"{}\"\n{shards}\
+         [redis]\nurl = \"redis://127.0.0.1:6379\"\nkey_prefix = \"{}\"\n\
+         [auth.keys]\ndev1 = \"{}\"\n",
+        settings.database.global.primary, settings.redis.key_prefix, settings.auth.keys["dev1"],
+    );
+    std::fs::write(dir.join("cli.toml"), overrides).unwrap();
+
+    let mut child = Command::new(BIN)
+        .args([
+            "--config-dir",
+            dir.to_str().unwrap(),
+            "serve",
+            "--role",
+            "all",
+        ])
+        .env("FLASHSALE_ENV", "cli")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ready = loop {
+        let res = client
+            .get(format!("http://127.0.0.1:{port}/ready"))
+            .send()
+            .await;
+        match res {
+            Ok(res) if res.status() == 200 => break true,
+            _ if Instant::now() > deadline => break false,
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(ready, "/ready never answered 200");
+    assert!(status.success(), "exit after SIGTERM: {status}");
+}

@@ -1,0 +1,73 @@
+mod common;
+
+use common::TestApp;
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_readiness_answer() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.get("/health", None).await.status(), 200);
+    let res = app.get("/ready", None).await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["postgres"], "ok");
+    assert_eq!(body["redis"], "ok");
+    assert_eq!(body["rabbitmq"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_is_in_the_openapi_document_and_docs_are_served() {
+    let app = TestApp::spawn().await;
+    let doc: Value = app.get("/openapi.json", None).await.json().await.unwrap();
+    let expected = [
+        ("/health", "get"),
+        ("/ready", "get"),
+        ("/auth/register", "post"),
+        ("/auth/login", "post"),
+        ("/auth/refresh", "post"),
+        ("/auth/logout", "post"),
+        ("/auth/verify", "get"),
+        ("/users/{id}", "get"),
+        ("/users/{id}", "put"),
+        ("/users/{id}/addresses", "get"),
+        ("/users/{id}/addresses", "post"),
+    ];
+    for (path, method) in expected {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} missing from OpenAPI"
+        );
+    }
+    let documented: usize = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|ops| ops.as_object().unwrap().len())
+        .sum();
+    assert_eq!(
+        documented,
+        expected.len(),
+        "a documented route the test does not know"
+    );
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+
+    let res = app.get("/docs/", None).await;
+    assert_eq!(res.status(), 200);
+    assert!(res.text().await.unwrap().contains("swagger"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_echoed_or_minted() {
+    let app = TestApp::spawn().await;
+    let res = app
+        .client
+        .get(app.url("/health"))
+        .header("x-request-id", "trace-me-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-request-id"], "trace-me-123");
+    let res = app.get("/health", None).await;
+    let minted = res.headers()["x-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::try_parse(minted).is_ok());
+}
