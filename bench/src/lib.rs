@@ -1,0 +1,62 @@
+//! Shared pieces of the load generators: latency histograms and their report.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// Latencies (microseconds, 1 µs .. 60 s, 3 significant digits) and status counts.
+pub struct Recorder {
+    latencies: Histogram<u64>,
+    statuses: BTreeMap<u16, u64>,
+    errors: u64,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self {
+            latencies: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+            statuses: BTreeMap::new(),
+            errors: 0,
+        }
+    }
+}
+
+impl Recorder {
+    pub fn record(&mut self, latency: Duration, status: Option<u16>) {
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.latencies.saturating_record(micros.max(1));
+        match status {
+            Some(code) => *self.statuses.entry(code).or_default() += 1,
+            None => self.errors += 1,
+        }
+    }
+
+    pub fn merge(&mut self, other: &Recorder) {
+        self.latencies.add(&other.latencies).expect("same histogram bounds");
+        for (code, n) in &other.statuses {
+            *self.statuses.entry(*code).or_default() += n;
+        }
+        self.errors += other.errors;
+    }
+
+    pub fn count(&self, status: u16) -> u64 {
+        self.statuses.get(&status).copied().unwrap_or(0)
+    }
+
+    pub fn report(&self, elapsed: Duration) -> String {
+        let ms = |q: f64| self.latencies.value_at_quantile(q) as f64 / 1000.0;
+        let total = self.latencies.len();
+        format!(
+            "requests {total} in {:.2}s = {:.0}/s | latency ms p50 {:.2} p95 {:.2} p99 {:.2} max {:.2} | statuses {:?} transport errors {}",
+            elapsed.as_secs_f64(),
+            total as f64 / elapsed.as_secs_f64(),
+            ms(0.50),
+            ms(0.95),
+            ms(0.99),
+            self.latencies.max() as f64 / 1000.0,
+            self.statuses,
+            self.errors,
+        )
+    }
+}
