@@ -15,7 +15,7 @@ use crate::infra::amqp::Amqp;
 use crate::infra::db::{Databases, DbError};
 use crate::infra::http::{extract, middleware};
 use crate::infra::redis::Redis;
-use crate::modules::{auth, users};
+use crate::modules::{auth, orders, products, users};
 use crate::ops;
 
 #[derive(Clone)]
@@ -25,6 +25,8 @@ pub struct AppState {
     pub redis: Redis,
     pub amqp: Amqp,
     pub auth: Arc<auth::AuthState>,
+    pub products: Arc<products::ProductsState>,
+    pub orders: Arc<orders::OrdersState>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,8 @@ pub enum StartupError {
     Amqp(#[from] lapin::Error),
     #[error("auth: {0}")]
     Auth(#[from] auth::AuthError),
+    #[error("orders: {0}")]
+    Orders(#[from] orders::OrdersError),
     #[error("http: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -49,12 +53,16 @@ impl AppState {
         let redis = Redis::connect(&settings.redis).await?;
         let amqp = Amqp::connect(&settings.amqp).await?;
         let auth = auth::AuthState::new(&settings.auth, &settings.rate_limit)?;
+        let products = products::ProductsState::new(&settings.sales);
+        let orders = orders::OrdersState::new(&settings.orders, &amqp, &redis).await?;
         Ok(Self {
             settings: Arc::new(settings),
             db: Arc::new(db),
             redis,
             amqp,
             auth: Arc::new(auth),
+            products: Arc::new(products),
+            orders: Arc::new(orders),
         })
     }
 }
@@ -76,6 +84,8 @@ pub fn http_server(state: AppState, listener: TcpListener) -> std::io::Result<Se
             .configure(ops::configure)
             .configure(auth::configure)
             .configure(users::configure)
+            .configure(products::configure)
+            .configure(orders::configure)
             .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", openapi.clone()))
             .default_service(web::to(extract::not_found))
     })

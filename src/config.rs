@@ -18,6 +18,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub rate_limit: RateLimitSettings,
     pub users: UsersSettings,
+    pub sales: SalesSettings,
+    pub orders: OrdersSettings,
     pub log: LogSettings,
 }
 
@@ -100,6 +102,53 @@ pub struct UsersSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct SalesSettings {
+    /// Units one user may hold in live orders of one sale.
+    pub purchase_limit: u32,
+    /// How long before its start a sale's stock is loaded into Redis.
+    pub preload_secs: i64,
+    /// How often the worker role loads due sales.
+    pub scheduler_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrdersSettings {
+    pub flash_sale_attempts_per_minute: u32,
+    pub idempotency_ttl_secs: u64,
+    pub max_quantity: u32,
+    /// Exchanges and queues are named `<amqp_prefix>orders` etc. (tests isolate by prefix).
+    pub amqp_prefix: String,
+    /// "quorum" (replicated, survives a node loss) or "classic".
+    pub queue_type: String,
+    /// Deletes queues unused for this long (tests; unset in production).
+    #[serde(default)]
+    pub queue_expires_ms: Option<u32>,
+    pub prefetch: u16,
+    pub batch_size: usize,
+    pub batch_linger_ms: u64,
+    /// Delays of the retry queues, in order; after the last one a message is dead-lettered.
+    pub retry_delays_ms: Vec<u32>,
+    /// A reservation whose order has not reached PostgreSQL after this long is released.
+    pub reservation_timeout_secs: i64,
+    pub reconcile_interval_secs: u64,
+    pub payment: PaymentSettings,
+}
+
+/// The payment gateway simulator and the circuit breaker in front of it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentSettings {
+    pub latency_ms: u64,
+    /// Share of charges that fail transiently (0.0..=1.0), on top of `card_flaky`.
+    pub failure_rate: f64,
+    /// Consecutive failures that open the circuit.
+    pub breaker_failures: u32,
+    pub breaker_open_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
     pub filter: String,
@@ -178,6 +227,25 @@ impl Settings {
         }
         if self.auth.argon2.max_concurrent == 0 {
             return invalid("auth.argon2.max_concurrent", "must be at least 1");
+        }
+        if self.orders.retry_delays_ms.is_empty() {
+            return invalid(
+                "orders.retry_delays_ms",
+                "at least one retry delay is required",
+            );
+        }
+        if !matches!(self.orders.queue_type.as_str(), "quorum" | "classic") {
+            return invalid("orders.queue_type", "must be \"quorum\" or \"classic\"");
+        }
+        if !(0.0..=1.0).contains(&self.orders.payment.failure_rate) {
+            return invalid("orders.payment.failure_rate", "must be between 0 and 1");
+        }
+        if self.orders.batch_size == 0 || self.orders.prefetch == 0 || self.orders.max_quantity == 0
+        {
+            return invalid(
+                "orders.batch_size",
+                "batch_size, prefetch and max_quantity must be positive",
+            );
         }
         if self.rate_limit.auth_per_ip_per_minute == 0 || self.rate_limit.user_per_minute == 0 {
             return invalid("rate_limit", "limits must be at least 1 per minute");

@@ -6,7 +6,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::app::AppState;
-use crate::modules::{auth, users};
+use crate::modules::{auth, orders, products, users};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health))
@@ -36,6 +36,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = OpsApi::openapi();
     doc.merge(auth::openapi());
     doc.merge(users::openapi());
+    doc.merge(products::openapi());
+    doc.merge(orders::openapi());
     let scheme = HttpBuilder::new()
         .scheme(HttpAuthScheme::Bearer)
         .bearer_format("JWT")

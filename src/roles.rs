@@ -1,8 +1,12 @@
 //! `flashsale serve --role ...`: which parts of the platform this process runs.
 
 use std::net::TcpListener;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
 
 use crate::app::{self, AppState, StartupError};
+use crate::modules::orders;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
@@ -21,18 +25,34 @@ impl Role {
         matches!(self, Role::Api | Role::All)
     }
 
-    fn workers(self) -> &'static [&'static str] {
-        match self {
-            Role::Api => &[],
-            Role::OrderWorker => &["order-worker"],
-            Role::NotifyWorker => &["notify-worker"],
-            Role::All => &["order-worker", "notify-worker"],
-        }
+    fn runs_order_worker(self) -> bool {
+        matches!(self, Role::OrderWorker | Role::All)
+    }
+
+    fn runs_notify_worker(self) -> bool {
+        matches!(self, Role::NotifyWorker | Role::All)
+    }
+}
+
+/// Keeps the order-worker consuming: a broker or database failure restarts it with
+/// exponential backoff instead of ending the process.
+async fn supervise_order_worker(state: AppState) {
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .without_max_times();
+    let outcome = (|| orders::run_worker(state.clone()))
+        .retry(policy)
+        .notify(|e, wait| tracing::error!(error = %e, ?wait, "order-worker stopped; restarting"))
+        .await;
+    if let Err(e) = outcome {
+        tracing::error!(error = %e, "order-worker gave up");
     }
 }
 
 pub async fn serve(state: AppState, role: Role) -> Result<(), StartupError> {
     let http = state.settings.http.clone();
+    let state_for_workers = state.clone();
     let server = if role.runs_api() {
         let listener = TcpListener::bind((http.host.as_str(), http.port))?;
         tracing::info!(address = %listener.local_addr()?, "api listening");
@@ -41,10 +61,13 @@ pub async fn serve(state: AppState, role: Role) -> Result<(), StartupError> {
     } else {
         None
     };
-    for worker in role.workers() {
-        // The queues these workers consume arrive with the orders and notifications
-        // features; until then the role starts, reports itself, and waits for shutdown.
-        tracing::info!(worker, "worker started; no queue to consume yet");
+    if role.runs_order_worker() {
+        tokio::spawn(supervise_order_worker(state_for_workers.clone()));
+    }
+    if role.runs_notify_worker() {
+        // The notification consumer arrives with the notifications feature; until then the
+        // role starts, reports itself, and waits for shutdown.
+        tracing::info!("notify-worker started; no queue to consume yet");
     }
     match server {
         Some(server) => {

@@ -31,6 +31,17 @@ async fn every_route_is_in_the_openapi_document_and_docs_are_served() {
         ("/users/{id}", "put"),
         ("/users/{id}/addresses", "get"),
         ("/users/{id}/addresses", "post"),
+        ("/products", "get"),
+        ("/products", "post"),
+        ("/products/flash-sale", "get"),
+        ("/products/{id}", "get"),
+        ("/products/{id}", "patch"),
+        ("/products/{id}/inventory", "put"),
+        ("/orders/flash-sale/{product_id}", "post"),
+        ("/orders/user/{user_id}", "get"),
+        ("/orders/{id}", "get"),
+        ("/orders/{id}/status", "get"),
+        ("/orders/{id}/cancel", "put"),
     ];
     for (path, method) in expected {
         assert!(

@@ -15,7 +15,8 @@ pub struct Recorder {
 impl Default for Recorder {
     fn default() -> Self {
         Self {
-            latencies: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+            latencies: Histogram::new_with_bounds(1, 60_000_000, 3)
+                .expect("valid histogram bounds"),
             statuses: BTreeMap::new(),
             errors: 0,
         }
@@ -33,7 +34,9 @@ impl Recorder {
     }
 
     pub fn merge(&mut self, other: &Recorder) {
-        self.latencies.add(&other.latencies).expect("same histogram bounds");
+        self.latencies
+            .add(&other.latencies)
+            .expect("same histogram bounds");
         for (code, n) in &other.statuses {
             *self.statuses.entry(*code).or_default() += n;
         }

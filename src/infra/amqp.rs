@@ -12,7 +12,11 @@ pub struct Amqp {
 
 impl Amqp {
     pub async fn connect(settings: &AmqpSettings) -> Result<Self, lapin::Error> {
-        let props = ConnectionProperties::default().with_connection_name("flashsale".into());
+        // Auto-recovery reconnects after a broker restart and re-opens channels, consumers
+        // and declared topology.
+        let props = ConnectionProperties::default()
+            .with_connection_name("flashsale".into())
+            .enable_auto_recover();
         let conn = Connection::connect(&settings.url, props).await?;
         Ok(Self {
             conn: std::sync::Arc::new(conn),

@@ -2,4 +2,6 @@
 //! only through it, in process.
 
 pub mod auth;
+pub mod orders;
+pub mod products;
 pub mod users;

@@ -76,6 +76,7 @@ impl TestAppBuilder {
             })
             .collect();
         settings.redis.key_prefix = format!("t:{id}:");
+        settings.orders.amqp_prefix = format!("t.{id}.");
         for tweak in self.tweaks {
             tweak(&mut settings);
         }
@@ -359,4 +360,163 @@ pub async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> 
 
 pub fn unique_email(tag: &str) -> String {
     format!("{tag}-{}@example.com", Uuid::new_v4().simple())
+}
+
+/// A background order-worker with its own connections, as a separate process would have.
+pub struct Worker {
+    pub state: AppState,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Worker {
+    /// Stops the worker abruptly, mid-batch if it is in one: the task is dropped and its
+    /// broker connection closed, so unacked messages go back to the queue.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        let _ = self
+            .state
+            .amqp
+            .connection()
+            .close(320, "killed by test".into())
+            .await;
+    }
+}
+
+impl TestApp {
+    pub async fn spawn_worker(&self) -> Worker {
+        let settings = (*self.state.settings).clone();
+        let state = AppState::build(settings).await.expect("worker state");
+        let worker_state = state.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = flashsale::modules::orders::run_worker(worker_state).await {
+                eprintln!("worker stopped: {e}");
+            }
+        });
+        Worker { state, task }
+    }
+
+    /// A bearer token for a user that need not exist (load tests mint tokens the same way).
+    pub fn mint_token(&self, user_id: Uuid) -> String {
+        self.state
+            .auth
+            .keys
+            .issue(
+                user_id,
+                flashsale::modules::users::Role::Customer,
+                Uuid::new_v4(),
+            )
+            .expect("mint token")
+    }
+
+    /// Creates a product whose flash sale is on now, with `stock` units at `price`.
+    pub async fn flash_sale_product(&self, admin: &str, stock: i32, price: &str) -> Uuid {
+        let now = chrono::Utc::now();
+        let body = json!({
+            "name": "Flash gadget", "description": "limited", "price": "99.00", "inventory": stock,
+            "is_flash_sale": true, "flash_sale_price": price,
+            "flash_sale_start": now - chrono::Duration::minutes(1),
+            "flash_sale_end": now + chrono::Duration::hours(1),
+        });
+        let res = self.post_json("/products", &body, Some(admin)).await;
+        assert_eq!(res.status(), 201, "create flash-sale product");
+        let product: Value = res.json().await.expect("product");
+        product["id"].as_str().expect("id").parse().expect("uuid")
+    }
+
+    pub async fn buy(
+        &self,
+        token: &str,
+        product: Uuid,
+        key: &str,
+        body: &Value,
+    ) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/orders/flash-sale/{product}")))
+            .bearer_auth(token)
+            .header("idempotency-key", key)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Polls until the order leaves `pending` (never sleeps past the deadline).
+    pub async fn wait_settled(&self, token: &str, order: Uuid) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let res = self
+                .get(&format!("/orders/{order}/status"), Some(token))
+                .await;
+            assert_eq!(res.status(), 200, "status of {order}");
+            let body: Value = res.json().await.expect("status body");
+            let status = body["status"].as_str().expect("status").to_owned();
+            if status != "pending" {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "order {order} still pending");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Remaining units as the flash-sale list reports them.
+    pub async fn remaining(&self, product: Uuid) -> i64 {
+        let list: Value = self
+            .get("/products/flash-sale?limit=100", None)
+            .await
+            .json()
+            .await
+            .expect("list");
+        list["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .find(|i| i["id"] == product.to_string())
+            .map(|i| i["remaining"].as_i64().expect("remaining"))
+            .expect("product listed")
+    }
+
+    /// On-hand inventory in PostgreSQL.
+    pub async fn inventory(&self, product: Uuid) -> i64 {
+        let sql = format!("SELECT inventory::bigint AS n FROM products WHERE id = '{product}'");
+        self.count(&mut self.global_conn().await, &sql).await
+    }
+
+    /// Orders of `product` stored in every shard, by status.
+    pub async fn orders_by_status(
+        &self,
+        product: Uuid,
+    ) -> std::collections::BTreeMap<String, (i64, i64)> {
+        #[derive(QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            status: String,
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            orders: i64,
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            units: i64,
+        }
+        let mut totals = std::collections::BTreeMap::new();
+        for i in 0..self.state.settings.database.shards.len() {
+            let sql = format!(
+                "SELECT o.status, count(*) AS orders, sum(i.quantity)::bigint AS units FROM orders o \
+                 JOIN order_items i ON i.order_id = o.id WHERE i.product_id = '{product}' GROUP BY o.status"
+            );
+            let rows: Vec<Row> = diesel::sql_query(sql)
+                .load(&mut self.shard_conn(i).await)
+                .await
+                .expect("orders by status");
+            for row in rows {
+                let entry = totals.entry(row.status).or_insert((0, 0));
+                entry.0 += row.orders;
+                entry.1 += row.units;
+            }
+        }
+        totals
+    }
+
+    /// Charges the payment simulator recorded for `order`.
+    pub async fn charged(&self, order: Uuid) -> bool {
+        self.redis_exists(&format!("paysim:charge:{order}")).await
+    }
 }

@@ -41,7 +41,12 @@ async fn main() {
                 let email = seed_email((worker * per_worker + i) % users);
                 let body = serde_json::json!({"email": email, "password": SEED_PASSWORD});
                 let sent = Instant::now();
-                let res = client.post(&url).json(&body).timeout(Duration::from_secs(30)).send().await;
+                let res = client
+                    .post(&url)
+                    .json(&body)
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await;
                 recorder.record(sent.elapsed(), res.ok().map(|r| r.status().as_u16()));
             }
             recorder
@@ -51,5 +56,9 @@ async fn main() {
     for done in futures_util::future::join_all(workers).await {
         total.merge(&done.expect("worker task"));
     }
-    println!("login: concurrency {} | {}", args.concurrency, total.report(started.elapsed()));
+    println!(
+        "login: concurrency {} | {}",
+        args.concurrency,
+        total.report(started.elapsed())
+    );
 }

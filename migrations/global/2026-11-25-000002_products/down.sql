@@ -1,0 +1,2 @@
+DROP TABLE inventory_ledger;
+DROP TABLE products;

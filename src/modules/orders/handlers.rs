@@ -1,0 +1,126 @@
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use uuid::Uuid;
+
+use super::model::{FlashSaleOrderRequest, Order, OrderStatusView};
+use crate::app::AppState;
+use crate::infra::http::extract::parse_optional_json;
+use crate::infra::http::paging::{Page, PageQuery};
+use crate::infra::http::problem::ProblemBody;
+use crate::infra::http::Problem;
+use crate::modules::auth::AuthUser;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/orders")
+            .route(
+                "/flash-sale/{product_id}",
+                web::post().to(place_flash_sale_order),
+            )
+            .route("/user/{user_id}", web::get().to(list_user_orders))
+            .route("/{id}", web::get().to(get_order))
+            .route("/{id}/status", web::get().to(get_order_status))
+            .route("/{id}/cancel", web::put().to(cancel_order)),
+    );
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    place_flash_sale_order,
+    list_user_orders,
+    get_order,
+    get_order_status,
+    cancel_order
+))]
+pub struct OrdersApi;
+
+#[utoipa::path(post, path = "/orders/flash-sale/{product_id}", tag = "orders", security(("bearer" = [])),
+    params(("product_id" = Uuid, Path, description = "product on sale"),
+           ("Idempotency-Key" = String, Header, description = "1 to 255 visible ASCII characters; scoped per user and product")),
+    request_body(content = Option<FlashSaleOrderRequest>),
+    responses((status = 201, body = Order, description = "accepted; the worker settles it to paid or failed"),
+              (status = 400, body = ProblemBody, description = "idempotency_key_required"),
+              (status = 409, body = ProblemBody, description = "sold_out, sale_not_active, purchase_limit, request_in_progress"),
+              (status = 422, body = ProblemBody), (status = 429, body = ProblemBody), (status = 503, body = ProblemBody)))]
+async fn place_flash_sale_order(
+    state: web::Data<AppState>,
+    caller: AuthUser,
+    req: HttpRequest,
+    product: web::Path<Uuid>,
+    body: web::Bytes,
+) -> Result<HttpResponse, Problem> {
+    let key = req
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok());
+    let key_digest = super::idempotency_digest(key)?;
+    let request: FlashSaleOrderRequest = parse_optional_json(&body)?.unwrap_or_default();
+    let placed =
+        super::place_flash_sale_order(&state, &caller, product.into_inner(), &key_digest, &request)
+            .await?;
+    let mut response = HttpResponse::Created();
+    response.insert_header((header::LOCATION, format!("/orders/{}", placed.order.id)));
+    if placed.replayed {
+        response.insert_header(("Idempotency-Replayed", "true"));
+    }
+    Ok(response.json(placed.order))
+}
+
+#[utoipa::path(get, path = "/orders/{id}", tag = "orders", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "order id")),
+    responses((status = 200, body = Order), (status = 404, body = ProblemBody)))]
+async fn get_order(
+    state: web::Data<AppState>,
+    caller: AuthUser,
+    id: web::Path<Uuid>,
+) -> Result<web::Json<Order>, Problem> {
+    Ok(web::Json(
+        super::find_order(&state, &caller, id.into_inner()).await?,
+    ))
+}
+
+#[utoipa::path(get, path = "/orders/{id}/status", tag = "orders", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "order id")),
+    responses((status = 200, body = OrderStatusView), (status = 404, body = ProblemBody)))]
+async fn get_order_status(
+    state: web::Data<AppState>,
+    caller: AuthUser,
+    id: web::Path<Uuid>,
+) -> Result<web::Json<OrderStatusView>, Problem> {
+    let order = super::find_order(&state, &caller, id.into_inner()).await?;
+    Ok(web::Json(OrderStatusView {
+        id: order.id,
+        status: order.status,
+        updated_at: order.updated_at,
+    }))
+}
+
+#[utoipa::path(get, path = "/orders/user/{user_id}", tag = "orders", security(("bearer" = [])),
+    params(("user_id" = Uuid, Path, description = "buyer"), PageQuery),
+    responses((status = 200, body = Page<Order>), (status = 403, body = ProblemBody)))]
+async fn list_user_orders(
+    state: web::Data<AppState>,
+    caller: AuthUser,
+    user: web::Path<Uuid>,
+    page: web::Query<PageQuery>,
+) -> Result<web::Json<Page<Order>>, Problem> {
+    let user = user.into_inner();
+    caller.require_self_or_admin(user)?;
+    let page = page.validate()?;
+    let rows = super::list_user_orders(&state, user, page).await?;
+    Ok(web::Json(Page::from_rows(rows, page, |o| o.id)))
+}
+
+#[utoipa::path(put, path = "/orders/{id}/cancel", tag = "orders", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "order id")),
+    responses((status = 200, body = Order), (status = 404, body = ProblemBody),
+              (status = 409, body = ProblemBody, description = "not_cancellable")))]
+async fn cancel_order(
+    state: web::Data<AppState>,
+    caller: AuthUser,
+    id: web::Path<Uuid>,
+) -> Result<web::Json<Order>, Problem> {
+    Ok(web::Json(
+        super::cancel_order(&state, &caller, id.into_inner()).await?,
+    ))
+}

@@ -1,0 +1,379 @@
+//! Orders: the flash-sale order path (reserve in Redis, publish with confirms, answer 201),
+//! the order-worker that persists, charges and settles, the reconciler, and the read and
+//! cancel routes.
+
+mod error;
+mod handlers;
+mod model;
+mod payment;
+mod queue;
+mod reconciler;
+mod store;
+mod worker;
+
+use std::sync::Arc;
+
+use bigdecimal::BigDecimal;
+use chrono::Utc;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+pub use error::OrdersError;
+pub use model::{FlashSaleOrderRequest, Order, OrderItem, OrderKind, OrderMessage, OrderStatus};
+pub use payment::{PaymentGateway, PaymentSimulator, Payments};
+pub use queue::QueueNames;
+pub use reconciler::{reconcile_once, Repairs};
+
+use crate::app::AppState;
+use crate::config::OrdersSettings;
+use crate::infra::amqp::Amqp;
+use crate::infra::db::ReadFrom;
+use crate::infra::http::paging::PageRequest;
+use crate::infra::redis::Redis;
+use crate::modules::auth::AuthUser;
+use crate::modules::products::{self, Reservation, ReserveRequest};
+use model::{MAX_ADDRESS_CHARS, PAYMENT_METHODS};
+
+pub use handlers::configure;
+
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    <handlers::OrdersApi as utoipa::OpenApi>::openapi()
+}
+
+/// What orders keep for the life of the process.
+pub struct OrdersState {
+    pub queues: QueueNames,
+    publisher: queue::Publisher,
+    pub payments: Payments,
+    /// The simulator itself, for fault drills (failure rate at run time).
+    pub simulator: Arc<PaymentSimulator>,
+}
+
+impl OrdersState {
+    /// Declares the queues and opens the confirming publisher.
+    pub async fn new(
+        settings: &OrdersSettings,
+        amqp: &Amqp,
+        redis: &Redis,
+    ) -> Result<Self, OrdersError> {
+        let queues = QueueNames::new(settings);
+        let publisher = queue::Publisher::open(amqp).await?;
+        queue::declare(publisher.channel(), &queues, settings).await?;
+        let simulator = Arc::new(PaymentSimulator::new(redis.clone(), &settings.payment));
+        let payments = Payments::new(simulator.clone(), &settings.payment);
+        Ok(Self {
+            queues,
+            publisher,
+            payments,
+            simulator,
+        })
+    }
+}
+
+/// The order-worker role: the consumer plus the reconciler and sale scheduler.
+pub async fn run_worker(state: AppState) -> Result<(), OrdersError> {
+    tokio::spawn(reconciler::run(state.clone()));
+    worker::run(state).await
+}
+
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// Checks an `Idempotency-Key` and returns its digest (keys are stored hashed).
+pub fn idempotency_digest(key: Option<&str>) -> Result<String, OrdersError> {
+    let key = key.ok_or(OrdersError::IdempotencyKeyRequired)?;
+    let valid = !key.is_empty()
+        && key.len() <= MAX_IDEMPOTENCY_KEY
+        && key.bytes().all(|b| b.is_ascii_graphic());
+    if !valid {
+        return Err(OrdersError::IdempotencyKeyRequired);
+    }
+    Ok(hex(&Sha256::digest(key.as_bytes())[..16]))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The answer an idempotent request gave, stored for replays. `state` and `body_hash`
+/// are read by the reservation script.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredAnswer {
+    state: String,
+    body_hash: String,
+    order: Order,
+}
+
+/// The outcome of `POST /orders/flash-sale/{productId}`.
+pub struct Placed {
+    pub order: Order,
+    /// True when this is the stored answer to an earlier request with the same key.
+    pub replayed: bool,
+}
+
+/// The flash-sale order path: per-user attempt limit, one atomic reservation, a confirmed
+/// publish, then the answer. A failed publish gives the units back and answers 503.
+pub async fn place_flash_sale_order(
+    state: &AppState,
+    caller: &AuthUser,
+    product: Uuid,
+    key_digest: &str,
+    request: &FlashSaleOrderRequest,
+) -> Result<Placed, OrdersError> {
+    let settings = &state.settings.orders;
+    limit_attempts(
+        state,
+        caller.user_id,
+        settings.flash_sale_attempts_per_minute,
+    )
+    .await?;
+    let quantity = request.quantity.unwrap_or(1);
+    if quantity < 1 || quantity > i64::from(settings.max_quantity) {
+        return Err(OrdersError::Validation(format!(
+            "quantity must be 1 to {}",
+            settings.max_quantity
+        )));
+    }
+    let payment_method = request
+        .payment_method
+        .clone()
+        .unwrap_or_else(|| "card".to_owned());
+    if !PAYMENT_METHODS.contains(&payment_method.as_str()) {
+        return Err(OrdersError::Validation(format!(
+            "payment_method must be one of {PAYMENT_METHODS:?}"
+        )));
+    }
+    if let Some(address) = &request.shipping_address {
+        let chars = address.trim().chars().count();
+        if chars == 0 || chars > MAX_ADDRESS_CHARS {
+            return Err(OrdersError::Validation(format!(
+                "shipping_address must be 1 to {MAX_ADDRESS_CHARS} characters"
+            )));
+        }
+    }
+    let body_hash = hex(&Sha256::digest(
+        format!(
+            "{product}|{quantity}|{payment_method}|{:?}",
+            request.shipping_address
+        )
+        .as_bytes(),
+    ));
+    let order_id = Uuid::now_v7();
+    let reservation = products::reserve(
+        state,
+        &ReserveRequest {
+            product,
+            user: caller.user_id,
+            quantity: u32::try_from(quantity).unwrap_or(1),
+            order_id,
+            body_hash: &body_hash,
+            key_digest,
+            idempotency_ttl_secs: settings.idempotency_ttl_secs,
+        },
+    )
+    .await?;
+    let unit_price = match reservation {
+        Reservation::Reserved { unit_price } => unit_price,
+        Reservation::Replay(stored) => {
+            let answer: StoredAnswer =
+                serde_json::from_str(&stored).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
+            return Ok(Placed {
+                order: answer.order,
+                replayed: true,
+            });
+        }
+        Reservation::InProgress => return Err(OrdersError::RequestInProgress),
+        Reservation::KeyReusedWithOtherBody => return Err(OrdersError::IdempotencyKeyReused),
+        Reservation::NotLoaded => return Err(not_loaded_reason(state, product).await),
+        Reservation::NotActive => return Err(OrdersError::SaleNotActive),
+        Reservation::PurchaseLimit => return Err(OrdersError::PurchaseLimit),
+        Reservation::SoldOut => return Err(OrdersError::SoldOut),
+    };
+    let price: BigDecimal = unit_price
+        .parse()
+        .map_err(|_| OrdersError::Corrupt(format!("sale price `{unit_price}`")))?;
+    let now = Utc::now();
+    let order = Order {
+        id: order_id,
+        user_id: caller.user_id,
+        status: OrderStatus::Pending,
+        total_amount: (&price * BigDecimal::from(quantity)).with_scale(2),
+        payment_method,
+        shipping_address: request
+            .shipping_address
+            .as_ref()
+            .map(|a| a.trim().to_owned()),
+        items: vec![OrderItem {
+            product_id: product,
+            quantity: i32::try_from(quantity).unwrap_or(1),
+            price,
+        }],
+        created_at: now,
+        updated_at: now,
+    };
+    if let Err(e) = accept(state, &order, OrderKind::FlashSale).await {
+        // Not accepted after all: give the units and the key back, then tell the client.
+        worker::release_stock(state, &order).await?;
+        products::forget_idempotent(state, product, caller.user_id, key_digest).await?;
+        forget_accepted(state, order.id).await?;
+        return Err(e);
+    }
+    let answer = StoredAnswer {
+        state: "done".to_owned(),
+        body_hash,
+        order: order.clone(),
+    };
+    let answer = serde_json::to_string(&answer).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
+    products::finish_idempotent(state, product, caller.user_id, key_digest, &answer).await?;
+    Ok(Placed {
+        order,
+        replayed: false,
+    })
+}
+
+/// Why Redis has no counters for `product`: no such sale (409/404), or a sale whose
+/// counters are being restored after a Redis loss (503). Only this rare path reads the
+/// database.
+async fn not_loaded_reason(state: &AppState, product: Uuid) -> OrdersError {
+    match products::find(state, product).await {
+        Ok(p) => {
+            let now = Utc::now();
+            match p.sale_window() {
+                Some((start, end)) if start <= now && now < end => OrdersError::StockUnavailable,
+                _ => OrdersError::SaleNotActive,
+            }
+        }
+        Err(products::ProductsError::NotFound) => OrdersError::ProductNotFound,
+        Err(e) => e.into(),
+    }
+}
+
+/// Records the accepted order (status readable from now on) and hands it to the queue.
+async fn accept(state: &AppState, order: &Order, kind: OrderKind) -> Result<(), OrdersError> {
+    let json = serde_json::to_string(order).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
+    redis::cmd("SET")
+        .arg(accepted_key(&state.redis, order.id))
+        .arg(json)
+        .arg("EX")
+        .arg(state.settings.orders.idempotency_ttl_secs)
+        .query_async::<()>(&mut state.redis.conn())
+        .await?;
+    let message = OrderMessage {
+        v: 1,
+        order: order.clone(),
+        kind,
+        attempt: 0,
+    };
+    let payload = serde_json::to_vec(&message).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
+    state
+        .orders
+        .publisher
+        .publish(&state.orders.queues.orders, &payload)
+        .await
+}
+
+async fn forget_accepted(state: &AppState, order: Uuid) -> Result<(), OrdersError> {
+    redis::cmd("DEL")
+        .arg(accepted_key(&state.redis, order))
+        .query_async::<()>(&mut state.redis.conn())
+        .await?;
+    Ok(())
+}
+
+fn accepted_key(redis: &Redis, order: Uuid) -> String {
+    redis.key(format_args!("order:{order}"))
+}
+
+async fn accepted_order(state: &AppState, order: Uuid) -> Result<Option<Order>, OrdersError> {
+    let json: Option<String> = redis::cmd("GET")
+        .arg(accepted_key(&state.redis, order))
+        .query_async(&mut state.redis.conn())
+        .await?;
+    Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+}
+
+/// Fixed one-minute window per user, shared by every pod.
+async fn limit_attempts(state: &AppState, user: Uuid, per_minute: u32) -> Result<(), OrdersError> {
+    let now = Utc::now().timestamp();
+    let key = state
+        .redis
+        .key(format_args!("rate:flash:{}:{}", user.simple(), now / 60));
+    let (count,): (i64,) = redis::pipe()
+        .incr(&key, 1)
+        .expire(&key, 60)
+        .ignore()
+        .query_async(&mut state.redis.conn())
+        .await?;
+    if count > i64::from(per_minute) {
+        return Err(OrdersError::RateLimited {
+            retry_after_secs: (60 - now % 60).unsigned_abs(),
+        });
+    }
+    Ok(())
+}
+
+/// An order as the caller may see it: from its shard once persisted, from the accepted
+/// record before that. Someone else's order is "not found".
+pub async fn find_order(
+    state: &AppState,
+    caller: &AuthUser,
+    order: Uuid,
+) -> Result<Order, OrdersError> {
+    let accepted = accepted_order(state, order).await?;
+    let owner = accepted.as_ref().map(|o| o.user_id);
+    let persisted = match (owner, caller.is_admin()) {
+        (Some(owner), _) => store::find(&state.db, owner, order, ReadFrom::Primary).await?,
+        (None, true) => store::find_anywhere(&state.db, order).await?,
+        (None, false) => store::find(&state.db, caller.user_id, order, ReadFrom::Primary).await?,
+    };
+    let found = persisted.or(accepted).ok_or(OrdersError::NotFound)?;
+    if found.user_id != caller.user_id && !caller.is_admin() {
+        return Err(OrdersError::NotFound);
+    }
+    Ok(found)
+}
+
+pub async fn list_user_orders(
+    state: &AppState,
+    user: Uuid,
+    page: PageRequest,
+) -> Result<Vec<Order>, OrdersError> {
+    store::list_for_user(&state.db, user, page, ReadFrom::Replica).await
+}
+
+/// Cancels a pending or paid order: stock back exactly once, a paid order refunded.
+/// Cancelling twice answers the cancelled order again.
+pub async fn cancel_order(
+    state: &AppState,
+    caller: &AuthUser,
+    order_id: Uuid,
+) -> Result<Order, OrdersError> {
+    let order = find_order(state, caller, order_id).await?;
+    match store::cancel(&state.db, order.user_id, order.id).await? {
+        None => {
+            // Accepted but not yet persisted: record it cancelled. The worker finds the row
+            // and the released reservation and leaves both alone; if the worker inserted it
+            // first, this insert does nothing and the second pass below cancels it.
+            let cancelled = store::NewOrder {
+                order: &order,
+                kind: OrderKind::FlashSale,
+                status: OrderStatus::Cancelled,
+                failure_reason: None,
+            };
+            store::insert_batch(&state.db, &[cancelled]).await?;
+            if store::cancel(&state.db, order.user_id, order.id).await? == Some(OrderStatus::Paid) {
+                worker::refund(state, order.id).await;
+            }
+        }
+        Some(OrderStatus::Paid) => worker::refund(state, order.id).await,
+        Some(OrderStatus::Pending | OrderStatus::Cancelled) => {}
+        Some(_) => return Err(OrdersError::NotCancellable),
+    }
+    let current = store::find(&state.db, order.user_id, order.id, ReadFrom::Primary)
+        .await?
+        .ok_or(OrdersError::NotFound)?;
+    if current.status != OrderStatus::Cancelled {
+        return Err(OrdersError::NotCancellable);
+    }
+    worker::release_stock(state, &current).await?;
+    Ok(current)
+}

@@ -1,0 +1,118 @@
+use bigdecimal::BigDecimal;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderStatus {
+    Pending,
+    Paid,
+    Shipped,
+    Completed,
+    Cancelled,
+    Failed,
+}
+
+impl OrderStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Pending => "pending",
+            OrderStatus::Paid => "paid",
+            OrderStatus::Shipped => "shipped",
+            OrderStatus::Completed => "completed",
+            OrderStatus::Cancelled => "cancelled",
+            OrderStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "pending" => OrderStatus::Pending,
+            "paid" => OrderStatus::Paid,
+            "shipped" => OrderStatus::Shipped,
+            "completed" => OrderStatus::Completed,
+            "cancelled" => OrderStatus::Cancelled,
+            "failed" => OrderStatus::Failed,
+            _ => return None,
+        })
+    }
+
+    /// Final states: the order will not move again by itself.
+    pub fn is_final(self) -> bool {
+        !matches!(self, OrderStatus::Pending)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderKind {
+    FlashSale,
+    Regular,
+}
+
+impl OrderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderKind::FlashSale => "flash_sale",
+            OrderKind::Regular => "regular",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OrderItem {
+    pub product_id: Uuid,
+    pub quantity: i32,
+    /// Unit price charged, decimal string.
+    #[schema(value_type = String)]
+    pub price: BigDecimal,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Order {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub status: OrderStatus,
+    #[schema(value_type = String)]
+    pub total_amount: BigDecimal,
+    pub payment_method: String,
+    pub shipping_address: Option<String>,
+    pub items: Vec<OrderItem>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `POST /orders/flash-sale/{productId}`.
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlashSaleOrderRequest {
+    /// Units, default 1.
+    pub quantity: Option<i64>,
+    /// "card" (default), "card_declined" or "card_flaky" with the payment simulator.
+    pub payment_method: Option<String>,
+    pub shipping_address: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderStatusView {
+    pub id: Uuid,
+    pub status: OrderStatus,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What travels on the order queue: everything the worker needs, nothing it must look up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderMessage {
+    /// Schema version of this message.
+    pub v: u32,
+    pub order: Order,
+    pub kind: OrderKind,
+    /// Delivery attempts so far (0 on the first delivery).
+    #[serde(default)]
+    pub attempt: u32,
+}
+
+pub const PAYMENT_METHODS: [&str; 3] = ["card", "card_declined", "card_flaky"];
+pub const MAX_ADDRESS_CHARS: usize = 500;

@@ -1,0 +1,347 @@
+//! Orders and their items in the buyer's shard.
+
+use std::collections::BTreeMap;
+
+use bigdecimal::BigDecimal;
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::error::OrdersError;
+use super::model::{Order, OrderItem, OrderKind, OrderStatus};
+use crate::infra::db::{shard_index, Databases, ReadFrom};
+use crate::infra::http::paging::PageRequest;
+
+diesel::table! {
+    orders (id) {
+        id -> Uuid,
+        user_id -> Uuid,
+        status -> Text,
+        kind -> Text,
+        total_amount -> Numeric,
+        payment_method -> Text,
+        shipping_address -> Nullable<Text>,
+        failure_reason -> Nullable<Text>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    order_items (order_id, product_id) {
+        order_id -> Uuid,
+        product_id -> Uuid,
+        quantity -> Int4,
+        price -> Numeric,
+    }
+}
+
+diesel::joinable!(order_items -> orders (order_id));
+diesel::allow_tables_to_appear_in_same_query!(orders, order_items);
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = orders)]
+struct OrderRow {
+    id: Uuid,
+    user_id: Uuid,
+    status: String,
+    total_amount: BigDecimal,
+    payment_method: String,
+    shipping_address: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = order_items)]
+struct ItemRow {
+    order_id: Uuid,
+    product_id: Uuid,
+    quantity: i32,
+    price: BigDecimal,
+}
+
+/// An order to persist, with the status it starts in.
+pub struct NewOrder<'a> {
+    pub order: &'a Order,
+    pub kind: OrderKind,
+    pub status: OrderStatus,
+    pub failure_reason: Option<&'static str>,
+}
+
+/// Writes orders into their shards, one transaction per shard; orders that exist are left
+/// as they are (a redelivered message inserts nothing).
+pub async fn insert_batch(db: &Databases, batch: &[NewOrder<'_>]) -> Result<(), OrdersError> {
+    let mut by_shard: BTreeMap<usize, Vec<&NewOrder<'_>>> = BTreeMap::new();
+    for new in batch {
+        by_shard
+            .entry(shard_index(new.order.user_id, db.shard_count()))
+            .or_default()
+            .push(new);
+    }
+    for (shard, orders_in_shard) in by_shard {
+        let mut pooled = db.shards()[shard].write_conn().await?;
+        let conn: &mut AsyncPgConnection = &mut pooled;
+        let rows: Vec<_> = orders_in_shard
+            .iter()
+            .map(|n| {
+                (
+                    orders::id.eq(n.order.id),
+                    orders::user_id.eq(n.order.user_id),
+                    orders::status.eq(n.status.as_str()),
+                    orders::kind.eq(n.kind.as_str()),
+                    orders::total_amount.eq(&n.order.total_amount),
+                    orders::payment_method.eq(&n.order.payment_method),
+                    orders::shipping_address.eq(&n.order.shipping_address),
+                    orders::failure_reason.eq(n.failure_reason),
+                    orders::created_at.eq(n.order.created_at),
+                )
+            })
+            .collect();
+        let items: Vec<_> = orders_in_shard
+            .iter()
+            .flat_map(|n| {
+                n.order.items.iter().map(|item| {
+                    (
+                        order_items::order_id.eq(n.order.id),
+                        order_items::product_id.eq(item.product_id),
+                        order_items::quantity.eq(item.quantity),
+                        order_items::price.eq(&item.price),
+                    )
+                })
+            })
+            .collect();
+        conn.transaction(async |conn| {
+            diesel::insert_into(orders::table)
+                .values(&rows)
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?;
+            diesel::insert_into(order_items::table)
+                .values(&items)
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?;
+            Ok::<_, OrdersError>(())
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Current statuses of `ids` (all owned by users on one or more shards).
+pub async fn statuses(
+    db: &Databases,
+    orders_by_user: &[(Uuid, Uuid)],
+) -> Result<BTreeMap<Uuid, OrderStatus>, OrdersError> {
+    let mut by_shard: BTreeMap<usize, Vec<Uuid>> = BTreeMap::new();
+    for (order, user) in orders_by_user {
+        by_shard
+            .entry(shard_index(*user, db.shard_count()))
+            .or_default()
+            .push(*order);
+    }
+    let mut found = BTreeMap::new();
+    for (shard, ids) in by_shard {
+        let mut conn = db.shards()[shard].write_conn().await?;
+        let rows: Vec<(Uuid, String)> = orders::table
+            .filter(orders::id.eq_any(&ids))
+            .select((orders::id, orders::status))
+            .load(&mut conn)
+            .await?;
+        for (id, status) in rows {
+            let status =
+                OrderStatus::parse(&status).ok_or_else(|| OrdersError::Corrupt(status.clone()))?;
+            found.insert(id, status);
+        }
+    }
+    Ok(found)
+}
+
+/// Moves `order` from one of `from` to `to`; false when it was in another state.
+pub async fn transition(
+    db: &Databases,
+    user: Uuid,
+    order: Uuid,
+    from: &[OrderStatus],
+    to: OrderStatus,
+    failure_reason: Option<&str>,
+) -> Result<bool, OrdersError> {
+    let mut conn = db.shard_for(user).write_conn().await?;
+    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+    let updated = diesel::update(
+        orders::table
+            .filter(orders::id.eq(order))
+            .filter(orders::status.eq_any(from)),
+    )
+    .set((
+        orders::status.eq(to.as_str()),
+        orders::failure_reason.eq(failure_reason),
+        orders::updated_at.eq(diesel::dsl::now),
+    ))
+    .execute(&mut conn)
+    .await?;
+    Ok(updated == 1)
+}
+
+pub async fn find(
+    db: &Databases,
+    user: Uuid,
+    order: Uuid,
+    from: ReadFrom,
+) -> Result<Option<Order>, OrdersError> {
+    let mut conn = db.shard_for(user).read_conn(from).await?;
+    let row: Option<OrderRow> = orders::table
+        .filter(orders::id.eq(order))
+        .filter(orders::user_id.eq(user))
+        .select(OrderRow::as_select())
+        .first(&mut conn)
+        .await
+        .optional()?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let mut assembled = assemble(&mut conn, vec![row]).await?;
+    Ok(assembled.pop())
+}
+
+/// Finds an order without knowing its owner (admins): every shard is asked.
+pub async fn find_anywhere(db: &Databases, order: Uuid) -> Result<Option<Order>, OrdersError> {
+    for shard in db.shards() {
+        let mut conn = shard.write_conn().await?;
+        let row: Option<OrderRow> = orders::table
+            .find(order)
+            .select(OrderRow::as_select())
+            .first(&mut conn)
+            .await
+            .optional()?;
+        if let Some(row) = row {
+            return Ok(assemble(&mut conn, vec![row]).await?.pop());
+        }
+    }
+    Ok(None)
+}
+
+/// A user's orders, newest first.
+pub async fn list_for_user(
+    db: &Databases,
+    user: Uuid,
+    page: PageRequest,
+    from: ReadFrom,
+) -> Result<Vec<Order>, OrdersError> {
+    let mut conn = db.shard_for(user).read_conn(from).await?;
+    let mut query = orders::table
+        .filter(orders::user_id.eq(user))
+        .select(OrderRow::as_select())
+        .order(orders::id.desc())
+        .limit(page.limit + 1)
+        .into_boxed();
+    if let Some(after) = page.after {
+        query = query.filter(orders::id.lt(after));
+    }
+    let rows = query.load(&mut conn).await?;
+    assemble(&mut conn, rows).await
+}
+
+async fn assemble(
+    conn: &mut AsyncPgConnection,
+    rows: Vec<OrderRow>,
+) -> Result<Vec<Order>, OrdersError> {
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let items: Vec<ItemRow> = order_items::table
+        .filter(order_items::order_id.eq_any(&ids))
+        .select(ItemRow::as_select())
+        .order((order_items::order_id, order_items::product_id))
+        .load(conn)
+        .await?;
+    let mut items_by_order: BTreeMap<Uuid, Vec<OrderItem>> = BTreeMap::new();
+    for item in items {
+        items_by_order
+            .entry(item.order_id)
+            .or_default()
+            .push(OrderItem {
+                product_id: item.product_id,
+                quantity: item.quantity,
+                price: item.price,
+            });
+    }
+    rows.into_iter()
+        .map(|row| {
+            let status = OrderStatus::parse(&row.status)
+                .ok_or_else(|| OrdersError::Corrupt(row.status.clone()))?;
+            Ok(Order {
+                id: row.id,
+                user_id: row.user_id,
+                status,
+                total_amount: row.total_amount,
+                payment_method: row.payment_method,
+                shipping_address: row.shipping_address,
+                items: items_by_order.remove(&row.id).unwrap_or_default(),
+                created_at: row.created_at,
+                updated_at: row.updated_at,
+            })
+        })
+        .collect()
+}
+
+/// Units each user holds of `product` in live (not cancelled or failed) orders, summed
+/// over every shard: the per-user allowance after a Redis loss.
+pub async fn live_units_by_buyer(
+    db: &Databases,
+    product: Uuid,
+) -> Result<Vec<(Uuid, i64)>, OrdersError> {
+    let mut all = vec![];
+    for shard in db.shards() {
+        let mut conn = shard.write_conn().await?;
+        let rows: Vec<(Uuid, Option<i64>)> = orders::table
+            .inner_join(order_items::table)
+            .filter(order_items::product_id.eq(product))
+            .filter(orders::status.ne_all(["cancelled", "failed"]))
+            .group_by(orders::user_id)
+            .select((orders::user_id, diesel::dsl::sum(order_items::quantity)))
+            .load(&mut conn)
+            .await?;
+        all.extend(
+            rows.into_iter()
+                .map(|(user, units)| (user, units.unwrap_or(0))),
+        );
+    }
+    Ok(all)
+}
+
+/// Cancels a pending or paid order under a row lock; answers the status it had (so the
+/// caller knows whether to refund), or None when there is no such order.
+pub async fn cancel(
+    db: &Databases,
+    user: Uuid,
+    order: Uuid,
+) -> Result<Option<OrderStatus>, OrdersError> {
+    let mut pooled = db.shard_for(user).write_conn().await?;
+    let conn: &mut AsyncPgConnection = &mut pooled;
+    conn.transaction(async |conn| {
+        let current: Option<String> = orders::table
+            .find(order)
+            .select(orders::status)
+            .for_update()
+            .first(conn)
+            .await
+            .optional()?;
+        let Some(current) = current else {
+            return Ok(None);
+        };
+        let status =
+            OrderStatus::parse(&current).ok_or_else(|| OrdersError::Corrupt(current.clone()))?;
+        if matches!(status, OrderStatus::Pending | OrderStatus::Paid) {
+            diesel::update(orders::table.find(order))
+                .set((
+                    orders::status.eq(OrderStatus::Cancelled.as_str()),
+                    orders::updated_at.eq(diesel::dsl::now),
+                ))
+                .execute(conn)
+                .await?;
+        }
+        Ok(Some(status))
+    })
+    .await
+}

@@ -1,0 +1,181 @@
+use actix_web::{web, HttpResponse};
+use bigdecimal::BigDecimal;
+use chrono::Utc;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::model::{self, FlashSaleItem, InventoryUpdate, NewProduct, Product, ProductPatch};
+use super::{store, sync_sale, ProductsError};
+use crate::app::AppState;
+use crate::infra::db::ReadFrom;
+use crate::infra::http::paging::{Page, PageQuery};
+use crate::infra::http::problem::ProblemBody;
+use crate::infra::http::Problem;
+use crate::modules::auth::AuthUser;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/products")
+            .route("", web::get().to(list_products))
+            .route("", web::post().to(create_product))
+            .route("/flash-sale", web::get().to(list_flash_sales))
+            .route("/{id}", web::get().to(get_product))
+            .route("/{id}", web::patch().to(patch_product))
+            .route("/{id}/inventory", web::put().to(set_inventory)),
+    );
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    list_products,
+    create_product,
+    list_flash_sales,
+    get_product,
+    patch_product,
+    set_inventory
+))]
+pub struct ProductsApi;
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ProductQuery {
+    /// Items per page, 1..=100 (default 20).
+    limit: Option<i64>,
+    cursor: Option<String>,
+    category_id: Option<Uuid>,
+    #[param(value_type = Option<String>)]
+    min_price: Option<BigDecimal>,
+    #[param(value_type = Option<String>)]
+    max_price: Option<BigDecimal>,
+}
+
+#[utoipa::path(get, path = "/products", tag = "products", params(ProductQuery),
+    responses((status = 200, body = Page<Product>), (status = 400, body = ProblemBody)))]
+async fn list_products(
+    state: web::Data<AppState>,
+    query: web::Query<ProductQuery>,
+) -> Result<web::Json<Page<Product>>, Problem> {
+    let query = query.into_inner();
+    let page = PageQuery {
+        limit: query.limit,
+        cursor: query.cursor,
+    }
+    .validate()?;
+    let negative = |p: &Option<BigDecimal>| p.as_ref().is_some_and(|p| p < &BigDecimal::from(0));
+    if negative(&query.min_price) || negative(&query.max_price) {
+        return Err(Problem::bad_request("prices must not be negative"));
+    }
+    let filter = store::ProductFilter {
+        category_id: query.category_id,
+        min_price: query.min_price,
+        max_price: query.max_price,
+    };
+    let rows = store::list(&state.db, &filter, page).await?;
+    Ok(web::Json(Page::from_rows(rows, page, |p| p.id)))
+}
+
+#[utoipa::path(get, path = "/products/{id}", tag = "products",
+    params(("id" = Uuid, Path, description = "product id")),
+    responses((status = 200, body = Product), (status = 400, body = ProblemBody), (status = 404, body = ProblemBody)))]
+async fn get_product(
+    state: web::Data<AppState>,
+    id: web::Path<Uuid>,
+) -> Result<web::Json<Product>, Problem> {
+    Ok(web::Json(super::find(&state, id.into_inner()).await?))
+}
+
+#[utoipa::path(post, path = "/products", tag = "products", security(("bearer" = [])), request_body = NewProduct,
+    responses((status = 201, body = Product), (status = 403, body = ProblemBody), (status = 422, body = ProblemBody)))]
+async fn create_product(
+    state: web::Data<AppState>,
+    caller: AuthUser,
+    body: web::Json<NewProduct>,
+) -> Result<HttpResponse, Problem> {
+    caller.require_admin()?;
+    let product = body.into_inner().into_product(Uuid::now_v7(), Utc::now());
+    model::validate(&product)?;
+    let product = store::insert(&state.db, &product).await?;
+    sync_sale(&state, &product).await?;
+    Ok(HttpResponse::Created()
+        .insert_header((
+            actix_web::http::header::LOCATION,
+            format!("/products/{}", product.id),
+        ))
+        .json(product))
+}
+
+#[utoipa::path(patch, path = "/products/{id}", tag = "products", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "product id")), request_body = ProductPatch,
+    responses((status = 200, body = Product), (status = 403, body = ProblemBody), (status = 404, body = ProblemBody),
+              (status = 422, body = ProblemBody)))]
+async fn patch_product(
+    state: web::Data<AppState>,
+    caller: AuthUser,
+    id: web::Path<Uuid>,
+    body: web::Json<ProductPatch>,
+) -> Result<web::Json<Product>, Problem> {
+    caller.require_admin()?;
+    let current = store::find(&state.db, id.into_inner(), ReadFrom::Primary).await?;
+    let product = body.into_inner().apply(current, Utc::now());
+    model::validate(&product)?;
+    let product = store::update(&state.db, &product).await?;
+    sync_sale(&state, &product).await?;
+    Ok(web::Json(product))
+}
+
+#[utoipa::path(put, path = "/products/{id}/inventory", tag = "products", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "product id")), request_body = InventoryUpdate,
+    responses((status = 200, body = Product), (status = 403, body = ProblemBody), (status = 409, body = ProblemBody,
+               description = "inventory_below_reserved"), (status = 422, body = ProblemBody)))]
+async fn set_inventory(
+    state: web::Data<AppState>,
+    caller: AuthUser,
+    id: web::Path<Uuid>,
+    body: web::Json<InventoryUpdate>,
+) -> Result<web::Json<Product>, Problem> {
+    caller.require_admin()?;
+    model::check_inventory(body.inventory)?;
+    let stock = &state.products.stock;
+    let product = store::set_inventory(
+        &state.db,
+        id.into_inner(),
+        body.inventory,
+        stock,
+        &state.redis,
+    )
+    .await?;
+    Ok(web::Json(product))
+}
+
+#[utoipa::path(get, path = "/products/flash-sale", tag = "products", params(PageQuery),
+    responses((status = 200, body = Page<FlashSaleItem>), (status = 400, body = ProblemBody)))]
+async fn list_flash_sales(
+    state: web::Data<AppState>,
+    query: web::Query<PageQuery>,
+) -> Result<web::Json<Page<FlashSaleItem>>, Problem> {
+    let page = query.validate()?;
+    let now = Utc::now();
+    let far_future = now + chrono::Duration::days(366 * 100);
+    let rows = store::sales(&state.db, now, far_future, page).await?;
+    let ids: Vec<Uuid> = rows.iter().map(|p| p.id).collect();
+    let live = state
+        .products
+        .stock
+        .remaining(&state.redis, &ids)
+        .await
+        .map_err(ProductsError::from)?;
+    let items = rows
+        .into_iter()
+        .zip(live)
+        .map(|(product, live)| {
+            let active = product.flash_sale_start.is_some_and(|start| start <= now);
+            FlashSaleItem {
+                // Not loaded yet (far from its start): everything on hand is still for sale.
+                remaining: live.unwrap_or(i64::from(product.inventory)).max(0),
+                sale_status: if active { "active" } else { "upcoming" },
+                product,
+            }
+        })
+        .collect();
+    Ok(web::Json(Page::from_rows(items, page, |i| i.product.id)))
+}

@@ -1,0 +1,233 @@
+//! Products: the catalogue (global database) and flash-sale stock (Redis). Orders reserve,
+//! commit and release units only through the functions here.
+
+mod error;
+mod handlers;
+mod model;
+mod stock;
+mod store;
+
+use chrono::{Duration, Utc};
+use uuid::Uuid;
+
+pub use error::ProductsError;
+pub use model::{FlashSaleItem, NewProduct, Product, ProductPatch};
+pub use stock::{CommitOutcome, ReleaseOutcome, Reservation, ReserveRequest, SaleTerms};
+pub use store::LedgerLine;
+
+use crate::app::AppState;
+use crate::config::SalesSettings;
+use crate::infra::db::ReadFrom;
+use crate::infra::http::paging::PageRequest;
+use stock::StockScripts;
+
+pub use handlers::configure;
+
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    <handlers::ProductsApi as utoipa::OpenApi>::openapi()
+}
+
+/// What products keep for the life of the process.
+pub struct ProductsState {
+    stock: StockScripts,
+    settings: SalesSettings,
+}
+
+impl ProductsState {
+    pub fn new(settings: &SalesSettings) -> Self {
+        Self {
+            stock: StockScripts::default(),
+            settings: settings.clone(),
+        }
+    }
+}
+
+fn terms(state: &AppState, product: &Product) -> Option<SaleTerms> {
+    let (start, end) = product.sale_window()?;
+    Some(SaleTerms {
+        start,
+        end,
+        per_user_limit: state.products.settings.purchase_limit,
+        price: product.flash_sale_price.as_ref()?.to_string(),
+    })
+}
+
+/// Brings Redis in line with a product's sale after a write: loads it when it starts
+/// within the preload window (so it is buyable as soon as the write returns), ends it in
+/// Redis when it was unscheduled.
+async fn sync_sale(state: &AppState, product: &Product) -> Result<(), ProductsError> {
+    let now = Utc::now();
+    let preload = Duration::seconds(state.products.settings.preload_secs);
+    match terms(state, product) {
+        Some(terms) if terms.end > now && terms.start - preload <= now => {
+            state
+                .products
+                .stock
+                .load(&state.redis, product.id, product.inventory, &terms)
+                .await?;
+        }
+        Some(_) => {}
+        None => {
+            state
+                .products
+                .stock
+                .unload(&state.redis, product.id)
+                .await?
+        }
+    }
+    Ok(())
+}
+
+/// Loads every sale that starts within the preload window; idempotent, so several worker
+/// replicas may run it at once. Answers how many counters it loaded.
+pub async fn load_due_sales(state: &AppState) -> Result<usize, ProductsError> {
+    let mut loaded = 0;
+    for product in due_sales(state).await? {
+        if let Some(terms) = terms(state, &product) {
+            if state
+                .products
+                .stock
+                .load(&state.redis, product.id, product.inventory, &terms)
+                .await?
+            {
+                tracing::info!(product = %product.id, stock = product.inventory, "flash-sale stock loaded");
+                loaded += 1;
+            }
+        }
+    }
+    Ok(loaded)
+}
+
+/// Sales that have not ended and start within the preload window.
+pub async fn due_sales(state: &AppState) -> Result<Vec<Product>, ProductsError> {
+    let now = Utc::now();
+    let horizon = now + Duration::seconds(state.products.settings.preload_secs);
+    let mut all = vec![];
+    let mut page = PageRequest {
+        limit: 100,
+        after: None,
+    };
+    loop {
+        let mut rows = store::sales(&state.db, now, horizon, page).await?;
+        let more = rows.len() as i64 > page.limit;
+        rows.truncate(page.limit as usize);
+        page.after = rows.last().map(|p| p.id);
+        all.extend(rows);
+        if !more {
+            return Ok(all);
+        }
+    }
+}
+
+pub async fn find(state: &AppState, id: Uuid) -> Result<Product, ProductsError> {
+    store::find(&state.db, id, ReadFrom::Replica).await
+}
+
+pub async fn reserve(
+    state: &AppState,
+    request: &ReserveRequest<'_>,
+) -> Result<Reservation, ProductsError> {
+    Ok(state.products.stock.reserve(&state.redis, request).await?)
+}
+
+pub async fn finish_idempotent(
+    state: &AppState,
+    product: Uuid,
+    user: Uuid,
+    key_digest: &str,
+    record: &str,
+) -> Result<(), ProductsError> {
+    Ok(state
+        .products
+        .stock
+        .finish_idempotent(&state.redis, product, user, key_digest, record)
+        .await?)
+}
+
+pub async fn forget_idempotent(
+    state: &AppState,
+    product: Uuid,
+    user: Uuid,
+    key_digest: &str,
+) -> Result<(), ProductsError> {
+    Ok(state
+        .products
+        .stock
+        .forget_idempotent(&state.redis, product, user, key_digest)
+        .await?)
+}
+
+pub async fn commit(
+    state: &AppState,
+    line: LedgerLine,
+    user: Uuid,
+) -> Result<CommitOutcome, ProductsError> {
+    let quantity = u32::try_from(line.quantity).unwrap_or(0);
+    Ok(state
+        .products
+        .stock
+        .commit(&state.redis, line.product_id, line.order_id, user, quantity)
+        .await?)
+}
+
+pub async fn release(
+    state: &AppState,
+    product: Uuid,
+    order: Uuid,
+) -> Result<ReleaseOutcome, ProductsError> {
+    Ok(state
+        .products
+        .stock
+        .release(&state.redis, product, order)
+        .await?)
+}
+
+pub async fn record_sold(state: &AppState, lines: &[LedgerLine]) -> Result<(), ProductsError> {
+    store::record_sold(&state.db, lines).await
+}
+
+pub async fn record_released(state: &AppState, lines: &[LedgerLine]) -> Result<(), ProductsError> {
+    store::record_released(&state.db, lines).await
+}
+
+pub async fn sale_is_loaded(state: &AppState, product: Uuid) -> Result<bool, ProductsError> {
+    Ok(state
+        .products
+        .stock
+        .is_loaded(&state.redis, product)
+        .await?)
+}
+
+pub async fn stale_reservations(
+    state: &AppState,
+    product: Uuid,
+    older_than: Duration,
+) -> Result<Vec<(Uuid, Uuid)>, ProductsError> {
+    let cutoff = Utc::now() - older_than;
+    Ok(state
+        .products
+        .stock
+        .stale_reservations(&state.redis, product, cutoff)
+        .await?)
+}
+
+/// Rebuilds a sale's counters from PostgreSQL after Redis lost them: the stock is the
+/// on-hand inventory (persisted orders are already off it) and `buyers` the units each
+/// user holds in live orders.
+pub async fn rebuild_sale(
+    state: &AppState,
+    product: Uuid,
+    buyers: &[(Uuid, i64)],
+) -> Result<i64, ProductsError> {
+    let product = store::find(&state.db, product, ReadFrom::Primary).await?;
+    let Some(terms) = terms(state, &product) else {
+        return Ok(0);
+    };
+    let stock = i64::from(product.inventory);
+    state
+        .products
+        .stock
+        .rebuild(&state.redis, product.id, stock, buyers, &terms)
+        .await?;
+    Ok(stock)
+}

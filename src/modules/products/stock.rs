@@ -1,0 +1,520 @@
+//! Flash-sale stock in Redis: the only place units are reserved, committed and released.
+//!
+//! Every key of one product shares the hash tag `{p:<id>}`, so each script touches one
+//! Redis Cluster slot. A reservation moves through one atomic state change:
+//! `r` (reserved) -> `c` (committed, by the worker before it persists the order) or
+//! `r`/`c` -> `x` (released: reconciler, cancel, failure). Whoever changes it first decides;
+//! the loser sees the new state and backs off.
+//!
+//! The counter `stock` is the units neither reserved nor sold. It exists only while the
+//! `epoch` key does: a missing epoch means Redis lost the sale (a restart), and the order
+//! path answers 503 until the reconciler rebuilt the counters from PostgreSQL. A missing
+//! counter is never read as 0 or as unlimited.
+
+use chrono::{DateTime, Utc};
+use redis::Script;
+use uuid::Uuid;
+
+use crate::infra::redis::Redis;
+
+/// Idempotency replay, sale window, per-user limit, stock check and decrement, reservation
+/// record, all at once. Answers `{outcome, ...}`.
+const RESERVE: &str = r#"
+local idem = redis.call('GET', KEYS[7])
+if idem then
+  local rec = cjson.decode(idem)
+  if rec.body_hash ~= ARGV[4] then return {'mismatch'} end
+  if rec.state == 'in_progress' then return {'in_progress'} end
+  return {'replay', idem}
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {'not_loaded'} end
+local stock = redis.call('GET', KEYS[1])
+if not stock then return {'not_loaded'} end
+local sale = redis.call('HMGET', KEYS[3], 'start', 'end', 'limit', 'price')
+if not sale[1] then return {'not_active'} end
+local now = tonumber(ARGV[5])
+if now < tonumber(sale[1]) or now >= tonumber(sale[2]) then return {'not_active'} end
+local qty = tonumber(ARGV[2])
+local bought = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0')
+if bought + qty > tonumber(sale[3]) then return {'limit'} end
+if tonumber(stock) < qty then return {'sold_out'} end
+redis.call('DECRBY', KEYS[1], qty)
+redis.call('HINCRBY', KEYS[4], ARGV[1], qty)
+redis.call('HSET', KEYS[5], ARGV[3], 'r:' .. ARGV[1] .. ':' .. qty)
+redis.call('ZADD', KEYS[6], now, ARGV[3])
+redis.call('SET', KEYS[7], cjson.encode({state = 'in_progress', order_id = ARGV[3], body_hash = ARGV[4]}), 'EX', ARGV[6])
+return {'ok', sale[4]}
+"#;
+
+/// reserved -> committed. Answers committed | already | released | missing.
+const COMMIT: &str = r#"
+local rec = redis.call('HGET', KEYS[1], ARGV[1])
+if not rec then return 'missing' end
+local state = string.sub(rec, 1, 1)
+if state == 'x' then return 'released' end
+if state == 'c' then return 'already' end
+redis.call('HSET', KEYS[1], ARGV[1], 'c' .. string.sub(rec, 2))
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 'committed'
+"#;
+
+/// A commit for an order whose reservation Redis no longer knows (it lost its data and
+/// the counters were rebuilt without this in-flight order): take the units now if they
+/// are still there. Answers committed | sold_out | not_loaded.
+const LATE_COMMIT: &str = r#"
+if redis.call('EXISTS', KEYS[2]) == 0 then return 'not_loaded' end
+local rec = redis.call('HGET', KEYS[3], ARGV[1])
+if rec then return 'committed' end
+local qty = tonumber(ARGV[3])
+if tonumber(redis.call('GET', KEYS[1]) or '0') < qty then return 'sold_out' end
+redis.call('DECRBY', KEYS[1], qty)
+redis.call('HINCRBY', KEYS[4], ARGV[2], qty)
+redis.call('HSET', KEYS[3], ARGV[1], 'c:' .. ARGV[2] .. ':' .. qty)
+return 'committed'
+"#;
+
+/// reserved/committed -> released, giving the units and the buyer's allowance back once.
+/// Answers the previous state (r | c), or already | missing.
+const RELEASE: &str = r#"
+local rec = redis.call('HGET', KEYS[3], ARGV[1])
+if not rec then return 'missing' end
+local state, user, qty = string.match(rec, '^(%a):([^:]+):(%d+)$')
+if state == 'x' then return 'already' end
+redis.call('INCRBY', KEYS[1], qty)
+redis.call('HINCRBY', KEYS[2], user, -tonumber(qty))
+redis.call('HSET', KEYS[3], ARGV[1], 'x:' .. user .. ':' .. qty)
+redis.call('ZREM', KEYS[4], ARGV[1])
+return state
+"#;
+
+/// Loads a sale: the window and limit always, the counter only on the first load (a later
+/// load must not reset units already reserved). Answers 1 when it loaded the counter.
+const LOAD: &str = r#"
+redis.call('HSET', KEYS[3], 'start', ARGV[3], 'end', ARGV[4], 'limit', ARGV[5], 'price', ARGV[6])
+local loaded = 0
+if redis.call('SET', KEYS[2], ARGV[2], 'NX') then
+  redis.call('SET', KEYS[1], ARGV[1])
+  loaded = 1
+end
+for i = 1, 6 do redis.call('EXPIREAT', KEYS[i], ARGV[7]) end
+return loaded
+"#;
+
+/// Applies an inventory change to a loaded counter, refusing to go below zero (the units
+/// already reserved). Answers {status, stock}.
+const ADJUST: &str = r#"
+if redis.call('EXISTS', KEYS[2]) == 0 then return {'not_loaded', 0} end
+local stock = tonumber(redis.call('GET', KEYS[1]) or '0')
+local delta = tonumber(ARGV[1])
+if stock + delta < 0 then return {'below', stock} end
+return {'ok', redis.call('INCRBY', KEYS[1], delta)}
+"#;
+
+/// Replaces the counters after a Redis loss: stock, buyers, epoch.
+const REBUILD: &str = r#"
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[3])
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+redis.call('SET', KEYS[2], ARGV[2])
+return 1
+"#;
+
+pub struct StockScripts {
+    reserve: Script,
+    commit: Script,
+    late_commit: Script,
+    release: Script,
+    load: Script,
+    adjust: Script,
+    rebuild: Script,
+}
+
+impl Default for StockScripts {
+    fn default() -> Self {
+        Self {
+            reserve: Script::new(RESERVE),
+            commit: Script::new(COMMIT),
+            late_commit: Script::new(LATE_COMMIT),
+            release: Script::new(RELEASE),
+            load: Script::new(LOAD),
+            adjust: Script::new(ADJUST),
+            rebuild: Script::new(REBUILD),
+        }
+    }
+}
+
+/// The keys of one product's sale.
+struct SaleKeys {
+    tagged_prefix: String,
+    stock: String,
+    epoch: String,
+    sale: String,
+    buyers: String,
+    reservations: String,
+    pending: String,
+}
+
+impl SaleKeys {
+    fn new(redis: &Redis, product: Uuid) -> Self {
+        let tagged_prefix = redis.key(format_args!("{{p:{}}}", product.simple()));
+        let key = |name: &str| format!("{tagged_prefix}:{name}");
+        Self {
+            tagged_prefix: tagged_prefix.clone(),
+            stock: key("stock"),
+            epoch: key("epoch"),
+            sale: key("sale"),
+            buyers: key("buyers"),
+            reservations: key("res"),
+            pending: key("pending"),
+        }
+    }
+
+    fn idempotency(&self, user: Uuid, key_digest: &str) -> String {
+        // Same hash tag as the rest, so the reserve script stays in one slot.
+        format!("{}:idem:{}:{key_digest}", self.tagged_prefix, user.simple())
+    }
+}
+
+/// What a sale looks like in Redis.
+#[derive(Debug, Clone)]
+pub struct SaleTerms {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub per_user_limit: u32,
+    pub price: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reservation {
+    /// Reserved; carries the unit price the sale charges.
+    Reserved {
+        unit_price: String,
+    },
+    /// The same idempotency key already created an order; here is its stored answer.
+    Replay(String),
+    InProgress,
+    KeyReusedWithOtherBody,
+    NotLoaded,
+    NotActive,
+    PurchaseLimit,
+    SoldOut,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Committed,
+    /// Released before the worker got to it (timeout, cancel): the order must not proceed.
+    Released,
+    /// Redis lost the sale and has not been rebuilt yet: try again later.
+    NotLoaded,
+    /// Redis lost the reservation and the rebuilt counter has no units left for it.
+    SoldOut,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// Units given back; `was_committed` tells whether the order had been persisted.
+    Released {
+        was_committed: bool,
+    },
+    AlreadyReleased,
+    Unknown,
+}
+
+pub struct ReserveRequest<'a> {
+    pub product: Uuid,
+    pub user: Uuid,
+    pub quantity: u32,
+    pub order_id: Uuid,
+    pub body_hash: &'a str,
+    pub key_digest: &'a str,
+    pub idempotency_ttl_secs: u64,
+}
+
+impl StockScripts {
+    pub async fn reserve(
+        &self,
+        redis: &Redis,
+        req: &ReserveRequest<'_>,
+    ) -> redis::RedisResult<Reservation> {
+        let keys = SaleKeys::new(redis, req.product);
+        let reply: Vec<String> = self
+            .reserve
+            .key(&keys.stock)
+            .key(&keys.epoch)
+            .key(&keys.sale)
+            .key(&keys.buyers)
+            .key(&keys.reservations)
+            .key(&keys.pending)
+            .key(keys.idempotency(req.user, req.key_digest))
+            .arg(req.user.simple().to_string())
+            .arg(req.quantity)
+            .arg(req.order_id.to_string())
+            .arg(req.body_hash)
+            .arg(Utc::now().timestamp_millis())
+            .arg(req.idempotency_ttl_secs)
+            .invoke_async(&mut redis.conn())
+            .await?;
+        Ok(match reply.as_slice() {
+            [ok, price] if ok == "ok" => Reservation::Reserved {
+                unit_price: price.clone(),
+            },
+            [replay, stored] if replay == "replay" => Reservation::Replay(stored.clone()),
+            [s] if s == "in_progress" => Reservation::InProgress,
+            [s] if s == "mismatch" => Reservation::KeyReusedWithOtherBody,
+            [s] if s == "not_active" => Reservation::NotActive,
+            [s] if s == "limit" => Reservation::PurchaseLimit,
+            [s] if s == "sold_out" => Reservation::SoldOut,
+            _ => Reservation::NotLoaded,
+        })
+    }
+
+    /// Stores the answer an idempotent request gave, for replays (keeps the key's TTL).
+    pub async fn finish_idempotent(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+        user: Uuid,
+        key_digest: &str,
+        record: &str,
+    ) -> redis::RedisResult<()> {
+        let keys = SaleKeys::new(redis, product);
+        redis::cmd("SET")
+            .arg(keys.idempotency(user, key_digest))
+            .arg(record)
+            .arg("XX")
+            .arg("KEEPTTL")
+            .query_async::<()>(&mut redis.conn())
+            .await
+    }
+
+    /// Forgets an idempotency key whose request failed, so a retry can run again.
+    pub async fn forget_idempotent(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+        user: Uuid,
+        key_digest: &str,
+    ) -> redis::RedisResult<()> {
+        let keys = SaleKeys::new(redis, product);
+        redis::cmd("DEL")
+            .arg(keys.idempotency(user, key_digest))
+            .query_async::<()>(&mut redis.conn())
+            .await
+    }
+
+    pub async fn commit(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+        order: Uuid,
+        user: Uuid,
+        quantity: u32,
+    ) -> redis::RedisResult<CommitOutcome> {
+        let keys = SaleKeys::new(redis, product);
+        let outcome: String = self
+            .commit
+            .key(&keys.reservations)
+            .key(&keys.pending)
+            .arg(order.to_string())
+            .invoke_async(&mut redis.conn())
+            .await?;
+        match outcome.as_str() {
+            "committed" | "already" => Ok(CommitOutcome::Committed),
+            "released" => Ok(CommitOutcome::Released),
+            _ => {
+                let late: String = self
+                    .late_commit
+                    .key(&keys.stock)
+                    .key(&keys.epoch)
+                    .key(&keys.reservations)
+                    .key(&keys.buyers)
+                    .arg(order.to_string())
+                    .arg(user.simple().to_string())
+                    .arg(quantity)
+                    .invoke_async(&mut redis.conn())
+                    .await?;
+                Ok(match late.as_str() {
+                    "committed" => CommitOutcome::Committed,
+                    "sold_out" => CommitOutcome::SoldOut,
+                    _ => CommitOutcome::NotLoaded,
+                })
+            }
+        }
+    }
+
+    pub async fn release(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+        order: Uuid,
+    ) -> redis::RedisResult<ReleaseOutcome> {
+        let keys = SaleKeys::new(redis, product);
+        let outcome: String = self
+            .release
+            .key(&keys.stock)
+            .key(&keys.buyers)
+            .key(&keys.reservations)
+            .key(&keys.pending)
+            .arg(order.to_string())
+            .invoke_async(&mut redis.conn())
+            .await?;
+        Ok(match outcome.as_str() {
+            "r" => ReleaseOutcome::Released {
+                was_committed: false,
+            },
+            "c" => ReleaseOutcome::Released {
+                was_committed: true,
+            },
+            "already" => ReleaseOutcome::AlreadyReleased,
+            _ => ReleaseOutcome::Unknown,
+        })
+    }
+
+    /// Loads a sale's terms, and its counter (= `inventory`) unless already loaded.
+    pub async fn load(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+        inventory: i32,
+        terms: &SaleTerms,
+    ) -> redis::RedisResult<bool> {
+        let keys = SaleKeys::new(redis, product);
+        // Kept a day past the end so late workers and the reconciler still find the records.
+        let expire_at = terms.end.timestamp() + 86_400;
+        let loaded: i64 = self
+            .load
+            .key(&keys.stock)
+            .key(&keys.epoch)
+            .key(&keys.sale)
+            .key(&keys.buyers)
+            .key(&keys.reservations)
+            .key(&keys.pending)
+            .arg(inventory)
+            .arg(Uuid::now_v7().to_string())
+            .arg(terms.start.timestamp_millis())
+            .arg(terms.end.timestamp_millis())
+            .arg(terms.per_user_limit)
+            .arg(&terms.price)
+            .arg(expire_at)
+            .invoke_async(&mut redis.conn())
+            .await?;
+        Ok(loaded == 1)
+    }
+
+    /// Ends a sale in Redis (it was unscheduled): reservations stop at once.
+    pub async fn unload(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<()> {
+        let keys = SaleKeys::new(redis, product);
+        redis::cmd("DEL")
+            .arg(&keys.sale)
+            .query_async::<()>(&mut redis.conn())
+            .await
+    }
+
+    /// Applies `delta` units to a loaded counter. `Ok(None)` when nothing is loaded;
+    /// `Err(stock)` when the change would take it below zero.
+    pub async fn adjust(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+        delta: i64,
+    ) -> redis::RedisResult<Result<Option<i64>, i64>> {
+        let keys = SaleKeys::new(redis, product);
+        let (status, stock): (String, i64) = self
+            .adjust
+            .key(&keys.stock)
+            .key(&keys.epoch)
+            .arg(delta)
+            .invoke_async(&mut redis.conn())
+            .await?;
+        Ok(match status.as_str() {
+            "ok" => Ok(Some(stock)),
+            "below" => Err(stock),
+            _ => Ok(None),
+        })
+    }
+
+    /// Whether the sale's counters are present (the epoch exists).
+    pub async fn is_loaded(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<bool> {
+        let keys = SaleKeys::new(redis, product);
+        let (epoch, stock): (i64, i64) = redis::pipe()
+            .exists(&keys.epoch)
+            .exists(&keys.stock)
+            .query_async(&mut redis.conn())
+            .await?;
+        Ok(epoch == 1 && stock == 1)
+    }
+
+    /// Live remaining units of several products (None where not loaded).
+    pub async fn remaining(
+        &self,
+        redis: &Redis,
+        products: &[Uuid],
+    ) -> redis::RedisResult<Vec<Option<i64>>> {
+        if products.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut pipe = redis::pipe();
+        for product in products {
+            pipe.get(SaleKeys::new(redis, *product).stock);
+        }
+        pipe.query_async(&mut redis.conn()).await
+    }
+
+    /// Reservations older than `cutoff` that are still only reserved: (order, user).
+    pub async fn stale_reservations(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+        cutoff: DateTime<Utc>,
+    ) -> redis::RedisResult<Vec<(Uuid, Uuid)>> {
+        let keys = SaleKeys::new(redis, product);
+        let orders: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(&keys.pending)
+            .arg("-inf")
+            .arg(cutoff.timestamp_millis())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(1000)
+            .query_async(&mut redis.conn())
+            .await?;
+        let mut stale = Vec::with_capacity(orders.len());
+        for order in orders {
+            let record: Option<String> = redis::cmd("HGET")
+                .arg(&keys.reservations)
+                .arg(&order)
+                .query_async(&mut redis.conn())
+                .await?;
+            let parsed = record.as_deref().and_then(|r| {
+                let mut parts = r.split(':');
+                let (_state, user) = (parts.next()?, parts.next()?);
+                Some((Uuid::try_parse(&order).ok()?, Uuid::try_parse(user).ok()?))
+            });
+            stale.extend(parsed);
+        }
+        Ok(stale)
+    }
+
+    /// Replaces the counters from PostgreSQL's truth after a Redis loss.
+    pub async fn rebuild(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+        stock: i64,
+        buyers: &[(Uuid, i64)],
+        terms: &SaleTerms,
+    ) -> redis::RedisResult<()> {
+        let keys = SaleKeys::new(redis, product);
+        let mut invocation = self.rebuild.key(&keys.stock);
+        invocation
+            .key(&keys.epoch)
+            .key(&keys.buyers)
+            .arg(stock)
+            .arg(Uuid::now_v7().to_string());
+        for (user, units) in buyers {
+            invocation.arg(user.simple().to_string()).arg(units);
+        }
+        invocation.invoke_async::<i64>(&mut redis.conn()).await?;
+        self.load(redis, product, 0, terms).await.map(drop)
+    }
+}

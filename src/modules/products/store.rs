@@ -1,0 +1,270 @@
+//! Products and the inventory ledger in the global database.
+
+use bigdecimal::BigDecimal;
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::error::ProductsError;
+use super::model::Product;
+use super::stock::StockScripts;
+use crate::infra::db::{Databases, ReadFrom};
+use crate::infra::http::paging::PageRequest;
+use crate::infra::redis::Redis;
+
+diesel::table! {
+    products (id) {
+        id -> Uuid,
+        name -> Text,
+        description -> Text,
+        price -> Numeric,
+        inventory -> Int4,
+        category_id -> Nullable<Uuid>,
+        is_flash_sale -> Bool,
+        flash_sale_price -> Nullable<Numeric>,
+        flash_sale_start -> Nullable<Timestamptz>,
+        flash_sale_end -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    inventory_ledger (id) {
+        id -> Int8,
+        order_id -> Uuid,
+        product_id -> Uuid,
+        delta -> Int4,
+        reason -> Text,
+    }
+}
+
+/// Filters of `GET /products`.
+#[derive(Debug, Default, Clone)]
+pub struct ProductFilter {
+    pub category_id: Option<Uuid>,
+    pub min_price: Option<BigDecimal>,
+    pub max_price: Option<BigDecimal>,
+}
+
+pub async fn insert(db: &Databases, product: &Product) -> Result<Product, ProductsError> {
+    let mut conn = db.global().write_conn().await?;
+    Ok(diesel::insert_into(products::table)
+        .values(product)
+        .returning(Product::as_returning())
+        .get_result(&mut conn)
+        .await?)
+}
+
+pub async fn find(db: &Databases, id: Uuid, from: ReadFrom) -> Result<Product, ProductsError> {
+    let mut conn = db.global().read_conn(from).await?;
+    products::table
+        .find(id)
+        .select(Product::as_select())
+        .first(&mut conn)
+        .await
+        .optional()?
+        .ok_or(ProductsError::NotFound)
+}
+
+pub async fn update(db: &Databases, product: &Product) -> Result<Product, ProductsError> {
+    let mut conn = db.global().write_conn().await?;
+    diesel::update(products::table.find(product.id))
+        .set(product)
+        .returning(Product::as_returning())
+        .get_result(&mut conn)
+        .await
+        .optional()?
+        .ok_or(ProductsError::NotFound)
+}
+
+pub async fn list(
+    db: &Databases,
+    filter: &ProductFilter,
+    page: PageRequest,
+) -> Result<Vec<Product>, ProductsError> {
+    let mut conn = db.global().read_conn(ReadFrom::Replica).await?;
+    let mut query = products::table
+        .select(Product::as_select())
+        .order(products::id.asc())
+        .limit(page.limit + 1)
+        .into_boxed();
+    if let Some(after) = page.after {
+        query = query.filter(products::id.gt(after));
+    }
+    if let Some(category) = filter.category_id {
+        query = query.filter(products::category_id.eq(category));
+    }
+    if let Some(min) = &filter.min_price {
+        query = query.filter(products::price.ge(min.clone()));
+    }
+    if let Some(max) = &filter.max_price {
+        query = query.filter(products::price.le(max.clone()));
+    }
+    Ok(query.load(&mut conn).await?)
+}
+
+/// Sales that have not ended and start before `starts_before`, in id order.
+pub async fn sales(
+    db: &Databases,
+    now: DateTime<Utc>,
+    starts_before: DateTime<Utc>,
+    page: PageRequest,
+) -> Result<Vec<Product>, ProductsError> {
+    let mut conn = db.global().read_conn(ReadFrom::Replica).await?;
+    let mut query = products::table
+        .filter(products::is_flash_sale.eq(true))
+        .filter(products::flash_sale_end.gt(now))
+        .filter(products::flash_sale_start.lt(starts_before))
+        .select(Product::as_select())
+        .order(products::id.asc())
+        .limit(page.limit + 1)
+        .into_boxed();
+    if let Some(after) = page.after {
+        query = query.filter(products::id.gt(after));
+    }
+    Ok(query.load(&mut conn).await?)
+}
+
+/// Sets the on-hand count under a row lock, mirroring the change into a loaded flash-sale
+/// counter inside the same transaction (refused when it would go below the units reserved).
+pub async fn set_inventory(
+    db: &Databases,
+    id: Uuid,
+    inventory: i32,
+    stock: &StockScripts,
+    redis: &Redis,
+) -> Result<Product, ProductsError> {
+    let mut pooled = db.global().write_conn().await?;
+    let conn: &mut AsyncPgConnection = &mut pooled;
+    conn.transaction(async |conn| {
+        let current: i32 = products::table
+            .find(id)
+            .select(products::inventory)
+            .for_update()
+            .first(conn)
+            .await
+            .optional()?
+            .ok_or(ProductsError::NotFound)?;
+        let delta = i64::from(inventory) - i64::from(current);
+        if let Err(available) = stock.adjust(redis, id, delta).await? {
+            return Err(ProductsError::BelowReserved(i64::from(current) - available));
+        }
+        let updated = diesel::update(products::table.find(id))
+            .set((
+                products::inventory.eq(inventory),
+                products::updated_at.eq(diesel::dsl::now),
+            ))
+            .returning(Product::as_returning())
+            .get_result(conn)
+            .await;
+        if updated.is_err() {
+            // Undo the counter change; the transaction rolls back the row.
+            stock.adjust(redis, id, -delta).await?.ok();
+        }
+        Ok(updated?)
+    })
+    .await
+}
+
+/// One order's units of one product.
+#[derive(Debug, Clone, Copy)]
+pub struct LedgerLine {
+    pub order_id: Uuid,
+    pub product_id: Uuid,
+    pub quantity: i32,
+}
+
+/// Records units as sold (once per order and product) and takes them off the shelf.
+pub async fn record_sold(db: &Databases, lines: &[LedgerLine]) -> Result<(), ProductsError> {
+    record(db, lines, "sold", -1).await
+}
+
+/// Gives units of persisted orders back to the shelf, once per order and product.
+pub async fn record_released(db: &Databases, lines: &[LedgerLine]) -> Result<(), ProductsError> {
+    record(db, lines, "released", 1).await
+}
+
+async fn record(
+    db: &Databases,
+    lines: &[LedgerLine],
+    reason: &'static str,
+    sign: i32,
+) -> Result<(), ProductsError> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let mut pooled = db.global().write_conn().await?;
+    let conn: &mut AsyncPgConnection = &mut pooled;
+    conn.transaction(async |conn| {
+        // Lock the products first so a sale and a release of one order never interleave.
+        let mut product_ids: Vec<Uuid> = lines.iter().map(|l| l.product_id).collect();
+        product_ids.sort();
+        product_ids.dedup();
+        products::table
+            .filter(products::id.eq_any(&product_ids))
+            .select(products::id)
+            .order(products::id)
+            .for_update()
+            .load::<Uuid>(conn)
+            .await?;
+        let ids: Vec<Uuid> = lines.iter().map(|l| l.order_id).collect();
+        let recorded: Vec<(Uuid, Uuid, String)> = inventory_ledger::table
+            .filter(inventory_ledger::order_id.eq_any(&ids))
+            .select((
+                inventory_ledger::order_id,
+                inventory_ledger::product_id,
+                inventory_ledger::reason,
+            ))
+            .load(conn)
+            .await?;
+        let has = |line: &LedgerLine, what: &str| {
+            recorded
+                .iter()
+                .any(|(o, p, r)| *o == line.order_id && *p == line.product_id && r == what)
+        };
+        // Units of an order released before it was recorded sold never leave the shelf;
+        // units of an order never sold are not put back.
+        let (lines, moving): (Vec<LedgerLine>, Vec<bool>) = lines
+            .iter()
+            .filter(|l| reason == "released" || !has(l, "released"))
+            .map(|l| (*l, reason == "sold" || has(l, "sold")))
+            .unzip();
+        let rows: Vec<_> = lines
+            .iter()
+            .zip(&moving)
+            .map(|(l, moves)| {
+                (
+                    inventory_ledger::order_id.eq(l.order_id),
+                    inventory_ledger::product_id.eq(l.product_id),
+                    // A release of units that never left the shelf is recorded as 0.
+                    inventory_ledger::delta.eq(if *moves { sign * l.quantity } else { 0 }),
+                    inventory_ledger::reason.eq(reason),
+                )
+            })
+            .collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        // Only rows that are new move inventory: a redelivered message changes nothing.
+        let fresh: Vec<(Uuid, i32)> = diesel::insert_into(inventory_ledger::table)
+            .values(&rows)
+            .on_conflict_do_nothing()
+            .returning((inventory_ledger::product_id, inventory_ledger::delta))
+            .get_results(conn)
+            .await?;
+        let mut per_product: std::collections::BTreeMap<Uuid, i32> = Default::default();
+        for (product, delta) in fresh.into_iter().filter(|(_, delta)| *delta != 0) {
+            *per_product.entry(product).or_default() += delta;
+        }
+        for (product, delta) in per_product {
+            diesel::update(products::table.find(product))
+                .set(products::inventory.eq(products::inventory + delta))
+                .execute(conn)
+                .await?;
+        }
+        Ok::<_, ProductsError>(())
+    })
+    .await
+}
