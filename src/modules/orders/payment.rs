@@ -135,13 +135,37 @@ impl PaymentGateway for PaymentSimulator {
     }
 }
 
-type Breaker = StateMachine<failure_policy::ConsecutiveFailures<backoff::Constant>, ()>;
+/// Counts and logs the breaker's state changes (they are rare and worth a log line).
+#[derive(Clone, Default)]
+pub struct BreakerEvents {
+    opened: std::sync::Arc<AtomicU64>,
+}
+
+impl failsafe::Instrument for BreakerEvents {
+    fn on_call_rejected(&self) {}
+
+    fn on_open(&self) {
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("payment circuit opened: charges fail fast until it half-opens");
+    }
+
+    fn on_half_open(&self) {
+        tracing::info!("payment circuit half-open: probing the gateway");
+    }
+
+    fn on_closed(&self) {
+        tracing::info!("payment circuit closed");
+    }
+}
+
+type Breaker = StateMachine<failure_policy::ConsecutiveFailures<backoff::Constant>, BreakerEvents>;
 
 /// The gateway behind a circuit breaker: after `breaker_failures` consecutive transient
 /// failures, charges fail fast for `breaker_open_ms` instead of piling onto a sick gateway.
 pub struct Payments {
     gateway: std::sync::Arc<dyn PaymentGateway>,
     breaker: Breaker,
+    events: BreakerEvents,
 }
 
 impl Payments {
@@ -150,9 +174,14 @@ impl Payments {
             settings.breaker_failures,
             backoff::constant(Duration::from_millis(settings.breaker_open_ms)),
         );
+        let events = BreakerEvents::default();
         Self {
             gateway,
-            breaker: Config::new().failure_policy(policy).build(),
+            breaker: Config::new()
+                .failure_policy(policy)
+                .instrument(events.clone())
+                .build(),
+            events,
         }
     }
 
@@ -172,5 +201,10 @@ impl Payments {
 
     pub fn circuit_open(&self) -> bool {
         !self.breaker.is_call_permitted()
+    }
+
+    /// How many times the circuit has opened since start.
+    pub fn times_opened(&self) -> u64 {
+        self.events.opened.load(Ordering::Relaxed)
     }
 }
