@@ -124,6 +124,9 @@ pub struct OrdersSettings {
     /// Deletes queues unused for this long (tests; unset in production).
     #[serde(default)]
     pub queue_expires_ms: Option<u32>,
+    /// Orders accepted within this window share one AMQP message (at most publish_batch_max).
+    pub publish_linger_ms: u64,
+    pub publish_batch_max: usize,
     pub prefetch: u16,
     pub batch_size: usize,
     pub batch_linger_ms: u64,

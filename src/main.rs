@@ -12,6 +12,11 @@ use flashsale::modules::auth;
 use flashsale::roles::{self, Role};
 use flashsale::seed;
 
+// glibc's malloc spends a measurable share of each order in lock contention across the
+// actix and tokio threads (see bench/RESULTS.md); mimalloc's per-thread heaps do not.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "flashsale", version, about = "Flash-sale e-commerce platform")]
 struct Cli {

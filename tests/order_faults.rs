@@ -273,6 +273,7 @@ async fn reservations_whose_order_never_arrived_are_released_once() {
                 body_hash: "h",
                 key_digest: "d",
                 idempotency_ttl_secs: 60,
+                attempts_per_minute: 10,
             },
         )
         .await

@@ -19,7 +19,9 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 pub use error::OrdersError;
-pub use model::{FlashSaleOrderRequest, Order, OrderItem, OrderKind, OrderMessage, OrderStatus};
+pub use model::{
+    FlashSaleOrderRequest, Order, OrderEnvelope, OrderItem, OrderKind, OrderMessage, OrderStatus,
+};
 pub use payment::{PaymentGateway, PaymentSimulator, Payments};
 pub use queue::QueueNames;
 pub use reconciler::{reconcile_once, Repairs};
@@ -43,7 +45,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// What orders keep for the life of the process.
 pub struct OrdersState {
     pub queues: QueueNames,
-    publisher: queue::Publisher,
+    publisher: Arc<queue::Publisher>,
+    order_publisher: queue::OrderPublisher,
     pub payments: Payments,
     /// The simulator itself, for fault drills (failure rate at run time).
     pub simulator: Arc<PaymentSimulator>,
@@ -57,13 +60,20 @@ impl OrdersState {
         redis: &Redis,
     ) -> Result<Self, OrdersError> {
         let queues = QueueNames::new(settings);
-        let publisher = queue::Publisher::open(amqp).await?;
+        let publisher = Arc::new(queue::Publisher::open(amqp).await?);
         queue::declare(publisher.channel(), &queues, settings).await?;
+        let order_publisher = queue::OrderPublisher::start(
+            publisher.clone(),
+            queues.orders.clone(),
+            settings.publish_batch_max,
+            std::time::Duration::from_millis(settings.publish_linger_ms),
+        );
         let simulator = Arc::new(PaymentSimulator::new(redis.clone(), &settings.payment));
         let payments = Payments::new(simulator.clone(), &settings.payment);
         Ok(Self {
             queues,
             publisher,
+            order_publisher,
             payments,
             simulator,
         })
@@ -120,12 +130,6 @@ pub async fn place_flash_sale_order(
     request: &FlashSaleOrderRequest,
 ) -> Result<Placed, OrdersError> {
     let settings = &state.settings.orders;
-    limit_attempts(
-        state,
-        caller.user_id,
-        settings.flash_sale_attempts_per_minute,
-    )
-    .await?;
     let quantity = request.quantity.unwrap_or(1);
     if quantity < 1 || quantity > i64::from(settings.max_quantity) {
         return Err(OrdersError::Validation(format!(
@@ -168,6 +172,7 @@ pub async fn place_flash_sale_order(
             body_hash: &body_hash,
             key_digest,
             idempotency_ttl_secs: settings.idempotency_ttl_secs,
+            attempts_per_minute: settings.flash_sale_attempts_per_minute,
         },
     )
     .await?;
@@ -187,6 +192,9 @@ pub async fn place_flash_sale_order(
         Reservation::NotActive => return Err(OrdersError::SaleNotActive),
         Reservation::PurchaseLimit => return Err(OrdersError::PurchaseLimit),
         Reservation::SoldOut => return Err(OrdersError::SoldOut),
+        Reservation::RateLimited { retry_after_secs } => {
+            return Err(OrdersError::RateLimited { retry_after_secs })
+        }
     };
     let price: BigDecimal = unit_price
         .parse()
@@ -210,11 +218,14 @@ pub async fn place_flash_sale_order(
         created_at: now,
         updated_at: now,
     };
-    if let Err(e) = accept(state, &order, OrderKind::FlashSale).await {
+    let idempotency_key = products::idempotency_key(state, product, caller.user_id, key_digest);
+    if let Err(e) = publish_order(state, &order, OrderKind::FlashSale).await {
         // Not accepted after all: give the units and the key back, then tell the client.
-        worker::release_stock(state, &order).await?;
-        products::forget_idempotent(state, product, caller.user_id, key_digest).await?;
-        forget_accepted(state, order.id).await?;
+        worker::release_stock(state, &[&order]).await?;
+        redis::cmd("DEL")
+            .arg(&idempotency_key)
+            .query_async::<()>(&mut state.redis.conn())
+            .await?;
         return Err(e);
     }
     let answer = StoredAnswer {
@@ -223,7 +234,7 @@ pub async fn place_flash_sale_order(
         order: order.clone(),
     };
     let answer = serde_json::to_string(&answer).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
-    products::finish_idempotent(state, product, caller.user_id, key_digest, &answer).await?;
+    record_accepted(state, &order, &idempotency_key, &answer).await?;
     Ok(Placed {
         order,
         replayed: false,
@@ -247,33 +258,42 @@ async fn not_loaded_reason(state: &AppState, product: Uuid) -> OrdersError {
     }
 }
 
-/// Records the accepted order (status readable from now on) and hands it to the queue.
-async fn accept(state: &AppState, order: &Order, kind: OrderKind) -> Result<(), OrdersError> {
-    let json = serde_json::to_string(order).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
-    redis::cmd("SET")
-        .arg(accepted_key(&state.redis, order.id))
-        .arg(json)
-        .arg("EX")
-        .arg(state.settings.orders.idempotency_ttl_secs)
-        .query_async::<()>(&mut state.redis.conn())
-        .await?;
+/// Hands the order to the queue; returns once the broker confirmed it.
+async fn publish_order(
+    state: &AppState,
+    order: &Order,
+    kind: OrderKind,
+) -> Result<(), OrdersError> {
     let message = OrderMessage {
-        v: 1,
         order: order.clone(),
         kind,
         attempt: 0,
     };
-    let payload = serde_json::to_vec(&message).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
-    state
-        .orders
-        .publisher
-        .publish(&state.orders.queues.orders, &payload)
-        .await
+    state.orders.order_publisher.publish(message).await
 }
 
-async fn forget_accepted(state: &AppState, order: Uuid) -> Result<(), OrdersError> {
-    redis::cmd("DEL")
-        .arg(accepted_key(&state.redis, order))
+/// Makes the accepted order readable (status) and stores the answer for replays of its
+/// idempotency key, in one round trip.
+async fn record_accepted(
+    state: &AppState,
+    order: &Order,
+    idempotency_key: &str,
+    answer: &str,
+) -> Result<(), OrdersError> {
+    let json = serde_json::to_string(order).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
+    redis::pipe()
+        .cmd("SET")
+        .arg(accepted_key(&state.redis, order.id))
+        .arg(json)
+        .arg("EX")
+        .arg(state.settings.orders.idempotency_ttl_secs)
+        .ignore()
+        .cmd("SET")
+        .arg(idempotency_key)
+        .arg(answer)
+        .arg("XX")
+        .arg("KEEPTTL")
+        .ignore()
         .query_async::<()>(&mut state.redis.conn())
         .await?;
     Ok(())
@@ -289,26 +309,6 @@ async fn accepted_order(state: &AppState, order: Uuid) -> Result<Option<Order>, 
         .query_async(&mut state.redis.conn())
         .await?;
     Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
-}
-
-/// Fixed one-minute window per user, shared by every pod.
-async fn limit_attempts(state: &AppState, user: Uuid, per_minute: u32) -> Result<(), OrdersError> {
-    let now = Utc::now().timestamp();
-    let key = state
-        .redis
-        .key(format_args!("rate:flash:{}:{}", user.simple(), now / 60));
-    let (count,): (i64,) = redis::pipe()
-        .incr(&key, 1)
-        .expire(&key, 60)
-        .ignore()
-        .query_async(&mut state.redis.conn())
-        .await?;
-    if count > i64::from(per_minute) {
-        return Err(OrdersError::RateLimited {
-            retry_after_secs: (60 - now % 60).unsigned_abs(),
-        });
-    }
-    Ok(())
 }
 
 /// An order as the caller may see it: from its shard once persisted, from the accepted
@@ -374,6 +374,6 @@ pub async fn cancel_order(
     if current.status != OrderStatus::Cancelled {
         return Err(OrdersError::NotCancellable);
     }
-    worker::release_stock(state, &current).await?;
+    worker::release_stock(state, &[&current]).await?;
     Ok(current)
 }

@@ -102,16 +102,34 @@ pub struct OrderStatusView {
     pub updated_at: DateTime<Utc>,
 }
 
-/// What travels on the order queue: everything the worker needs, nothing it must look up.
+/// One order on the queue: everything the worker needs, nothing it must look up.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OrderMessage {
-    /// Schema version of this message.
-    pub v: u32,
     pub order: Order,
     pub kind: OrderKind,
     /// Delivery attempts so far (0 on the first delivery).
     #[serde(default)]
     pub attempt: u32,
+}
+
+/// What one AMQP message carries: the orders the API accepted within a few milliseconds.
+/// The broker's cost is per message, so coalescing cuts it by the batch size.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderEnvelope {
+    /// Schema version.
+    pub v: u32,
+    pub orders: Vec<OrderMessage>,
+}
+
+impl OrderEnvelope {
+    pub const VERSION: u32 = 1;
+
+    pub fn new(orders: Vec<OrderMessage>) -> Self {
+        Self {
+            v: Self::VERSION,
+            orders,
+        }
+    }
 }
 
 pub const PAYMENT_METHODS: [&str; 3] = ["card", "card_declined", "card_flaky"];

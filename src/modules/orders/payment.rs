@@ -83,18 +83,18 @@ impl PaymentSimulator {
     ) -> Result<String, PaymentError> {
         let key = self.redis.key(format_args!("paysim:{kind}:{order}"));
         let transient = |e: redis::RedisError| PaymentError::Transient(e.to_string());
-        let (_, stored): (Option<String>, String) = redis::pipe()
-            .cmd("SET")
+        // SET ... NX GET: the earlier value when there was one, else ours was stored.
+        let earlier: Option<String> = redis::cmd("SET")
             .arg(&key)
             .arg(value)
             .arg("NX")
+            .arg("GET")
             .arg("EX")
             .arg(7 * 86_400)
-            .get(&key)
             .query_async(&mut self.redis.conn())
             .await
             .map_err(transient)?;
-        Ok(stored)
+        Ok(earlier.unwrap_or_else(|| value.to_owned()))
     }
 }
 

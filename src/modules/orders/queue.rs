@@ -11,7 +11,13 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::Confirmation;
 use lapin::{BasicProperties, Channel};
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
 use super::error::OrdersError;
+use super::model::{OrderEnvelope, OrderMessage};
 use crate::config::OrdersSettings;
 use crate::infra::amqp::Amqp;
 
@@ -163,5 +169,76 @@ impl Publisher {
                 Err(OrdersError::Queue("publisher confirms are off".into()))
             }
         }
+    }
+}
+
+/// An order waiting to be published, and who to tell when the broker confirmed it.
+struct Waiting {
+    message: OrderMessage,
+    confirmed: oneshot::Sender<Result<(), String>>,
+}
+
+/// Coalesces the orders accepted within `linger` (at most `max_batch`) into one message and
+/// answers every waiting request once the broker confirmed it. Batches are published
+/// concurrently, so confirms pipeline.
+pub struct OrderPublisher {
+    waiting: mpsc::Sender<Waiting>,
+}
+
+impl OrderPublisher {
+    pub fn start(
+        publisher: Arc<Publisher>,
+        queue: String,
+        max_batch: usize,
+        linger: Duration,
+    ) -> Self {
+        let (waiting, mut inbox) = mpsc::channel::<Waiting>(max_batch * 64);
+        tokio::spawn(async move {
+            while let Some(first) = inbox.recv().await {
+                let mut batch = vec![first];
+                let deadline = tokio::time::sleep(linger);
+                tokio::pin!(deadline);
+                while batch.len() < max_batch {
+                    tokio::select! {
+                        next = inbox.recv() => match next {
+                            Some(next) => batch.push(next),
+                            None => break,
+                        },
+                        _ = &mut deadline => break,
+                    }
+                }
+                tokio::spawn(publish_batch(publisher.clone(), queue.clone(), batch));
+            }
+        });
+        Self { waiting }
+    }
+
+    /// Returns once the broker has confirmed the message holding `message`.
+    pub async fn publish(&self, message: OrderMessage) -> Result<(), OrdersError> {
+        let (confirmed, outcome) = oneshot::channel();
+        self.waiting
+            .send(Waiting { message, confirmed })
+            .await
+            .map_err(|_| OrdersError::Queue("order publisher stopped".into()))?;
+        outcome
+            .await
+            .map_err(|_| OrdersError::Queue("order publisher dropped the order".into()))?
+            .map_err(OrdersError::Queue)
+    }
+}
+
+async fn publish_batch(publisher: Arc<Publisher>, queue: String, batch: Vec<Waiting>) {
+    let (messages, confirms): (Vec<OrderMessage>, Vec<_>) =
+        batch.into_iter().map(|w| (w.message, w.confirmed)).unzip();
+    let outcome = match serde_json::to_vec(&OrderEnvelope::new(messages)) {
+        Ok(payload) => publisher
+            .publish(&queue, &payload)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    for confirm in confirms {
+        // A request that gave up waiting is gone; nothing to tell it.
+        let _ = confirm.send(outcome.clone());
     }
 }

@@ -1,6 +1,6 @@
 //! Orders and their items in the buyer's shard.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bigdecimal::BigDecimal;
 use chrono::{DateTime, Utc};
@@ -159,30 +159,42 @@ pub async fn statuses(
     Ok(found)
 }
 
-/// Moves `order` from one of `from` to `to`; false when it was in another state.
+/// Moves each order (id, owner) that is in one of `from` to `to`, one statement per
+/// shard; answers the ids that moved (the others were in another state).
 pub async fn transition(
     db: &Databases,
-    user: Uuid,
-    order: Uuid,
+    orders_by_user: &[(Uuid, Uuid)],
     from: &[OrderStatus],
     to: OrderStatus,
     failure_reason: Option<&str>,
-) -> Result<bool, OrdersError> {
-    let mut conn = db.shard_for(user).write_conn().await?;
+) -> Result<BTreeSet<Uuid>, OrdersError> {
+    let mut by_shard: BTreeMap<usize, Vec<Uuid>> = BTreeMap::new();
+    for (order, user) in orders_by_user {
+        by_shard
+            .entry(shard_index(*user, db.shard_count()))
+            .or_default()
+            .push(*order);
+    }
     let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
-    let updated = diesel::update(
-        orders::table
-            .filter(orders::id.eq(order))
-            .filter(orders::status.eq_any(from)),
-    )
-    .set((
-        orders::status.eq(to.as_str()),
-        orders::failure_reason.eq(failure_reason),
-        orders::updated_at.eq(diesel::dsl::now),
-    ))
-    .execute(&mut conn)
-    .await?;
-    Ok(updated == 1)
+    let mut moved = BTreeSet::new();
+    for (shard, ids) in by_shard {
+        let mut conn = db.shards()[shard].write_conn().await?;
+        let updated: Vec<Uuid> = diesel::update(
+            orders::table
+                .filter(orders::id.eq_any(&ids))
+                .filter(orders::status.eq_any(&from)),
+        )
+        .set((
+            orders::status.eq(to.as_str()),
+            orders::failure_reason.eq(failure_reason),
+            orders::updated_at.eq(diesel::dsl::now),
+        ))
+        .returning(orders::id)
+        .get_results(&mut conn)
+        .await?;
+        moved.extend(updated);
+    }
+    Ok(moved)
 }
 
 pub async fn find(

@@ -19,7 +19,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::error::OrdersError;
-use super::model::{Order, OrderMessage, OrderStatus};
+use super::model::{Order, OrderEnvelope, OrderMessage, OrderStatus};
 use super::payment::ChargeOutcome;
 use super::store::{self, NewOrder};
 use crate::app::AppState;
@@ -43,13 +43,14 @@ pub async fn run(state: AppState) -> Result<(), OrdersError> {
     tracing::info!(queue = %state.orders.queues.orders, "order-worker consuming");
     let linger = Duration::from_millis(settings.batch_linger_ms);
     while let Some(first) = consumer.next().await {
-        let mut batch = vec![first?];
+        // A batch holds whole deliveries until it has batch_size orders (or the linger ends).
+        let mut batch = vec![parse(first?)];
         let deadline = tokio::time::sleep(linger);
         tokio::pin!(deadline);
-        while batch.len() < settings.batch_size {
+        while orders_in(&batch) < settings.batch_size {
             tokio::select! {
                 next = consumer.next() => match next {
-                    Some(delivery) => batch.push(delivery?),
+                    Some(delivery) => batch.push(parse(delivery?)),
                     None => break,
                 },
                 _ = &mut deadline => break,
@@ -60,14 +61,28 @@ pub async fn run(state: AppState) -> Result<(), OrdersError> {
     Ok(())
 }
 
+type Parsed = (Delivery, Result<OrderEnvelope, serde_json::Error>);
+
+fn parse(delivery: Delivery) -> Parsed {
+    let envelope = serde_json::from_slice(&delivery.data);
+    (delivery, envelope)
+}
+
+fn orders_in(batch: &[Parsed]) -> usize {
+    batch
+        .iter()
+        .map(|(_, envelope)| envelope.as_ref().map_or(0, |e| e.orders.len()))
+        .sum()
+}
+
 /// Settles one batch of deliveries with the broker.
-async fn process_batch(state: &AppState, deliveries: Vec<Delivery>) -> Result<(), OrdersError> {
-    let mut messages = Vec::with_capacity(deliveries.len());
+async fn process_batch(state: &AppState, deliveries: Vec<Parsed>) -> Result<(), OrdersError> {
+    let mut messages = Vec::with_capacity(orders_in(&deliveries));
     let mut last_kept = None;
-    for delivery in deliveries {
-        match serde_json::from_slice::<OrderMessage>(&delivery.data) {
-            Ok(message) => {
-                messages.push(message);
+    for (delivery, envelope) in deliveries {
+        match envelope {
+            Ok(envelope) => {
+                messages.extend(envelope.orders);
                 last_kept = Some(delivery);
             }
             Err(e) => {
@@ -116,25 +131,37 @@ fn lines(order: &Order) -> Vec<LedgerLine> {
         .collect()
 }
 
-/// Commits every item's reservation; the order proceeds only if all were committed.
-async fn commit_order(state: &AppState, order: &Order) -> Result<CommitOutcome, OrdersError> {
-    let mut outcome = CommitOutcome::Committed;
-    for line in lines(order) {
-        match products::commit(state, line, order.user_id).await? {
-            CommitOutcome::Committed => {}
-            other => outcome = other,
+/// Commits the reservations of every item of every order (one Redis call per product);
+/// an order proceeds only if all its items were committed.
+async fn commit_orders(
+    state: &AppState,
+    messages: &[OrderMessage],
+) -> Result<Vec<CommitOutcome>, OrdersError> {
+    let mut item_lines = vec![];
+    let mut owner_of_line = vec![];
+    for (index, message) in messages.iter().enumerate() {
+        for line in lines(&message.order) {
+            item_lines.push((line, message.order.user_id));
+            owner_of_line.push(index);
         }
     }
-    Ok(outcome)
+    let per_line = products::commit(state, &item_lines).await?;
+    let mut per_order = vec![CommitOutcome::Committed; messages.len()];
+    for (index, outcome) in owner_of_line.into_iter().zip(per_line) {
+        if outcome != CommitOutcome::Committed {
+            per_order[index] = outcome;
+        }
+    }
+    Ok(per_order)
 }
 
 async fn handle(state: &AppState, messages: &[OrderMessage]) -> Result<(), OrdersError> {
-    let commits = join_all(messages.iter().map(|m| commit_order(state, &m.order))).await;
+    let commits = commit_orders(state, messages).await?;
     let mut to_persist = Vec::with_capacity(messages.len());
     let mut committed = vec![];
     let mut not_loaded = vec![];
     for (message, outcome) in messages.iter().zip(commits) {
-        let (status, reason) = match outcome? {
+        let (status, reason) = match outcome {
             CommitOutcome::Committed => {
                 committed.push(message);
                 (OrderStatus::Pending, None)
@@ -162,10 +189,7 @@ async fn handle(state: &AppState, messages: &[OrderMessage]) -> Result<(), Order
 
     // Units leave the shelf only for orders still live: one cancelled before it was
     // persisted already had its reservation released.
-    let owners: Vec<(Uuid, Uuid)> = committed
-        .iter()
-        .map(|m| (m.order.id, m.order.user_id))
-        .collect();
+    let owners: Vec<(Uuid, Uuid)> = committed.iter().map(|m| owner(&m.order)).collect();
     let current = store::statuses(&state.db, &owners).await?;
     let sold: Vec<LedgerLine> = committed
         .iter()
@@ -178,61 +202,89 @@ async fn handle(state: &AppState, messages: &[OrderMessage]) -> Result<(), Order
         .flat_map(|m| lines(&m.order))
         .collect();
     products::record_sold(state, &sold).await?;
+
     let mut to_charge = vec![];
+    let mut renotify = vec![];
     for message in committed {
         match current.get(&message.order.id) {
             Some(OrderStatus::Pending) => to_charge.push(message),
             // Redelivered after it was settled: notify again (the consumer deduplicates).
             Some(status @ (OrderStatus::Paid | OrderStatus::Failed)) => {
-                notify(state, &message.order, *status).await?
+                renotify.push((&message.order, *status))
             }
             _ => {}
         }
     }
+    notify_all(state, &renotify).await?;
+    settle_payments(state, &to_charge).await
+}
+
+fn owner(order: &Order) -> (Uuid, Uuid) {
+    (order.id, order.user_id)
+}
+
+/// Charges every pending order at once (through the breaker) and settles the outcomes in
+/// one status update per shard and outcome.
+async fn settle_payments(state: &AppState, to_charge: &[&OrderMessage]) -> Result<(), OrdersError> {
     let charges = join_all(
         to_charge
             .iter()
             .map(|m| state.orders.payments.charge(&m.order, m.attempt)),
     )
     .await;
-    for (message, charge) in to_charge.into_iter().zip(charges) {
-        let order = &message.order;
+    let (mut approved, mut declined, mut unavailable) = (vec![], vec![], vec![]);
+    for (message, charge) in to_charge.iter().zip(charges) {
         match charge {
-            Ok(ChargeOutcome::Approved) => {
-                let paid = store::transition(
-                    &state.db,
-                    order.user_id,
-                    order.id,
-                    &[OrderStatus::Pending],
-                    OrderStatus::Paid,
-                    None,
-                )
-                .await?;
-                if paid {
-                    notify(state, order, OrderStatus::Paid).await?;
-                } else {
-                    // Cancelled while the charge was in flight: give the money back.
-                    refund(state, order.id).await;
-                }
-            }
-            Ok(ChargeOutcome::Declined) => fail(state, order, "payment_declined").await?,
+            Ok(ChargeOutcome::Approved) => approved.push(&message.order),
+            Ok(ChargeOutcome::Declined) => declined.push(&message.order),
             Err(e) => {
-                tracing::warn!(order = %order.id, attempt = message.attempt, error = %e, "charge failed");
-                if !retry_later(state, message).await? {
-                    state
-                        .orders
-                        .publisher
-                        .publish(
-                            &state.orders.queues.dead,
-                            &serde_json::to_vec(message).map_err(corrupt)?,
-                        )
-                        .await?;
-                    fail(state, order, "payment_unavailable").await?;
-                }
+                tracing::warn!(order = %message.order.id, attempt = message.attempt, error = %e, "charge failed");
+                unavailable.push(*message);
             }
         }
     }
-    Ok(())
+
+    let owners: Vec<(Uuid, Uuid)> = approved.iter().map(|o| owner(o)).collect();
+    let paid = store::transition(
+        &state.db,
+        &owners,
+        &[OrderStatus::Pending],
+        OrderStatus::Paid,
+        None,
+    )
+    .await?;
+    let (paid_now, cancelled_meanwhile): (Vec<&Order>, Vec<&Order>) =
+        approved.into_iter().partition(|o| paid.contains(&o.id));
+    // Cancelled while the charge was in flight: give the money back.
+    join_all(cancelled_meanwhile.iter().map(|o| refund(state, o.id))).await;
+    let paid_now: Vec<(&Order, OrderStatus)> = paid_now
+        .into_iter()
+        .map(|o| (o, OrderStatus::Paid))
+        .collect();
+    notify_all(state, &paid_now).await?;
+
+    fail(state, &declined, "payment_declined").await?;
+
+    let retried = join_all(unavailable.iter().map(|m| retry_later(state, m))).await;
+    let mut exhausted = vec![];
+    for (message, retried) in unavailable.into_iter().zip(retried) {
+        if !retried? {
+            exhausted.push(message);
+        }
+    }
+    let dead_letters = join_all(exhausted.iter().map(|m| async move {
+        let payload =
+            serde_json::to_vec(&OrderEnvelope::new(vec![(*m).clone()])).map_err(corrupt)?;
+        state
+            .orders
+            .publisher
+            .publish(&state.orders.queues.dead, &payload)
+            .await
+    }))
+    .await;
+    dead_letters.into_iter().collect::<Result<Vec<()>, _>>()?;
+    let exhausted: Vec<&Order> = exhausted.iter().map(|m| &m.order).collect();
+    fail(state, &exhausted, "payment_unavailable").await
 }
 
 fn corrupt(e: serde_json::Error) -> OrdersError {
@@ -249,40 +301,53 @@ async fn retry_later(state: &AppState, message: &OrderMessage) -> Result<bool, O
         attempt: message.attempt + 1,
         ..message.clone()
     };
-    state
-        .orders
-        .publisher
-        .publish(queue, &serde_json::to_vec(&next).map_err(corrupt)?)
-        .await?;
+    let payload = serde_json::to_vec(&OrderEnvelope::new(vec![next])).map_err(corrupt)?;
+    state.orders.publisher.publish(queue, &payload).await?;
     Ok(true)
 }
 
-/// Marks a pending order failed and gives its units back (once).
-async fn fail(state: &AppState, order: &Order, reason: &'static str) -> Result<(), OrdersError> {
+/// Marks pending orders failed and gives their units back (once).
+async fn fail(
+    state: &AppState,
+    orders: &[&Order],
+    reason: &'static str,
+) -> Result<(), OrdersError> {
+    if orders.is_empty() {
+        return Ok(());
+    }
+    let owners: Vec<(Uuid, Uuid)> = orders.iter().map(|o| owner(o)).collect();
     let failed = store::transition(
         &state.db,
-        order.user_id,
-        order.id,
+        &owners,
         &[OrderStatus::Pending],
         OrderStatus::Failed,
         Some(reason),
     )
     .await?;
-    release_stock(state, order).await?;
-    if failed {
-        notify(state, order, OrderStatus::Failed).await?;
-    }
-    Ok(())
+    release_stock(state, orders).await?;
+    let failed: Vec<(&Order, OrderStatus)> = orders
+        .iter()
+        .filter(|o| failed.contains(&o.id))
+        .map(|o| (*o, OrderStatus::Failed))
+        .collect();
+    notify_all(state, &failed).await
 }
 
-/// Releases every item's reservation; units of persisted orders go back on the shelf in
-/// PostgreSQL too. The reservation state machine makes a second call a no-op.
-pub(super) async fn release_stock(state: &AppState, order: &Order) -> Result<(), OrdersError> {
+/// Releases every item's reservation of `orders`; units of persisted orders go back on
+/// the shelf in PostgreSQL too. The reservation state machine makes a repeat a no-op.
+pub(super) async fn release_stock(state: &AppState, orders: &[&Order]) -> Result<(), OrdersError> {
+    let all_lines: Vec<LedgerLine> = orders.iter().flat_map(|o| lines(o)).collect();
+    let released = join_all(
+        all_lines
+            .iter()
+            .map(|line| products::release(state, line.product_id, line.order_id)),
+    )
+    .await;
     let mut restock = vec![];
-    for line in lines(order) {
+    for (line, outcome) in all_lines.into_iter().zip(released) {
         if let products::ReleaseOutcome::Released {
             was_committed: true,
-        } = products::release(state, line.product_id, order.id).await?
+        } = outcome?
         {
             restock.push(line);
         }
@@ -298,9 +363,8 @@ pub(super) async fn refund(state: &AppState, order: Uuid) {
 }
 
 #[derive(Serialize)]
-struct Notification<'a> {
-    v: u32,
-    /// The notify-worker drops a second message with the same key.
+struct Notification {
+    /// The notify-worker drops a second notification with the same key.
     dedupe_key: String,
     user_id: Uuid,
     channel: &'static str,
@@ -308,15 +372,18 @@ struct Notification<'a> {
     subject: String,
     body: String,
     order_id: Uuid,
-    status: &'a str,
+    status: &'static str,
 }
 
-/// Enqueues the order-lifecycle notification (high priority).
-pub(super) async fn notify(
-    state: &AppState,
-    order: &Order,
-    status: OrderStatus,
-) -> Result<(), OrdersError> {
+/// One message carries every notification a batch produced: the broker's cost is per
+/// message, so a batch of 100 orders costs one publish, not 100.
+#[derive(Serialize)]
+struct NotificationBatch {
+    v: u32,
+    notifications: Vec<Notification>,
+}
+
+fn notification(order: &Order, status: OrderStatus) -> Notification {
     let (subject, body) = match status {
         OrderStatus::Paid => (
             "Your order is confirmed",
@@ -331,8 +398,7 @@ pub(super) async fn notify(
             format!("Order {} failed; you were not charged.", order.id),
         ),
     };
-    let message = Notification {
-        v: 1,
+    Notification {
         dedupe_key: format!("order:{}:{}", order.id, status.as_str()),
         user_id: order.user_id,
         channel: "email",
@@ -341,8 +407,25 @@ pub(super) async fn notify(
         body,
         order_id: order.id,
         status: status.as_str(),
+    }
+}
+
+/// Enqueues order-lifecycle notifications (high priority) as one message.
+async fn notify_all(
+    state: &AppState,
+    settled: &[(&Order, OrderStatus)],
+) -> Result<(), OrdersError> {
+    if settled.is_empty() {
+        return Ok(());
+    }
+    let batch = NotificationBatch {
+        v: 1,
+        notifications: settled
+            .iter()
+            .map(|(order, status)| notification(order, *status))
+            .collect(),
     };
-    let payload = serde_json::to_vec(&message).map_err(corrupt)?;
+    let payload = serde_json::to_vec(&batch).map_err(corrupt)?;
     state
         .orders
         .publisher

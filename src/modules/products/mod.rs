@@ -130,44 +130,50 @@ pub async fn reserve(
     Ok(state.products.stock.reserve(&state.redis, request).await?)
 }
 
-pub async fn finish_idempotent(
-    state: &AppState,
-    product: Uuid,
-    user: Uuid,
-    key_digest: &str,
-    record: &str,
-) -> Result<(), ProductsError> {
-    Ok(state
-        .products
-        .stock
-        .finish_idempotent(&state.redis, product, user, key_digest, record)
-        .await?)
+/// The Redis key holding the idempotency record of (`product`, `user`, key digest); the
+/// reservation script writes it, orders store the final answer in it.
+pub fn idempotency_key(state: &AppState, product: Uuid, user: Uuid, key_digest: &str) -> String {
+    stock::idempotency_key(&state.redis, product, user, key_digest)
 }
 
-pub async fn forget_idempotent(
-    state: &AppState,
-    product: Uuid,
-    user: Uuid,
-    key_digest: &str,
-) -> Result<(), ProductsError> {
-    Ok(state
-        .products
-        .stock
-        .forget_idempotent(&state.redis, product, user, key_digest)
-        .await?)
-}
-
+/// Commits the reservations behind `lines` (each with its buyer); one call per product.
+/// Answers one outcome per line, in order.
 pub async fn commit(
     state: &AppState,
-    line: LedgerLine,
-    user: Uuid,
-) -> Result<CommitOutcome, ProductsError> {
-    let quantity = u32::try_from(line.quantity).unwrap_or(0);
-    Ok(state
-        .products
-        .stock
-        .commit(&state.redis, line.product_id, line.order_id, user, quantity)
-        .await?)
+    lines: &[(LedgerLine, Uuid)],
+) -> Result<Vec<CommitOutcome>, ProductsError> {
+    let mut by_product: std::collections::BTreeMap<Uuid, Vec<usize>> = Default::default();
+    for (i, (line, _)) in lines.iter().enumerate() {
+        by_product.entry(line.product_id).or_default().push(i);
+    }
+    let calls = by_product.iter().map(|(product, indexes)| {
+        let orders: Vec<(Uuid, Uuid, u32)> = indexes
+            .iter()
+            .map(|i| {
+                let (line, user) = &lines[*i];
+                (
+                    line.order_id,
+                    *user,
+                    u32::try_from(line.quantity).unwrap_or(0),
+                )
+            })
+            .collect();
+        async move {
+            state
+                .products
+                .stock
+                .commit(&state.redis, *product, &orders)
+                .await
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    let mut outcomes = vec![CommitOutcome::NotLoaded; lines.len()];
+    for (indexes, result) in by_product.values().zip(results) {
+        for (i, outcome) in indexes.iter().zip(result?) {
+            outcomes[*i] = outcome;
+        }
+    }
+    Ok(outcomes)
 }
 
 pub async fn release(

@@ -17,9 +17,12 @@ use uuid::Uuid;
 
 use crate::infra::redis::Redis;
 
-/// Idempotency replay, sale window, per-user limit, stock check and decrement, reservation
-/// record, all at once. Answers `{outcome, ...}`.
+/// Attempt rate, idempotency replay, sale window, per-user limit, stock check and
+/// decrement, reservation record, all at once. Answers `{outcome, ...}`.
 const RESERVE: &str = r#"
+local attempts = redis.call('INCR', KEYS[8])
+if attempts == 1 then redis.call('EXPIRE', KEYS[8], 60) end
+if attempts > tonumber(ARGV[7]) then return {'rate_limited'} end
 local idem = redis.call('GET', KEYS[7])
 if idem then
   local rec = cjson.decode(idem)
@@ -46,16 +49,28 @@ redis.call('SET', KEYS[7], cjson.encode({state = 'in_progress', order_id = ARGV[
 return {'ok', sale[4]}
 "#;
 
-/// reserved -> committed. Answers committed | already | released | missing.
+/// reserved -> committed for each order in ARGV (one call per product per worker batch).
+/// Answers, per order: committed | already | released | missing.
 const COMMIT: &str = r#"
-local rec = redis.call('HGET', KEYS[1], ARGV[1])
-if not rec then return 'missing' end
-local state = string.sub(rec, 1, 1)
-if state == 'x' then return 'released' end
-if state == 'c' then return 'already' end
-redis.call('HSET', KEYS[1], ARGV[1], 'c' .. string.sub(rec, 2))
-redis.call('ZREM', KEYS[2], ARGV[1])
-return 'committed'
+local out = {}
+for i = 1, #ARGV do
+  local rec = redis.call('HGET', KEYS[1], ARGV[i])
+  if not rec then
+    out[i] = 'missing'
+  else
+    local state = string.sub(rec, 1, 1)
+    if state == 'x' then
+      out[i] = 'released'
+    elseif state == 'c' then
+      out[i] = 'already'
+    else
+      redis.call('HSET', KEYS[1], ARGV[i], 'c' .. string.sub(rec, 2))
+      redis.call('ZREM', KEYS[2], ARGV[i])
+      out[i] = 'committed'
+    end
+  end
+end
+return out
 "#;
 
 /// A commit for an order whose reservation Redis no longer knows (it lost its data and
@@ -169,10 +184,19 @@ impl SaleKeys {
         }
     }
 
+    /// Flash-sale attempts of `user` on this product in one minute window.
+    fn attempts(&self, user: Uuid, minute: i64) -> String {
+        format!("{}:attempts:{}:{minute}", self.tagged_prefix, user.simple())
+    }
+
     fn idempotency(&self, user: Uuid, key_digest: &str) -> String {
         // Same hash tag as the rest, so the reserve script stays in one slot.
         format!("{}:idem:{}:{key_digest}", self.tagged_prefix, user.simple())
     }
+}
+
+pub fn idempotency_key(redis: &Redis, product: Uuid, user: Uuid, key_digest: &str) -> String {
+    SaleKeys::new(redis, product).idempotency(user, key_digest)
 }
 
 /// What a sale looks like in Redis.
@@ -198,6 +222,10 @@ pub enum Reservation {
     NotActive,
     PurchaseLimit,
     SoldOut,
+    /// Too many attempts by this user on this sale in the current minute.
+    RateLimited {
+        retry_after_secs: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +257,7 @@ pub struct ReserveRequest<'a> {
     pub body_hash: &'a str,
     pub key_digest: &'a str,
     pub idempotency_ttl_secs: u64,
+    pub attempts_per_minute: u32,
 }
 
 impl StockScripts {
@@ -238,6 +267,7 @@ impl StockScripts {
         req: &ReserveRequest<'_>,
     ) -> redis::RedisResult<Reservation> {
         let keys = SaleKeys::new(redis, req.product);
+        let now = Utc::now();
         let reply: Vec<String> = self
             .reserve
             .key(&keys.stock)
@@ -247,12 +277,14 @@ impl StockScripts {
             .key(&keys.reservations)
             .key(&keys.pending)
             .key(keys.idempotency(req.user, req.key_digest))
+            .key(keys.attempts(req.user, now.timestamp() / 60))
             .arg(req.user.simple().to_string())
             .arg(req.quantity)
             .arg(req.order_id.to_string())
             .arg(req.body_hash)
-            .arg(Utc::now().timestamp_millis())
+            .arg(now.timestamp_millis())
             .arg(req.idempotency_ttl_secs)
+            .arg(req.attempts_per_minute)
             .invoke_async(&mut redis.conn())
             .await?;
         Ok(match reply.as_slice() {
@@ -265,82 +297,68 @@ impl StockScripts {
             [s] if s == "not_active" => Reservation::NotActive,
             [s] if s == "limit" => Reservation::PurchaseLimit,
             [s] if s == "sold_out" => Reservation::SoldOut,
+            [s] if s == "rate_limited" => Reservation::RateLimited {
+                retry_after_secs: (60 - now.timestamp() % 60).unsigned_abs(),
+            },
             _ => Reservation::NotLoaded,
         })
     }
 
-    /// Stores the answer an idempotent request gave, for replays (keeps the key's TTL).
-    pub async fn finish_idempotent(
-        &self,
-        redis: &Redis,
-        product: Uuid,
-        user: Uuid,
-        key_digest: &str,
-        record: &str,
-    ) -> redis::RedisResult<()> {
-        let keys = SaleKeys::new(redis, product);
-        redis::cmd("SET")
-            .arg(keys.idempotency(user, key_digest))
-            .arg(record)
-            .arg("XX")
-            .arg("KEEPTTL")
-            .query_async::<()>(&mut redis.conn())
-            .await
-    }
-
-    /// Forgets an idempotency key whose request failed, so a retry can run again.
-    pub async fn forget_idempotent(
-        &self,
-        redis: &Redis,
-        product: Uuid,
-        user: Uuid,
-        key_digest: &str,
-    ) -> redis::RedisResult<()> {
-        let keys = SaleKeys::new(redis, product);
-        redis::cmd("DEL")
-            .arg(keys.idempotency(user, key_digest))
-            .query_async::<()>(&mut redis.conn())
-            .await
-    }
-
+    /// Commits the reservations of several orders of one product: (order, user, units).
     pub async fn commit(
         &self,
         redis: &Redis,
         product: Uuid,
+        orders: &[(Uuid, Uuid, u32)],
+    ) -> redis::RedisResult<Vec<CommitOutcome>> {
+        if orders.is_empty() {
+            return Ok(vec![]);
+        }
+        let keys = SaleKeys::new(redis, product);
+        let mut invocation = self.commit.key(&keys.reservations);
+        invocation.key(&keys.pending);
+        for (order, _, _) in orders {
+            invocation.arg(order.to_string());
+        }
+        let outcomes: Vec<String> = invocation.invoke_async(&mut redis.conn()).await?;
+        let mut committed = Vec::with_capacity(orders.len());
+        for ((order, user, quantity), outcome) in orders.iter().zip(outcomes) {
+            committed.push(match outcome.as_str() {
+                "committed" | "already" => CommitOutcome::Committed,
+                "released" => CommitOutcome::Released,
+                _ => {
+                    self.late_commit(redis, &keys, *order, *user, *quantity)
+                        .await?
+                }
+            });
+        }
+        Ok(committed)
+    }
+
+    async fn late_commit(
+        &self,
+        redis: &Redis,
+        keys: &SaleKeys,
         order: Uuid,
         user: Uuid,
         quantity: u32,
     ) -> redis::RedisResult<CommitOutcome> {
-        let keys = SaleKeys::new(redis, product);
-        let outcome: String = self
-            .commit
+        let late: String = self
+            .late_commit
+            .key(&keys.stock)
+            .key(&keys.epoch)
             .key(&keys.reservations)
-            .key(&keys.pending)
+            .key(&keys.buyers)
             .arg(order.to_string())
+            .arg(user.simple().to_string())
+            .arg(quantity)
             .invoke_async(&mut redis.conn())
             .await?;
-        match outcome.as_str() {
-            "committed" | "already" => Ok(CommitOutcome::Committed),
-            "released" => Ok(CommitOutcome::Released),
-            _ => {
-                let late: String = self
-                    .late_commit
-                    .key(&keys.stock)
-                    .key(&keys.epoch)
-                    .key(&keys.reservations)
-                    .key(&keys.buyers)
-                    .arg(order.to_string())
-                    .arg(user.simple().to_string())
-                    .arg(quantity)
-                    .invoke_async(&mut redis.conn())
-                    .await?;
-                Ok(match late.as_str() {
-                    "committed" => CommitOutcome::Committed,
-                    "sold_out" => CommitOutcome::SoldOut,
-                    _ => CommitOutcome::NotLoaded,
-                })
-            }
-        }
+        Ok(match late.as_str() {
+            "committed" => CommitOutcome::Committed,
+            "sold_out" => CommitOutcome::SoldOut,
+            _ => CommitOutcome::NotLoaded,
+        })
     }
 
     pub async fn release(

@@ -1,0 +1,381 @@
+//! Flash-sale load generator: many users with real tokens, many connections, closed loop or
+//! open loop at a target rate, an HDR histogram of latencies, status counts, then waits for
+//! the worker to drain and checks that nothing was oversold.
+//!
+//! Tokens are minted with the configured signing key (login speed is measured on its own);
+//! every request is a new user, so the per-user limits never interfere.
+//!
+//!     order_load --config-dir config --env development --stock 200000 --duration-secs 30 \
+//!                --connections 256 [--rate 6000] [--path /orders/flash-sale/{product}]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use diesel::QueryableByName;
+use diesel_async::RunQueryDsl;
+use flashsale::config::Settings;
+use flashsale::infra::db::Databases;
+use flashsale::modules::auth::TokenKeys;
+use flashsale::modules::users::Role;
+use flashsale_bench::Recorder;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    base_url: String,
+    /// Where the server's configuration lives (for the signing key and database URLs).
+    #[arg(long, default_value = "config")]
+    config_dir: PathBuf,
+    #[arg(long, default_value = "development")]
+    env: String,
+    /// Units on sale (a fresh product is created unless --product is given).
+    #[arg(long, default_value_t = 200_000)]
+    stock: i64,
+    #[arg(long)]
+    product: Option<Uuid>,
+    #[arg(long, default_value_t = 30)]
+    duration_secs: u64,
+    /// Requests in flight at once (closed loop) or at most (open loop).
+    #[arg(long, default_value_t = 256)]
+    connections: usize,
+    /// Open loop: send at this many requests per second; latency counts from the
+    /// scheduled send time, so a stalled server is not hidden (no coordinated omission).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Route under test; `{product}` is replaced (the naive baseline uses /naive/{product}).
+    #[arg(long, default_value = "/orders/flash-sale/{product}")]
+    path: String,
+    /// Seconds to wait for the worker to settle every accepted order.
+    #[arg(long, default_value_t = 180)]
+    drain_timeout_secs: u64,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let settings = Settings::load_for(&args.config_dir, &args.env).expect("configuration loads");
+    let keys = Arc::new(TokenKeys::new(&settings.auth).expect("signing keys"));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client");
+    let product = match args.product {
+        Some(product) => product,
+        None => create_product(&client, &args, &keys).await,
+    };
+    let url = format!(
+        "{}{}",
+        args.base_url,
+        args.path.replace("{product}", &product.to_string())
+    );
+    println!(
+        "product {product}: {} units; {}",
+        args.stock,
+        describe(&args)
+    );
+
+    let started = Instant::now();
+    let total = run_load(&args, &client, &url, &keys).await;
+    let elapsed = started.elapsed();
+    let accepted = total.count(201);
+    println!("load: {}", total.report(elapsed));
+    println!(
+        "accepted {accepted} = {:.0} orders/s",
+        accepted as f64 / elapsed.as_secs_f64()
+    );
+
+    let db = Databases::connect(&settings.database)
+        .await
+        .expect("databases");
+    let at_end = settled(&db, product).await;
+    println!(
+        "at load end: {} of {accepted} accepted orders already settled by the worker",
+        at_end.settled()
+    );
+    let drain_started = Instant::now();
+    let deadline = drain_started + Duration::from_secs(args.drain_timeout_secs);
+    let mut counts = at_end;
+    while counts.settled() < accepted
+        && Instant::now() < deadline
+        && args.path.contains("flash-sale")
+    {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        counts = settled(&db, product).await;
+    }
+    println!(
+        "drained {} more in {:.2}s; worker overall {:.0} orders/s | paid {} failed {} pending {}",
+        counts.settled() - at_end.settled(),
+        drain_started.elapsed().as_secs_f64(),
+        counts.settled() as f64 / (elapsed + drain_started.elapsed()).as_secs_f64(),
+        counts.paid,
+        counts.failed,
+        counts.pending,
+    );
+    if args.path.contains("flash-sale") {
+        accept_to_paid(&db, product).await;
+    }
+    check_oversell(&db, &client, &args, product, accepted).await;
+}
+
+fn describe(args: &Args) -> String {
+    match args.rate {
+        Some(rate) => format!(
+            "open loop at {rate}/s for {}s, up to {} in flight",
+            args.duration_secs, args.connections
+        ),
+        None => format!(
+            "closed loop, {} connections, {}s",
+            args.connections, args.duration_secs
+        ),
+    }
+}
+
+async fn create_product(client: &reqwest::Client, args: &Args, keys: &TokenKeys) -> Uuid {
+    let admin = keys
+        .issue(Uuid::now_v7(), Role::Admin, Uuid::new_v4())
+        .expect("admin token");
+    let now = chrono::Utc::now();
+    let body = json!({
+        "name": "Load-test gadget", "price": "99.00", "inventory": args.stock, "is_flash_sale": true,
+        "flash_sale_price": "9.99", "flash_sale_start": now - chrono::Duration::seconds(5),
+        "flash_sale_end": now + chrono::Duration::hours(2),
+    });
+    let res = client
+        .post(format!("{}/products", args.base_url))
+        .bearer_auth(admin)
+        .json(&body)
+        .send()
+        .await
+        .expect("create product");
+    assert_eq!(res.status(), 201, "create product: {:?}", res.text().await);
+    let product: Value = res.json().await.expect("product body");
+    product["id"].as_str().expect("id").parse().expect("uuid")
+}
+
+async fn one_order(client: &reqwest::Client, url: &str, keys: &TokenKeys) -> Option<u16> {
+    let token = keys
+        .issue(Uuid::now_v7(), Role::Customer, Uuid::new_v4())
+        .ok()?;
+    let res = client
+        .post(url)
+        .bearer_auth(token)
+        .header("idempotency-key", Uuid::new_v4().to_string())
+        .json(&json!({"quantity": 1}))
+        .send()
+        .await
+        .ok()?;
+    let status = res.status().as_u16();
+    // Read the body so the connection goes back to the pool.
+    res.bytes().await.ok()?;
+    Some(status)
+}
+
+async fn run_load(
+    args: &Args,
+    client: &reqwest::Client,
+    url: &str,
+    keys: &Arc<TokenKeys>,
+) -> Recorder {
+    let end = Instant::now() + Duration::from_secs(args.duration_secs);
+    let (tx, rx) = async_channel(args.connections);
+    if let Some(rate) = args.rate {
+        // The scheduler: one slot per 1/rate seconds; a full queue means the server fell
+        // behind, and the slot's latency keeps counting from its scheduled time.
+        let interval = Duration::from_secs_f64(1.0 / rate as f64);
+        tokio::spawn(async move {
+            let mut next = Instant::now();
+            while Instant::now() < end {
+                if tx.send(next).await.is_err() {
+                    break;
+                }
+                next += interval;
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        });
+    } else {
+        drop(tx);
+    }
+    let open_loop = args.rate.is_some();
+    let workers = (0..args.connections).map(|_| {
+        let (client, url, keys, rx) = (client.clone(), url.to_owned(), keys.clone(), rx.clone());
+        tokio::spawn(async move {
+            let mut recorder = Recorder::default();
+            loop {
+                let scheduled = if open_loop {
+                    match rx.recv().await {
+                        Ok(at) => at,
+                        Err(_) => break,
+                    }
+                } else {
+                    if Instant::now() >= end {
+                        break;
+                    }
+                    Instant::now()
+                };
+                let status = one_order(&client, &url, &keys).await;
+                recorder.record(scheduled.elapsed(), status);
+            }
+            recorder
+        })
+    });
+    let mut total = Recorder::default();
+    for done in futures_util::future::join_all(workers).await {
+        total.merge(&done.expect("load task"));
+    }
+    total
+}
+
+/// A bounded multi-consumer queue of scheduled send times.
+fn async_channel(capacity: usize) -> (tokio::sync::mpsc::Sender<Instant>, SharedReceiver) {
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+    (tx, SharedReceiver(Arc::new(tokio::sync::Mutex::new(rx))))
+}
+
+#[derive(Clone)]
+struct SharedReceiver(Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Instant>>>);
+
+impl SharedReceiver {
+    async fn recv(&self) -> Result<Instant, ()> {
+        self.0.lock().await.recv().await.ok_or(())
+    }
+}
+
+#[derive(QueryableByName, Default, Clone, Copy)]
+struct Settled {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    paid: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    failed: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pending: i64,
+}
+
+impl Settled {
+    fn settled(&self) -> u64 {
+        (self.paid + self.failed) as u64
+    }
+}
+
+async fn settled(db: &Databases, product: Uuid) -> Settled {
+    let sql = format!(
+        "SELECT count(*) FILTER (WHERE o.status = 'paid') AS paid, \
+                count(*) FILTER (WHERE o.status IN ('failed', 'cancelled')) AS failed, \
+                count(*) FILTER (WHERE o.status = 'pending') AS pending \
+         FROM orders o JOIN order_items i ON i.order_id = o.id WHERE i.product_id = '{product}'"
+    );
+    let mut total = Settled::default();
+    for shard in db.shards() {
+        let mut conn = shard.primary().get().await.expect("shard connection");
+        let row: Settled = diesel::sql_query(&sql)
+            .get_result(&mut conn)
+            .await
+            .expect("count orders");
+        total.paid += row.paid;
+        total.failed += row.failed;
+        total.pending += row.pending;
+    }
+    total
+}
+
+#[derive(QueryableByName)]
+struct Millis {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    ms: i64,
+}
+
+/// Time from acceptance (created_at, set by the API) to paid (updated_at, set by the worker).
+async fn accept_to_paid(db: &Databases, product: Uuid) {
+    let sql = format!(
+        "SELECT (extract(epoch FROM (o.updated_at - o.created_at)) * 1000)::bigint AS ms FROM orders o \
+         JOIN order_items i ON i.order_id = o.id WHERE i.product_id = '{product}' AND o.status = 'paid'"
+    );
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("histogram");
+    for shard in db.shards() {
+        let mut conn = shard.primary().get().await.expect("shard connection");
+        let rows: Vec<Millis> = diesel::sql_query(&sql)
+            .load(&mut conn)
+            .await
+            .expect("latencies");
+        for row in rows {
+            histogram.saturating_record(row.ms.max(1) as u64);
+        }
+    }
+    println!(
+        "accept-to-paid ms: p50 {} p95 {} p99 {} max {} ({} orders)",
+        histogram.value_at_quantile(0.5),
+        histogram.value_at_quantile(0.95),
+        histogram.value_at_quantile(0.99),
+        histogram.max(),
+        histogram.len()
+    );
+}
+
+#[derive(QueryableByName)]
+struct Units {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    units: i64,
+}
+
+async fn check_oversell(
+    db: &Databases,
+    client: &reqwest::Client,
+    args: &Args,
+    product: Uuid,
+    accepted: u64,
+) {
+    let sql = format!(
+        "SELECT coalesce(sum(i.quantity), 0)::bigint AS units FROM orders o JOIN order_items i ON i.order_id = o.id \
+         WHERE i.product_id = '{product}' AND o.status NOT IN ('failed', 'cancelled')"
+    );
+    let mut sold = 0;
+    for shard in db.shards() {
+        let mut conn = shard.primary().get().await.expect("shard connection");
+        let row: Units = diesel::sql_query(&sql)
+            .get_result(&mut conn)
+            .await
+            .expect("units");
+        sold += row.units;
+    }
+    let mut conn = db
+        .global()
+        .primary()
+        .get()
+        .await
+        .expect("global connection");
+    let inventory: Units = diesel::sql_query(format!(
+        "SELECT inventory::bigint AS units FROM products WHERE id = '{product}'"
+    ))
+    .get_result(&mut conn)
+    .await
+    .expect("inventory");
+    let listed: Value = client
+        .get(format!("{}/products/flash-sale?limit=100", args.base_url))
+        .send()
+        .await
+        .expect("flash-sale list")
+        .json()
+        .await
+        .expect("list body");
+    let remaining = listed["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|i| i["id"] == product.to_string()))
+        .and_then(|i| i["remaining"].as_i64());
+    let oversold = sold > args.stock;
+    println!(
+        "oversell check: stock {} sold {sold} (accepted {accepted}) inventory {} redis remaining {remaining:?} -> {}",
+        args.stock,
+        inventory.units,
+        if oversold { "OVERSOLD" } else { "no oversell" }
+    );
+    if oversold {
+        std::process::exit(1);
+    }
+}
