@@ -51,6 +51,7 @@ pub struct PaymentSimulator {
     redis: Redis,
     latency: Duration,
     failure_rate_bits: AtomicU64,
+    attempts: AtomicU64,
 }
 
 /// Attempts of `card_flaky` that fail before one succeeds.
@@ -62,6 +63,7 @@ impl PaymentSimulator {
             redis,
             latency: Duration::from_millis(settings.latency_ms),
             failure_rate_bits: AtomicU64::new(settings.failure_rate.to_bits()),
+            attempts: AtomicU64::new(0),
         }
     }
 
@@ -69,6 +71,11 @@ impl PaymentSimulator {
     pub fn set_failure_rate(&self, rate: f64) {
         self.failure_rate_bits
             .store(rate.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+    }
+
+    /// Charges attempted since start (fault drills watch this to time a recovery).
+    pub fn attempts(&self) -> u64 {
+        self.attempts.load(Ordering::Relaxed)
     }
 
     fn failure_rate(&self) -> f64 {
@@ -105,6 +112,7 @@ impl PaymentGateway for PaymentSimulator {
         attempt: u32,
     ) -> BoxFuture<'a, Result<ChargeOutcome, PaymentError>> {
         Box::pin(async move {
+            self.attempts.fetch_add(1, Ordering::Relaxed);
             if !self.latency.is_zero() {
                 tokio::time::sleep(self.latency).await;
             }

@@ -71,8 +71,12 @@ pub struct NewOrder<'a> {
 }
 
 /// Writes orders into their shards, one transaction per shard; orders that exist are left
-/// as they are (a redelivered message inserts nothing).
-pub async fn insert_batch(db: &Databases, batch: &[NewOrder<'_>]) -> Result<(), OrdersError> {
+/// as they are (a redelivered message inserts nothing). Answers the ids it inserted.
+pub async fn insert_batch(
+    db: &Databases,
+    batch: &[NewOrder<'_>],
+) -> Result<BTreeSet<Uuid>, OrdersError> {
+    let mut inserted = BTreeSet::new();
     let mut by_shard: BTreeMap<usize, Vec<&NewOrder<'_>>> = BTreeMap::new();
     for new in batch {
         by_shard
@@ -112,22 +116,25 @@ pub async fn insert_batch(db: &Databases, batch: &[NewOrder<'_>]) -> Result<(), 
                 })
             })
             .collect();
-        conn.transaction(async |conn| {
-            diesel::insert_into(orders::table)
-                .values(&rows)
-                .on_conflict_do_nothing()
-                .execute(conn)
-                .await?;
-            diesel::insert_into(order_items::table)
-                .values(&items)
-                .on_conflict_do_nothing()
-                .execute(conn)
-                .await?;
-            Ok::<_, OrdersError>(())
-        })
-        .await?;
+        let fresh = conn
+            .transaction(async |conn| {
+                let fresh: Vec<Uuid> = diesel::insert_into(orders::table)
+                    .values(&rows)
+                    .on_conflict_do_nothing()
+                    .returning(orders::id)
+                    .get_results(conn)
+                    .await?;
+                diesel::insert_into(order_items::table)
+                    .values(&items)
+                    .on_conflict_do_nothing()
+                    .execute(conn)
+                    .await?;
+                Ok::<_, OrdersError>(fresh)
+            })
+            .await?;
+        inserted.extend(fresh);
     }
-    Ok(())
+    Ok(inserted)
 }
 
 /// Current statuses of `ids` (all owned by users on one or more shards).
@@ -157,44 +164,6 @@ pub async fn statuses(
         }
     }
     Ok(found)
-}
-
-/// Moves each order (id, owner) that is in one of `from` to `to`, one statement per
-/// shard; answers the ids that moved (the others were in another state).
-pub async fn transition(
-    db: &Databases,
-    orders_by_user: &[(Uuid, Uuid)],
-    from: &[OrderStatus],
-    to: OrderStatus,
-    failure_reason: Option<&str>,
-) -> Result<BTreeSet<Uuid>, OrdersError> {
-    let mut by_shard: BTreeMap<usize, Vec<Uuid>> = BTreeMap::new();
-    for (order, user) in orders_by_user {
-        by_shard
-            .entry(shard_index(*user, db.shard_count()))
-            .or_default()
-            .push(*order);
-    }
-    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
-    let mut moved = BTreeSet::new();
-    for (shard, ids) in by_shard {
-        let mut conn = db.shards()[shard].write_conn().await?;
-        let updated: Vec<Uuid> = diesel::update(
-            orders::table
-                .filter(orders::id.eq_any(&ids))
-                .filter(orders::status.eq_any(&from)),
-        )
-        .set((
-            orders::status.eq(to.as_str()),
-            orders::failure_reason.eq(failure_reason),
-            orders::updated_at.eq(diesel::dsl::now),
-        ))
-        .returning(orders::id)
-        .get_results(&mut conn)
-        .await?;
-        moved.extend(updated);
-    }
-    Ok(moved)
 }
 
 pub async fn find(

@@ -155,136 +155,134 @@ async fn commit_orders(
     Ok(per_order)
 }
 
+/// One batch, end to end. The order of steps is what makes redelivery safe:
+/// 1. commit reservations (a released one means the order may not proceed);
+/// 2. look up which orders already have a row (settled before a crash, or cancelled
+///    before the worker reached them): those are not charged again;
+/// 3. charge the rest (idempotent by order id, so a crash after charging and before
+///    step 4 charges nothing twice);
+/// 4. write every order in its final state, one insert per shard (ON CONFLICT DO NOTHING);
+/// 5. ledger, stock releases and notifications, each idempotent, for this batch's and
+///    for earlier-settled orders alike; then the caller acks.
 async fn handle(state: &AppState, messages: &[OrderMessage]) -> Result<(), OrdersError> {
     let commits = commit_orders(state, messages).await?;
-    let mut to_persist = Vec::with_capacity(messages.len());
+    let mut rows = Vec::with_capacity(messages.len());
     let mut committed = vec![];
-    let mut not_loaded = vec![];
     for (message, outcome) in messages.iter().zip(commits) {
-        let (status, reason) = match outcome {
+        let reason = match outcome {
             CommitOutcome::Committed => {
                 committed.push(message);
-                (OrderStatus::Pending, None)
+                continue;
             }
-            CommitOutcome::Released => (OrderStatus::Failed, Some("reservation_released")),
-            CommitOutcome::SoldOut => (OrderStatus::Failed, Some("sold_out")),
+            CommitOutcome::Released => "reservation_released",
+            CommitOutcome::SoldOut => "sold_out",
             CommitOutcome::NotLoaded => {
-                not_loaded.push(message);
+                // Stock not restored yet after a Redis loss: come back after a delay.
+                retry_later(state, message).await?;
                 continue;
             }
         };
-        to_persist.push(NewOrder {
-            order: &message.order,
-            kind: message.kind,
-            status,
-            failure_reason: reason,
-        });
-    }
-    store::insert_batch(&state.db, &to_persist).await?;
-
-    // Stock not restored yet after a Redis loss: come back after a delay.
-    for message in not_loaded {
-        retry_later(state, message).await?;
+        rows.push(final_row(message, OrderStatus::Failed, Some(reason)));
     }
 
-    // Units leave the shelf only for orders still live: one cancelled before it was
-    // persisted already had its reservation released.
     let owners: Vec<(Uuid, Uuid)> = committed.iter().map(|m| owner(&m.order)).collect();
-    let current = store::statuses(&state.db, &owners).await?;
-    let sold: Vec<LedgerLine> = committed
-        .iter()
-        .filter(|m| {
-            matches!(
-                current.get(&m.order.id),
-                Some(OrderStatus::Pending | OrderStatus::Paid)
-            )
-        })
-        .flat_map(|m| lines(&m.order))
-        .collect();
-    products::record_sold(state, &sold).await?;
+    let existing = store::statuses(&state.db, &owners).await?;
+    let (seen, fresh): (Vec<&OrderMessage>, Vec<&OrderMessage>) = committed
+        .into_iter()
+        .partition(|m| existing.contains_key(&m.order.id));
 
-    let mut to_charge = vec![];
-    let mut renotify = vec![];
-    for message in committed {
-        match current.get(&message.order.id) {
-            Some(OrderStatus::Pending) => to_charge.push(message),
-            // Redelivered after it was settled: notify again (the consumer deduplicates).
+    let charged = charge(state, &fresh).await?;
+    for (message, status, reason) in &charged {
+        rows.push(final_row(message, *status, *reason));
+    }
+    let inserted = store::insert_batch(&state.db, &rows).await?;
+
+    // Settled now, or settled by an earlier delivery that crashed before finishing.
+    let mut settled: Vec<(&Order, OrderStatus)> = vec![];
+    for (message, status, _) in &charged {
+        if inserted.contains(&message.order.id) {
+            settled.push((&message.order, *status));
+        } else if *status == OrderStatus::Paid {
+            // Someone cancelled it while it was being charged: give the money back.
+            refund(state, message.order.id).await;
+        }
+    }
+    for message in seen {
+        match existing.get(&message.order.id) {
             Some(status @ (OrderStatus::Paid | OrderStatus::Failed)) => {
-                renotify.push((&message.order, *status))
+                settled.push((&message.order, *status))
             }
             _ => {}
         }
     }
-    notify_all(state, &renotify).await?;
-    settle_payments(state, &to_charge).await
+    let sold: Vec<LedgerLine> = settled
+        .iter()
+        .filter(|(_, status)| *status == OrderStatus::Paid)
+        .flat_map(|(order, _)| lines(order))
+        .collect();
+    products::record_sold(state, &sold).await?;
+    let failed: Vec<&Order> = settled
+        .iter()
+        .filter(|(_, status)| *status == OrderStatus::Failed)
+        .map(|(order, _)| *order)
+        .collect();
+    release_stock(state, &failed).await?;
+    notify_all(state, &settled).await
 }
 
 fn owner(order: &Order) -> (Uuid, Uuid) {
     (order.id, order.user_id)
 }
 
-/// Charges every pending order at once (through the breaker) and settles the outcomes in
-/// one status update per shard and outcome.
-async fn settle_payments(state: &AppState, to_charge: &[&OrderMessage]) -> Result<(), OrdersError> {
+fn final_row<'a>(
+    message: &'a OrderMessage,
+    status: OrderStatus,
+    failure_reason: Option<&'static str>,
+) -> NewOrder<'a> {
+    NewOrder {
+        order: &message.order,
+        kind: message.kind,
+        status,
+        failure_reason,
+    }
+}
+
+/// Charges every order at once (through the breaker). Answers the final status of each
+/// order that is settled; an order whose charge failed goes to a retry queue, or, once its
+/// retries are used up, to the dead-letter queue as failed.
+async fn charge<'a>(
+    state: &AppState,
+    to_charge: &[&'a OrderMessage],
+) -> Result<Vec<(&'a OrderMessage, OrderStatus, Option<&'static str>)>, OrdersError> {
     let charges = join_all(
         to_charge
             .iter()
             .map(|m| state.orders.payments.charge(&m.order, m.attempt)),
     )
     .await;
-    let (mut approved, mut declined, mut unavailable) = (vec![], vec![], vec![]);
+    let mut settled = Vec::with_capacity(to_charge.len());
     for (message, charge) in to_charge.iter().zip(charges) {
         match charge {
-            Ok(ChargeOutcome::Approved) => approved.push(&message.order),
-            Ok(ChargeOutcome::Declined) => declined.push(&message.order),
+            Ok(ChargeOutcome::Approved) => settled.push((*message, OrderStatus::Paid, None)),
+            Ok(ChargeOutcome::Declined) => {
+                settled.push((*message, OrderStatus::Failed, Some("payment_declined")))
+            }
             Err(e) => {
                 tracing::warn!(order = %message.order.id, attempt = message.attempt, error = %e, "charge failed");
-                unavailable.push(*message);
+                if !retry_later(state, message).await? {
+                    let payload = serde_json::to_vec(&OrderEnvelope::new(vec![(*message).clone()]))
+                        .map_err(corrupt)?;
+                    state
+                        .orders
+                        .publisher
+                        .publish(&state.orders.queues.dead, &payload)
+                        .await?;
+                    settled.push((*message, OrderStatus::Failed, Some("payment_unavailable")));
+                }
             }
         }
     }
-
-    let owners: Vec<(Uuid, Uuid)> = approved.iter().map(|o| owner(o)).collect();
-    let paid = store::transition(
-        &state.db,
-        &owners,
-        &[OrderStatus::Pending],
-        OrderStatus::Paid,
-        None,
-    )
-    .await?;
-    let (paid_now, cancelled_meanwhile): (Vec<&Order>, Vec<&Order>) =
-        approved.into_iter().partition(|o| paid.contains(&o.id));
-    // Cancelled while the charge was in flight: give the money back.
-    join_all(cancelled_meanwhile.iter().map(|o| refund(state, o.id))).await;
-    let paid_now: Vec<(&Order, OrderStatus)> = paid_now
-        .into_iter()
-        .map(|o| (o, OrderStatus::Paid))
-        .collect();
-    notify_all(state, &paid_now).await?;
-
-    fail(state, &declined, "payment_declined").await?;
-
-    let retried = join_all(unavailable.iter().map(|m| retry_later(state, m))).await;
-    let mut exhausted = vec![];
-    for (message, retried) in unavailable.into_iter().zip(retried) {
-        if !retried? {
-            exhausted.push(message);
-        }
-    }
-    let dead_letters = join_all(exhausted.iter().map(|m| async move {
-        let payload =
-            serde_json::to_vec(&OrderEnvelope::new(vec![(*m).clone()])).map_err(corrupt)?;
-        state
-            .orders
-            .publisher
-            .publish(&state.orders.queues.dead, &payload)
-            .await
-    }))
-    .await;
-    dead_letters.into_iter().collect::<Result<Vec<()>, _>>()?;
-    let exhausted: Vec<&Order> = exhausted.iter().map(|m| &m.order).collect();
-    fail(state, &exhausted, "payment_unavailable").await
+    Ok(settled)
 }
 
 fn corrupt(e: serde_json::Error) -> OrdersError {
@@ -304,33 +302,6 @@ async fn retry_later(state: &AppState, message: &OrderMessage) -> Result<bool, O
     let payload = serde_json::to_vec(&OrderEnvelope::new(vec![next])).map_err(corrupt)?;
     state.orders.publisher.publish(queue, &payload).await?;
     Ok(true)
-}
-
-/// Marks pending orders failed and gives their units back (once).
-async fn fail(
-    state: &AppState,
-    orders: &[&Order],
-    reason: &'static str,
-) -> Result<(), OrdersError> {
-    if orders.is_empty() {
-        return Ok(());
-    }
-    let owners: Vec<(Uuid, Uuid)> = orders.iter().map(|o| owner(o)).collect();
-    let failed = store::transition(
-        &state.db,
-        &owners,
-        &[OrderStatus::Pending],
-        OrderStatus::Failed,
-        Some(reason),
-    )
-    .await?;
-    release_stock(state, orders).await?;
-    let failed: Vec<(&Order, OrderStatus)> = orders
-        .iter()
-        .filter(|o| failed.contains(&o.id))
-        .map(|o| (*o, OrderStatus::Failed))
-        .collect();
-    notify_all(state, &failed).await
 }
 
 /// Releases every item's reservation of `orders`; units of persisted orders go back on
