@@ -208,11 +208,10 @@ async fn handle(state: &AppState, messages: &[OrderMessage]) -> Result<(), Order
         }
     }
     for message in seen {
-        match existing.get(&message.order.id) {
-            Some(status @ (OrderStatus::Paid | OrderStatus::Failed)) => {
-                settled.push((&message.order, *status))
-            }
-            _ => {}
+        if let Some(status @ (OrderStatus::Paid | OrderStatus::Failed)) =
+            existing.get(&message.order.id)
+        {
+            settled.push((&message.order, *status));
         }
     }
     let sold: Vec<LedgerLine> = settled
