@@ -37,6 +37,9 @@ pub struct HttpSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
+    /// `serve` creates and migrates the databases first (local development; production runs
+    /// `flashsale migrate` as its own step).
+    pub migrate_on_start: bool,
     pub pool_max_size: u32,
     pub pool_timeout_ms: u64,
     pub read_your_writes_secs: u64,

@@ -82,6 +82,9 @@ async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::er
         Command::Migrate => db::migrate(&settings.database).await?,
         Command::Serve { role } => {
             tracing::info!(?role, "starting");
+            if settings.database.migrate_on_start {
+                db::migrate(&settings.database).await?;
+            }
             roles::serve(AppState::build(settings).await?, role).await?;
         }
         Command::Seed { users } => {

@@ -58,40 +58,28 @@ async fn only_admins_write_the_catalogue_and_bad_products_are_422() {
 
     let path = format!("/products/{id}");
     let res = app
-        .client
-        .patch(app.url(&path))
-        .bearer_auth(&customer.access)
-        .json(&json!({"price": "1.00"}))
-        .send()
-        .await
-        .unwrap();
+        .patch_json(&path, &json!({"price": "1.00"}), &customer.access)
+        .await;
     assert_problem(res, 403, "forbidden").await;
     let res = app
-        .client
-        .put(app.url(&format!("{path}/inventory")))
-        .bearer_auth(&customer.access)
-        .json(&json!({"inventory": 0}))
-        .send()
-        .await
-        .unwrap();
+        .put_json(
+            &format!("{path}/inventory"),
+            &json!({"inventory": 0}),
+            &customer.access,
+        )
+        .await;
     assert_problem(res, 403, "forbidden").await;
     let res = app
-        .client
-        .patch(app.url(&path))
-        .bearer_auth(&admin.access)
-        .json(&json!({"name": ""}))
-        .send()
-        .await
-        .unwrap();
+        .patch_json(&path, &json!({"name": ""}), &admin.access)
+        .await;
     assert_problem(res, 422, "validation_failed").await;
     let res = app
-        .client
-        .put(app.url(&format!("{path}/inventory")))
-        .bearer_auth(&admin.access)
-        .json(&json!({"inventory": -1}))
-        .send()
-        .await
-        .unwrap();
+        .put_json(
+            &format!("{path}/inventory"),
+            &json!({"inventory": -1}),
+            &admin.access,
+        )
+        .await;
     assert_problem(res, 422, "validation_failed").await;
 
     // Nothing changed.
@@ -208,13 +196,8 @@ async fn scheduling_a_sale_makes_it_buyable_and_inventory_changes_respect_reserv
     let patch = json!({"flash_sale_price": "399.00", "flash_sale_start": now - chrono::Duration::seconds(1),
                        "flash_sale_end": now + chrono::Duration::hours(1)});
     let res = app
-        .client
-        .patch(app.url(&format!("/products/{id}")))
-        .bearer_auth(&admin.access)
-        .json(&patch)
-        .send()
-        .await
-        .unwrap();
+        .patch_json(&format!("/products/{id}"), &patch, &admin.access)
+        .await;
     assert_eq!(res.status(), 200);
     let patched: Value = res.json().await.unwrap();
     assert_eq!(patched["is_flash_sale"], true);
@@ -234,29 +217,27 @@ async fn scheduling_a_sale_makes_it_buyable_and_inventory_changes_respect_reserv
     assert_eq!(list["items"][0]["sale_status"], "active");
 
     // One unit is reserved (not yet persisted): inventory may not drop below it.
+    let path = format!("/products/{id}/inventory");
     let inventory = |n: i64| {
-        app.client
-            .put(app.url(&format!("/products/{id}/inventory")))
-            .bearer_auth(&admin.access)
-            .json(&json!({"inventory": n}))
-            .send()
+        let body = json!({"inventory": n});
+        let (app, path, token) = (&app, &path, &admin.access);
+        async move { app.put_json(path, &body, token).await }
     };
-    assert_problem(inventory(0).await.unwrap(), 409, "inventory_below_reserved").await;
+    assert_problem(inventory(0).await, 409, "inventory_below_reserved").await;
     assert_eq!(app.remaining(id).await, 2);
-    assert_eq!(inventory(1).await.unwrap().status(), 200);
+    assert_eq!(inventory(1).await.status(), 200);
     assert_eq!(app.remaining(id).await, 0);
-    assert_eq!(inventory(10).await.unwrap().status(), 200);
+    assert_eq!(inventory(10).await.status(), 200);
     assert_eq!(app.remaining(id).await, 9);
 
     // Unscheduling ends the sale at once.
     let res = app
-        .client
-        .patch(app.url(&format!("/products/{id}")))
-        .bearer_auth(&admin.access)
-        .json(&json!({"is_flash_sale": false}))
-        .send()
-        .await
-        .unwrap();
+        .patch_json(
+            &format!("/products/{id}"),
+            &json!({"is_flash_sale": false}),
+            &admin.access,
+        )
+        .await;
     assert_eq!(res.status(), 200);
     let other = app.mint_token(Uuid::now_v7());
     assert_problem(

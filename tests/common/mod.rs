@@ -210,13 +210,31 @@ impl TestApp {
     }
 
     pub async fn put_json(&self, path: &str, body: &Value, token: &str) -> reqwest::Response {
-        self.client
-            .put(self.url(path))
-            .bearer_auth(token)
-            .json(body)
-            .send()
+        self.send(reqwest::Method::PUT, path, token, Some(body))
             .await
-            .expect("request sent")
+    }
+
+    pub async fn patch_json(&self, path: &str, body: &Value, token: &str) -> reqwest::Response {
+        self.send(reqwest::Method::PATCH, path, token, Some(body))
+            .await
+    }
+
+    /// Any authenticated request, with a JSON body when given.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<&Value>,
+    ) -> reqwest::Response {
+        let mut req = self
+            .client
+            .request(method, self.url(path))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        req.send().await.expect("request sent")
     }
 
     pub async fn register(&self, email: &str) -> Session {

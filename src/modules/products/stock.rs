@@ -184,6 +184,19 @@ impl SaleKeys {
         }
     }
 
+    /// Starts an invocation of `script` with the six sale keys, in the order every script
+    /// that takes them reads them (KEYS[1..6]).
+    fn invoke<'a>(&self, script: &'a Script) -> redis::ScriptInvocation<'a> {
+        let mut invocation = script.key(&self.stock);
+        invocation
+            .key(&self.epoch)
+            .key(&self.sale)
+            .key(&self.buyers)
+            .key(&self.reservations)
+            .key(&self.pending);
+        invocation
+    }
+
     /// Flash-sale attempts of `user` on this product in one minute window.
     fn attempts(&self, user: Uuid, minute: i64) -> String {
         format!("{}:attempts:{}:{minute}", self.tagged_prefix, user.simple())
@@ -268,14 +281,8 @@ impl StockScripts {
     ) -> redis::RedisResult<Reservation> {
         let keys = SaleKeys::new(redis, req.product);
         let now = Utc::now();
-        let reply: Vec<String> = self
-            .reserve
-            .key(&keys.stock)
-            .key(&keys.epoch)
-            .key(&keys.sale)
-            .key(&keys.buyers)
-            .key(&keys.reservations)
-            .key(&keys.pending)
+        let reply: Vec<String> = keys
+            .invoke(&self.reserve)
             .key(keys.idempotency(req.user, req.key_digest))
             .key(keys.attempts(req.user, now.timestamp() / 60))
             .arg(req.user.simple().to_string())
@@ -400,14 +407,8 @@ impl StockScripts {
         let keys = SaleKeys::new(redis, product);
         // Kept a day past the end so late workers and the reconciler still find the records.
         let expire_at = terms.end.timestamp() + 86_400;
-        let loaded: i64 = self
-            .load
-            .key(&keys.stock)
-            .key(&keys.epoch)
-            .key(&keys.sale)
-            .key(&keys.buyers)
-            .key(&keys.reservations)
-            .key(&keys.pending)
+        let loaded: i64 = keys
+            .invoke(&self.load)
             .arg(inventory)
             .arg(Uuid::now_v7().to_string())
             .arg(terms.start.timestamp_millis())
