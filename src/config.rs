@@ -67,6 +67,8 @@ pub struct RedisSettings {
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
     pub url: String,
+    /// Shown in the broker's connection list (operators find a pod's connections by it).
+    pub connection_name: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -302,3 +302,64 @@ async fn reservations_whose_order_never_arrived_are_released_once() {
     assert_eq!(again.released, 0, "released exactly once");
     assert_eq!(app.remaining(product).await, 3);
 }
+
+/// Asks the broker to close this test's connections, as a broker restart would.
+fn broker_closes_connections(name: &str) {
+    let listed = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    let pids: Vec<&str> = listing
+        .lines()
+        .filter(|line| line.contains(name))
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    assert!(!pids.is_empty(), "no connection named {name} in {listing}");
+    for pid in pids {
+        let closed = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "test: broker-side close"])
+            .status()
+            .expect("rabbitmqctl runs");
+        assert!(closed.success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_connection_recovers_by_itself_after_the_broker_drops_it() {
+    let app = Arc::new(TestApp::spawn().await);
+    let _worker = app.spawn_worker().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 50, "1.00").await;
+    assert_eq!(buy_many(&app, product, 1, 1).await[0].0, 201);
+
+    broker_closes_connections(&app.state.settings.amqp.connection_name);
+
+    // Requests during the outage are refused with 503 (stock given back); once the
+    // connection is back, orders are accepted again without a restart.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut accepted = vec![];
+    loop {
+        let token = app.mint_token(Uuid::now_v7());
+        let res = app.buy(&token, product, "after-drop", &json!({})).await;
+        let status = res.status().as_u16();
+        assert!(status == 201 || status == 503, "{status}");
+        if status == 201 {
+            let body: Value = res.json().await.unwrap();
+            accepted.push((body["id"].as_str().unwrap().parse::<Uuid>().unwrap(), token));
+            break;
+        }
+        assert!(Instant::now() < deadline, "publishing never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (order, token) in &accepted {
+        assert_eq!(app.wait_settled(token, *order).await, "paid");
+    }
+    assert_eq!(app.remaining(product).await, 48);
+}

@@ -15,7 +15,7 @@ impl Amqp {
         // Auto-recovery reconnects after a broker restart and re-opens channels, consumers
         // and declared topology.
         let props = ConnectionProperties::default()
-            .with_connection_name("flashsale".into())
+            .with_connection_name(settings.connection_name.as_str().into())
             .enable_auto_recover();
         let conn = Connection::connect(&settings.url, props).await?;
         Ok(Self {

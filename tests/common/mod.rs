@@ -77,6 +77,7 @@ impl TestAppBuilder {
             .collect();
         settings.redis.key_prefix = format!("t:{id}:");
         settings.orders.amqp_prefix = format!("t.{id}.");
+        settings.amqp.connection_name = format!("flashsale-test-{id}");
         for tweak in self.tweaks {
             tweak(&mut settings);
         }
