@@ -37,6 +37,7 @@ async fn every_route_is_in_the_openapi_document_and_docs_are_served() {
         ("/products/{id}", "get"),
         ("/products/{id}", "patch"),
         ("/products/{id}/inventory", "put"),
+        ("/orders", "post"),
         ("/orders/flash-sale/{product_id}", "post"),
         ("/orders/user/{user_id}", "get"),
         ("/orders/{id}", "get"),

@@ -44,3 +44,84 @@ impl Redis {
             .map(drop)
     }
 }
+
+/// The idempotency check shared by every script that takes an `Idempotency-Key`: replay
+/// the stored answer, refuse the same key with another body, or one still in flight.
+/// `IDEM_KEY` and `BODY_HASH` are replaced with the script's own KEYS/ARGV slots.
+pub const IDEMPOTENCY_CHECK: &str = r#"
+local idem = redis.call('GET', IDEM_KEY)
+if idem then
+  local rec = cjson.decode(idem)
+  if rec.body_hash ~= BODY_HASH then return {'mismatch'} end
+  if rec.state == 'in_progress' then return {'in_progress'} end
+  return {'replay', idem}
+end
+"#;
+
+/// The check with its slots filled in.
+pub fn idempotency_check(key_slot: &str, body_hash_slot: &str) -> String {
+    IDEMPOTENCY_CHECK
+        .replace("IDEM_KEY", key_slot)
+        .replace("BODY_HASH", body_hash_slot)
+}
+
+/// Where an idempotent request stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyStart {
+    /// First time: the key is now marked in progress.
+    Fresh,
+    /// Done before: the stored answer.
+    Replay(String),
+    InProgress,
+    KeyReusedWithOtherBody,
+}
+
+impl IdempotencyStart {
+    /// Reads a script reply that began with the idempotency check; `None` when the reply
+    /// is the script's own.
+    pub fn from_reply(reply: &[String]) -> Option<Self> {
+        match reply {
+            [status, stored] if status == "replay" => Some(Self::Replay(stored.clone())),
+            [status] if status == "in_progress" => Some(Self::InProgress),
+            [status] if status == "mismatch" => Some(Self::KeyReusedWithOtherBody),
+            _ => None,
+        }
+    }
+}
+
+/// Starts an idempotent request whose work spans several Redis slots: check the key, and
+/// mark it in progress when it is new, atomically.
+pub struct Idempotency {
+    begin: redis::Script,
+}
+
+impl Default for Idempotency {
+    fn default() -> Self {
+        let begin = format!(
+            "{}redis.call('SET', KEYS[1], cjson.encode({{state = 'in_progress', body_hash = ARGV[1]}}), 'EX', ARGV[2])\nreturn {{'ok'}}",
+            idempotency_check("KEYS[1]", "ARGV[1]")
+        );
+        Self {
+            begin: redis::Script::new(&begin),
+        }
+    }
+}
+
+impl Idempotency {
+    pub async fn begin(
+        &self,
+        redis: &Redis,
+        key: &str,
+        body_hash: &str,
+        ttl_secs: u64,
+    ) -> redis::RedisResult<IdempotencyStart> {
+        let reply: Vec<String> = self
+            .begin
+            .key(key)
+            .arg(body_hash)
+            .arg(ttl_secs)
+            .invoke_async(&mut redis.conn())
+            .await?;
+        Ok(IdempotencyStart::from_reply(&reply).unwrap_or(IdempotencyStart::Fresh))
+    }
+}

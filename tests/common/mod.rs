@@ -539,3 +539,26 @@ impl TestApp {
         self.redis_exists(&format!("paysim:charge:{order}")).await
     }
 }
+
+impl TestApp {
+    /// Creates a regular (not flash-sale) product.
+    pub async fn regular_product(&self, admin: &str, stock: i32, price: &str) -> Uuid {
+        let body = json!({"name": "Everyday thing", "price": price, "inventory": stock});
+        let res = self.post_json("/products", &body, Some(admin)).await;
+        assert_eq!(res.status(), 201, "create product");
+        let product: Value = res.json().await.expect("product");
+        product["id"].as_str().expect("id").parse().expect("uuid")
+    }
+
+    /// `POST /orders` with an idempotency key.
+    pub async fn order(&self, token: &str, key: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/orders"))
+            .bearer_auth(token)
+            .header("idempotency-key", key)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+}

@@ -2,7 +2,7 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use uuid::Uuid;
 
-use super::model::{FlashSaleOrderRequest, Order, OrderStatusView};
+use super::model::{CreateOrderRequest, FlashSaleOrderRequest, Order, OrderStatusView};
 use crate::app::AppState;
 use crate::infra::http::extract::parse_optional_json;
 use crate::infra::http::paging::{Page, PageQuery};
@@ -13,6 +13,7 @@ use crate::modules::auth::AuthUser;
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/orders")
+            .route("", web::post().to(place_order))
             .route(
                 "/flash-sale/{product_id}",
                 web::post().to(place_flash_sale_order),
@@ -26,6 +27,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 #[derive(utoipa::OpenApi)]
 #[openapi(paths(
+    place_order,
     place_flash_sale_order,
     list_user_orders,
     get_order,
@@ -49,21 +51,49 @@ async fn place_flash_sale_order(
     product: web::Path<Uuid>,
     body: web::Bytes,
 ) -> Result<HttpResponse, Problem> {
-    let key = req
-        .headers()
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok());
-    let key_digest = super::idempotency_digest(key)?;
+    let key_digest = idempotency_digest(&req)?;
     let request: FlashSaleOrderRequest = parse_optional_json(&body)?.unwrap_or_default();
     let placed =
         super::place_flash_sale_order(&state, &caller, product.into_inner(), &key_digest, &request)
             .await?;
+    Ok(created(placed))
+}
+
+fn idempotency_digest(req: &HttpRequest) -> Result<String, Problem> {
+    let key = req
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok());
+    Ok(super::idempotency_digest(key)?)
+}
+
+/// 201 with the order and its Location; a replay says so.
+fn created(placed: super::Placed) -> HttpResponse {
     let mut response = HttpResponse::Created();
     response.insert_header((header::LOCATION, format!("/orders/{}", placed.order.id)));
     if placed.replayed {
         response.insert_header(("Idempotency-Replayed", "true"));
     }
-    Ok(response.json(placed.order))
+    response.json(placed.order)
+}
+
+#[utoipa::path(post, path = "/orders", tag = "orders", security(("bearer" = [])),
+    params(("Idempotency-Key" = String, Header, description = "1 to 255 visible ASCII characters; scoped per user")),
+    request_body = CreateOrderRequest,
+    responses((status = 201, body = Order, description = "accepted; the worker settles it to paid or failed"),
+              (status = 400, body = ProblemBody, description = "idempotency_key_required"),
+              (status = 404, body = ProblemBody, description = "a product does not exist"),
+              (status = 409, body = ProblemBody, description = "sold_out, sale_not_active (product on flash sale), request_in_progress"),
+              (status = 422, body = ProblemBody), (status = 503, body = ProblemBody)))]
+async fn place_order(
+    state: web::Data<AppState>,
+    caller: AuthUser,
+    req: HttpRequest,
+    body: web::Json<CreateOrderRequest>,
+) -> Result<HttpResponse, Problem> {
+    let key_digest = idempotency_digest(&req)?;
+    let placed = super::place_order(&state, &caller, &key_digest, &body).await?;
+    Ok(created(placed))
 }
 
 #[utoipa::path(get, path = "/orders/{id}", tag = "orders", security(("bearer" = [])),

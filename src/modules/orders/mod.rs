@@ -20,7 +20,8 @@ use uuid::Uuid;
 
 pub use error::OrdersError;
 pub use model::{
-    FlashSaleOrderRequest, Order, OrderEnvelope, OrderItem, OrderKind, OrderMessage, OrderStatus,
+    CreateOrderRequest, FlashSaleOrderRequest, Order, OrderEnvelope, OrderItem, OrderKind,
+    OrderMessage, OrderStatus,
 };
 pub use payment::{PaymentGateway, PaymentSimulator, Payments};
 pub use queue::QueueNames;
@@ -31,7 +32,7 @@ use crate::config::OrdersSettings;
 use crate::infra::amqp::Amqp;
 use crate::infra::db::ReadFrom;
 use crate::infra::http::paging::PageRequest;
-use crate::infra::redis::Redis;
+use crate::infra::redis::{Idempotency, IdempotencyStart, Redis};
 use crate::modules::auth::AuthUser;
 use crate::modules::products::{self, Reservation, ReserveRequest};
 use model::{MAX_ADDRESS_CHARS, PAYMENT_METHODS};
@@ -45,6 +46,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// What orders keep for the life of the process.
 pub struct OrdersState {
     pub queues: QueueNames,
+    idempotency: Idempotency,
     publisher: Arc<queue::Publisher>,
     order_publisher: queue::OrderPublisher,
     pub payments: Payments,
@@ -72,6 +74,7 @@ impl OrdersState {
         let payments = Payments::new(simulator.clone(), &settings.payment);
         Ok(Self {
             queues,
+            idempotency: Idempotency::default(),
             publisher,
             order_publisher,
             payments,
@@ -131,35 +134,14 @@ pub async fn place_flash_sale_order(
 ) -> Result<Placed, OrdersError> {
     let settings = &state.settings.orders;
     let quantity = request.quantity.unwrap_or(1);
-    if quantity < 1 || quantity > i64::from(settings.max_quantity) {
-        return Err(OrdersError::Validation(format!(
-            "quantity must be 1 to {}",
-            settings.max_quantity
-        )));
-    }
-    let payment_method = request
-        .payment_method
-        .clone()
-        .unwrap_or_else(|| "card".to_owned());
-    if !PAYMENT_METHODS.contains(&payment_method.as_str()) {
-        return Err(OrdersError::Validation(format!(
-            "payment_method must be one of {PAYMENT_METHODS:?}"
-        )));
-    }
-    if let Some(address) = &request.shipping_address {
-        let chars = address.trim().chars().count();
-        if chars == 0 || chars > MAX_ADDRESS_CHARS {
-            return Err(OrdersError::Validation(format!(
-                "shipping_address must be 1 to {MAX_ADDRESS_CHARS} characters"
-            )));
-        }
-    }
+    let (payment_method, shipping_address) = check_order_terms(
+        settings,
+        &[quantity],
+        request.payment_method.as_deref(),
+        request.shipping_address.as_deref(),
+    )?;
     let body_hash = hex(&Sha256::digest(
-        format!(
-            "{product}|{quantity}|{payment_method}|{:?}",
-            request.shipping_address
-        )
-        .as_bytes(),
+        format!("{product}|{quantity}|{payment_method}|{shipping_address:?}").as_bytes(),
     ));
     let order_id = Uuid::now_v7();
     let reservation = products::reserve(
@@ -178,14 +160,7 @@ pub async fn place_flash_sale_order(
     .await?;
     let unit_price = match reservation {
         Reservation::Reserved { unit_price } => unit_price,
-        Reservation::Replay(stored) => {
-            let answer: StoredAnswer =
-                serde_json::from_str(&stored).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
-            return Ok(Placed {
-                order: answer.order,
-                replayed: true,
-            });
-        }
+        Reservation::Replay(stored) => return replay(&stored),
         Reservation::InProgress => return Err(OrdersError::RequestInProgress),
         Reservation::KeyReusedWithOtherBody => return Err(OrdersError::IdempotencyKeyReused),
         Reservation::NotLoaded => return Err(not_loaded_reason(state, product).await),
@@ -196,49 +171,252 @@ pub async fn place_flash_sale_order(
             return Err(OrdersError::RateLimited { retry_after_secs })
         }
     };
-    let price: BigDecimal = unit_price
-        .parse()
-        .map_err(|_| OrdersError::Corrupt(format!("sale price `{unit_price}`")))?;
-    let now = Utc::now();
-    let order = Order {
-        id: order_id,
-        user_id: caller.user_id,
-        status: OrderStatus::Pending,
-        total_amount: (&price * BigDecimal::from(quantity)).with_scale(2),
+    let item = OrderItem {
+        product_id: product,
+        quantity: i32::try_from(quantity).unwrap_or(1),
+        price: parse_price(&unit_price)?,
+    };
+    let order = new_order(
+        order_id,
+        caller.user_id,
+        vec![item],
         payment_method,
-        shipping_address: request
-            .shipping_address
-            .as_ref()
-            .map(|a| a.trim().to_owned()),
-        items: vec![OrderItem {
-            product_id: product,
-            quantity: i32::try_from(quantity).unwrap_or(1),
-            price,
-        }],
-        created_at: now,
-        updated_at: now,
+        shipping_address,
+    );
+    let message = OrderMessage {
+        order,
+        kind: OrderKind::FlashSale,
+        attempt: 0,
     };
     let idempotency_key = products::idempotency_key(state, product, caller.user_id, key_digest);
-    if let Err(e) = publish_order(state, &order, OrderKind::FlashSale).await {
-        // Not accepted after all: give the units and the key back, then tell the client.
-        worker::release_stock(state, &[&order]).await?;
-        redis::cmd("DEL")
-            .arg(&idempotency_key)
-            .query_async::<()>(&mut state.redis.conn())
-            .await?;
+    accept(state, message, &idempotency_key, body_hash).await
+}
+
+/// `POST /orders`: several items of regular (not flash-sale) products. Each item is
+/// reserved through the same Redis machinery; if one cannot be, the others are given back.
+pub async fn place_order(
+    state: &AppState,
+    caller: &AuthUser,
+    key_digest: &str,
+    request: &CreateOrderRequest,
+) -> Result<Placed, OrdersError> {
+    let settings = &state.settings.orders;
+    let mut items = request.items.clone();
+    items.sort_by_key(|item| item.product_id);
+    if items.is_empty() || items.len() > MAX_ITEMS {
+        return Err(OrdersError::Validation(format!(
+            "items must hold 1 to {MAX_ITEMS} products"
+        )));
+    }
+    if items
+        .windows(2)
+        .any(|pair| pair[0].product_id == pair[1].product_id)
+    {
+        return Err(OrdersError::Validation(
+            "each product may appear once in items".into(),
+        ));
+    }
+    let quantities: Vec<i64> = items.iter().map(|item| item.quantity).collect();
+    let (payment_method, shipping_address) = check_order_terms(
+        settings,
+        &quantities,
+        request.payment_method.as_deref(),
+        request.shipping_address.as_deref(),
+    )?;
+    let body_hash = hex(&Sha256::digest(
+        format!("{items:?}|{payment_method}|{shipping_address:?}").as_bytes(),
+    ));
+    let idempotency_key = state.redis.key(format_args!(
+        "{{u:{}}}:orders-idem:{key_digest}",
+        caller.user_id.simple()
+    ));
+    let started = state
+        .orders
+        .idempotency
+        .begin(
+            &state.redis,
+            &idempotency_key,
+            &body_hash,
+            settings.idempotency_ttl_secs,
+        )
+        .await?;
+    match started {
+        IdempotencyStart::Fresh => {}
+        IdempotencyStart::Replay(stored) => return replay(&stored),
+        IdempotencyStart::InProgress => return Err(OrdersError::RequestInProgress),
+        IdempotencyStart::KeyReusedWithOtherBody => return Err(OrdersError::IdempotencyKeyReused),
+    }
+    let order_id = Uuid::now_v7();
+    let mut reserved = Vec::with_capacity(items.len());
+    for item in &items {
+        let units = u32::try_from(item.quantity).unwrap_or(1);
+        let refused = match products::reserve_regular(
+            state,
+            item.product_id,
+            caller.user_id,
+            units,
+            order_id,
+        )
+        .await
+        {
+            Ok(Reservation::Reserved { unit_price }) => {
+                reserved.push(OrderItem {
+                    product_id: item.product_id,
+                    quantity: i32::try_from(item.quantity).unwrap_or(1),
+                    price: parse_price(&unit_price)?,
+                });
+                continue;
+            }
+            Ok(Reservation::SoldOut) => OrdersError::SoldOut,
+            Ok(Reservation::PurchaseLimit) => OrdersError::PurchaseLimit,
+            Ok(Reservation::NotLoaded) => OrdersError::StockUnavailable,
+            Ok(_) => OrdersError::SaleNotActive,
+            Err(products::ProductsError::NotFound) => OrdersError::ProductNotFound,
+            Err(e) => e.into(),
+        };
+        let partial = new_order(
+            order_id,
+            caller.user_id,
+            reserved,
+            payment_method,
+            shipping_address,
+        );
+        give_back(state, &partial, &idempotency_key).await?;
+        return Err(refused);
+    }
+    let order = new_order(
+        order_id,
+        caller.user_id,
+        reserved,
+        payment_method,
+        shipping_address,
+    );
+    let message = OrderMessage {
+        order,
+        kind: OrderKind::Regular,
+        attempt: 0,
+    };
+    accept(state, message, &idempotency_key, body_hash).await
+}
+
+const MAX_ITEMS: usize = 20;
+
+/// Checks what both order routes take besides their items; answers the payment method
+/// (default `card`) and the trimmed shipping address.
+fn check_order_terms(
+    settings: &OrdersSettings,
+    quantities: &[i64],
+    payment_method: Option<&str>,
+    shipping_address: Option<&str>,
+) -> Result<(String, Option<String>), OrdersError> {
+    if quantities
+        .iter()
+        .any(|q| *q < 1 || *q > i64::from(settings.max_quantity))
+    {
+        return Err(OrdersError::Validation(format!(
+            "quantity must be 1 to {}",
+            settings.max_quantity
+        )));
+    }
+    let payment_method = payment_method.unwrap_or("card");
+    if !PAYMENT_METHODS.contains(&payment_method) {
+        return Err(OrdersError::Validation(format!(
+            "payment_method must be one of {PAYMENT_METHODS:?}"
+        )));
+    }
+    let shipping_address = shipping_address.map(str::trim);
+    if let Some(address) = shipping_address {
+        let chars = address.chars().count();
+        if chars == 0 || chars > MAX_ADDRESS_CHARS {
+            return Err(OrdersError::Validation(format!(
+                "shipping_address must be 1 to {MAX_ADDRESS_CHARS} characters"
+            )));
+        }
+    }
+    Ok((
+        payment_method.to_owned(),
+        shipping_address.map(str::to_owned),
+    ))
+}
+
+fn parse_price(unit_price: &str) -> Result<BigDecimal, OrdersError> {
+    unit_price
+        .parse()
+        .map_err(|_| OrdersError::Corrupt(format!("sale price `{unit_price}`")))
+}
+
+fn new_order(
+    id: Uuid,
+    user_id: Uuid,
+    items: Vec<OrderItem>,
+    payment_method: String,
+    shipping_address: Option<String>,
+) -> Order {
+    let total: BigDecimal = items
+        .iter()
+        .map(|item| &item.price * BigDecimal::from(item.quantity))
+        .sum();
+    let now = Utc::now();
+    Order {
+        id,
+        user_id,
+        status: OrderStatus::Pending,
+        total_amount: total.with_scale(2),
+        payment_method,
+        shipping_address,
+        items,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+fn replay(stored: &str) -> Result<Placed, OrdersError> {
+    let answer: StoredAnswer =
+        serde_json::from_str(stored).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
+    Ok(Placed {
+        order: answer.order,
+        replayed: true,
+    })
+}
+
+/// Publishes the order; only a confirmed publish accepts it (its status is readable and
+/// its answer stored for replays from then on). Otherwise the units and the key go back.
+async fn accept(
+    state: &AppState,
+    message: OrderMessage,
+    idempotency_key: &str,
+    body_hash: String,
+) -> Result<Placed, OrdersError> {
+    if let Err(e) = state.orders.order_publisher.publish(message.clone()).await {
+        give_back(state, &message.order, idempotency_key).await?;
         return Err(e);
     }
     let answer = StoredAnswer {
         state: "done".to_owned(),
         body_hash,
-        order: order.clone(),
+        order: message.order.clone(),
     };
     let answer = serde_json::to_string(&answer).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
-    record_accepted(state, &order, &idempotency_key, &answer).await?;
+    record_accepted(state, &message, idempotency_key, &answer).await?;
     Ok(Placed {
-        order,
+        order: message.order,
         replayed: false,
     })
+}
+
+/// Undoes a request that will not be accepted: its reserved units, and its key (so a
+/// retry runs again).
+async fn give_back(
+    state: &AppState,
+    order: &Order,
+    idempotency_key: &str,
+) -> Result<(), OrdersError> {
+    worker::release_stock(state, &[order]).await?;
+    redis::cmd("DEL")
+        .arg(idempotency_key)
+        .query_async::<()>(&mut state.redis.conn())
+        .await?;
+    Ok(())
 }
 
 /// Why Redis has no counters for `product`: no such sale (409/404), or a sale whose
@@ -258,32 +436,18 @@ async fn not_loaded_reason(state: &AppState, product: Uuid) -> OrdersError {
     }
 }
 
-/// Hands the order to the queue; returns once the broker confirmed it.
-async fn publish_order(
-    state: &AppState,
-    order: &Order,
-    kind: OrderKind,
-) -> Result<(), OrdersError> {
-    let message = OrderMessage {
-        order: order.clone(),
-        kind,
-        attempt: 0,
-    };
-    state.orders.order_publisher.publish(message).await
-}
-
 /// Makes the accepted order readable (status) and stores the answer for replays of its
 /// idempotency key, in one round trip.
 async fn record_accepted(
     state: &AppState,
-    order: &Order,
+    message: &OrderMessage,
     idempotency_key: &str,
     answer: &str,
 ) -> Result<(), OrdersError> {
-    let json = serde_json::to_string(order).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
+    let json = serde_json::to_string(message).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
     redis::pipe()
         .cmd("SET")
-        .arg(accepted_key(&state.redis, order.id))
+        .arg(accepted_key(&state.redis, message.order.id))
         .arg(json)
         .arg("EX")
         .arg(state.settings.orders.idempotency_ttl_secs)
@@ -303,7 +467,10 @@ fn accepted_key(redis: &Redis, order: Uuid) -> String {
     redis.key(format_args!("order:{order}"))
 }
 
-async fn accepted_order(state: &AppState, order: Uuid) -> Result<Option<Order>, OrdersError> {
+async fn accepted_order(
+    state: &AppState,
+    order: Uuid,
+) -> Result<Option<OrderMessage>, OrdersError> {
     let json: Option<String> = redis::cmd("GET")
         .arg(accepted_key(&state.redis, order))
         .query_async(&mut state.redis.conn())
@@ -318,18 +485,30 @@ pub async fn find_order(
     caller: &AuthUser,
     order: Uuid,
 ) -> Result<Order, OrdersError> {
+    Ok(locate(state, caller, order).await?.0)
+}
+
+/// The order and, while it is known from its acceptance record, its kind.
+async fn locate(
+    state: &AppState,
+    caller: &AuthUser,
+    order: Uuid,
+) -> Result<(Order, Option<OrderKind>), OrdersError> {
     let accepted = accepted_order(state, order).await?;
-    let owner = accepted.as_ref().map(|o| o.user_id);
+    let owner = accepted.as_ref().map(|m| m.order.user_id);
+    let kind = accepted.as_ref().map(|m| m.kind);
     let persisted = match (owner, caller.is_admin()) {
         (Some(owner), _) => store::find(&state.db, owner, order, ReadFrom::Primary).await?,
         (None, true) => store::find_anywhere(&state.db, order).await?,
         (None, false) => store::find(&state.db, caller.user_id, order, ReadFrom::Primary).await?,
     };
-    let found = persisted.or(accepted).ok_or(OrdersError::NotFound)?;
+    let found = persisted
+        .or(accepted.map(|m| m.order))
+        .ok_or(OrdersError::NotFound)?;
     if found.user_id != caller.user_id && !caller.is_admin() {
         return Err(OrdersError::NotFound);
     }
-    Ok(found)
+    Ok((found, kind))
 }
 
 pub async fn list_user_orders(
@@ -347,7 +526,7 @@ pub async fn cancel_order(
     caller: &AuthUser,
     order_id: Uuid,
 ) -> Result<Order, OrdersError> {
-    let order = find_order(state, caller, order_id).await?;
+    let (order, kind) = locate(state, caller, order_id).await?;
     match store::cancel(&state.db, order.user_id, order.id).await? {
         None => {
             // Accepted but not yet persisted: record it cancelled. The worker finds the row
@@ -355,7 +534,7 @@ pub async fn cancel_order(
             // first, this insert does nothing and the second pass below cancels it.
             let cancelled = store::NewOrder {
                 order: &order,
-                kind: OrderKind::FlashSale,
+                kind: kind.unwrap_or(OrderKind::Regular),
                 status: OrderStatus::Cancelled,
                 failure_reason: None,
             };

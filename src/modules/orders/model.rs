@@ -95,6 +95,24 @@ pub struct FlashSaleOrderRequest {
     pub shipping_address: Option<String>,
 }
 
+/// One line of `POST /orders`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderLine {
+    pub product_id: Uuid,
+    pub quantity: i64,
+}
+
+/// `POST /orders`: several regular products in one order.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrderRequest {
+    pub items: Vec<OrderLine>,
+    /// "card" (default), "card_declined" or "card_flaky" with the payment simulator.
+    pub payment_method: Option<String>,
+    pub shipping_address: Option<String>,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OrderStatusView {
     pub id: Uuid,

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 pub use error::ProductsError;
 pub use model::{FlashSaleItem, NewProduct, Product, ProductPatch};
-pub use stock::{CommitOutcome, ReleaseOutcome, Reservation, ReserveRequest, SaleTerms};
+pub use stock::{CommitOutcome, ReleaseOutcome, Reservation, ReserveRequest, SaleKind, SaleTerms};
 pub use store::LedgerLine;
 
 use crate::app::AppState;
@@ -45,6 +45,7 @@ impl ProductsState {
 fn terms(state: &AppState, product: &Product) -> Option<SaleTerms> {
     let (start, end) = product.sale_window()?;
     Some(SaleTerms {
+        kind: SaleKind::Flash,
         start,
         end,
         per_user_limit: state.products.settings.purchase_limit,
@@ -52,9 +53,23 @@ fn terms(state: &AppState, product: &Product) -> Option<SaleTerms> {
     })
 }
 
+/// Regular orders: always open, no per-user limit, the list price.
+fn regular_terms(product: &Product) -> SaleTerms {
+    let now = Utc::now();
+    SaleTerms {
+        kind: SaleKind::Regular,
+        start: now - Duration::days(1),
+        // Renewed by every write to the product; a year keeps idle keys from living forever.
+        end: now + Duration::days(365),
+        per_user_limit: u32::MAX,
+        price: product.price.to_string(),
+    }
+}
+
 /// Brings Redis in line with a product's sale after a write: loads it when it starts
-/// within the preload window (so it is buyable as soon as the write returns), ends it in
-/// Redis when it was unscheduled.
+/// within the preload window (so it is buyable as soon as the write returns); hands the
+/// units to regular orders when it was unscheduled (the flash-sale path then answers
+/// `sale_not_active` at once).
 async fn sync_sale(state: &AppState, product: &Product) -> Result<(), ProductsError> {
     let now = Utc::now();
     let preload = Duration::seconds(state.products.settings.preload_secs);
@@ -68,11 +83,19 @@ async fn sync_sale(state: &AppState, product: &Product) -> Result<(), ProductsEr
         }
         Some(_) => {}
         None => {
-            state
+            if state
                 .products
                 .stock
-                .unload(&state.redis, product.id)
+                .is_loaded(&state.redis, product.id)
                 .await?
+            {
+                let terms = regular_terms(product);
+                state
+                    .products
+                    .stock
+                    .load(&state.redis, product.id, product.inventory, &terms)
+                    .await?;
+            }
         }
     }
     Ok(())
@@ -236,4 +259,40 @@ pub async fn rebuild_sale(
         .rebuild(&state.redis, product.id, stock, buyers, &terms)
         .await?;
     Ok(stock)
+}
+
+/// Reserves units of one item of a regular order, loading the product's stock into Redis
+/// on its first order. A product on flash sale is bought through the flash-sale path only.
+pub async fn reserve_regular(
+    state: &AppState,
+    product: Uuid,
+    user: Uuid,
+    quantity: u32,
+    order: Uuid,
+) -> Result<Reservation, ProductsError> {
+    let stock = &state.products.stock;
+    let first = stock
+        .reserve_item(&state.redis, product, user, quantity, order)
+        .await?;
+    if first != Reservation::NotLoaded {
+        return Ok(first);
+    }
+    let found = store::find(&state.db, product, ReadFrom::Primary).await?;
+    if found.is_flash_sale {
+        return Ok(Reservation::NotActive);
+    }
+    // After a Redis loss this starts again from PostgreSQL's on-hand count; an order
+    // accepted before the loss then takes its units at commit if they are still there
+    // (the worker's late commit), so nothing is oversold.
+    stock
+        .load(
+            &state.redis,
+            product,
+            found.inventory,
+            &regular_terms(&found),
+        )
+        .await?;
+    Ok(stock
+        .reserve_item(&state.redis, product, user, quantity, order)
+        .await?)
 }

@@ -15,26 +15,23 @@ use chrono::{DateTime, Utc};
 use redis::Script;
 use uuid::Uuid;
 
-use crate::infra::redis::Redis;
+use crate::infra::redis::{idempotency_check, IdempotencyStart, Redis};
 
-/// Attempt rate, idempotency replay, sale window, per-user limit, stock check and
-/// decrement, reservation record, all at once. Answers `{outcome, ...}`.
-const RESERVE: &str = r#"
+/// The per-user attempt limit of the flash-sale path (KEYS[8], ARGV[7]).
+const ATTEMPT_LIMIT: &str = r#"
 local attempts = redis.call('INCR', KEYS[8])
 if attempts == 1 then redis.call('EXPIRE', KEYS[8], 60) end
 if attempts > tonumber(ARGV[7]) then return {'rate_limited'} end
-local idem = redis.call('GET', KEYS[7])
-if idem then
-  local rec = cjson.decode(idem)
-  if rec.body_hash ~= ARGV[4] then return {'mismatch'} end
-  if rec.state == 'in_progress' then return {'in_progress'} end
-  return {'replay', idem}
-end
+"#;
+
+/// Sale kind and window, per-user limit, stock check and decrement, reservation record.
+/// KEYS[1..6] are the sale keys; ARGV: 1 user, 2 units, 3 order, 5 now (ms), 8 sale kind.
+const RESERVE_UNITS: &str = r#"
 if redis.call('EXISTS', KEYS[2]) == 0 then return {'not_loaded'} end
 local stock = redis.call('GET', KEYS[1])
 if not stock then return {'not_loaded'} end
-local sale = redis.call('HMGET', KEYS[3], 'start', 'end', 'limit', 'price')
-if not sale[1] then return {'not_active'} end
+local sale = redis.call('HMGET', KEYS[3], 'start', 'end', 'limit', 'price', 'kind')
+if not sale[1] or sale[5] ~= ARGV[8] then return {'not_active'} end
 local now = tonumber(ARGV[5])
 if now < tonumber(sale[1]) or now >= tonumber(sale[2]) then return {'not_active'} end
 local qty = tonumber(ARGV[2])
@@ -45,9 +42,22 @@ redis.call('DECRBY', KEYS[1], qty)
 redis.call('HINCRBY', KEYS[4], ARGV[1], qty)
 redis.call('HSET', KEYS[5], ARGV[3], 'r:' .. ARGV[1] .. ':' .. qty)
 redis.call('ZADD', KEYS[6], now, ARGV[3])
-redis.call('SET', KEYS[7], cjson.encode({state = 'in_progress', order_id = ARGV[3], body_hash = ARGV[4]}), 'EX', ARGV[6])
-return {'ok', sale[4]}
 "#;
+
+/// The flash-sale path in one script: attempt limit, idempotency, reservation, and the
+/// key marked in progress (KEYS[7], ARGV[4] body hash, ARGV[6] TTL).
+fn flash_reserve_script() -> String {
+    format!(
+        "{ATTEMPT_LIMIT}{}{RESERVE_UNITS}{}",
+        idempotency_check("KEYS[7]", "ARGV[4]"),
+        "redis.call('SET', KEYS[7], cjson.encode({state = 'in_progress', order_id = ARGV[3], body_hash = ARGV[4]}), 'EX', ARGV[6])\nreturn {'ok', sale[4]}"
+    )
+}
+
+/// One item of a regular order (its idempotency is handled per request, not per item).
+fn item_reserve_script() -> String {
+    format!("{RESERVE_UNITS}return {{'ok', sale[4]}}")
+}
 
 /// reserved -> committed for each order in ARGV (one call per product per worker batch).
 /// Answers, per order: committed | already | released | missing.
@@ -105,7 +115,7 @@ return state
 /// Loads a sale: the window and limit always, the counter only on the first load (a later
 /// load must not reset units already reserved). Answers 1 when it loaded the counter.
 const LOAD: &str = r#"
-redis.call('HSET', KEYS[3], 'start', ARGV[3], 'end', ARGV[4], 'limit', ARGV[5], 'price', ARGV[6])
+redis.call('HSET', KEYS[3], 'start', ARGV[3], 'end', ARGV[4], 'limit', ARGV[5], 'price', ARGV[6], 'kind', ARGV[8])
 local loaded = 0
 if redis.call('SET', KEYS[2], ARGV[2], 'NX') then
   redis.call('SET', KEYS[1], ARGV[1])
@@ -136,6 +146,7 @@ return 1
 
 pub struct StockScripts {
     reserve: Script,
+    reserve_item: Script,
     commit: Script,
     late_commit: Script,
     release: Script,
@@ -147,7 +158,8 @@ pub struct StockScripts {
 impl Default for StockScripts {
     fn default() -> Self {
         Self {
-            reserve: Script::new(RESERVE),
+            reserve: Script::new(&flash_reserve_script()),
+            reserve_item: Script::new(&item_reserve_script()),
             commit: Script::new(COMMIT),
             late_commit: Script::new(LATE_COMMIT),
             release: Script::new(RELEASE),
@@ -215,10 +227,27 @@ pub fn idempotency_key(redis: &Redis, product: Uuid, user: Uuid, key_digest: &st
 /// What a sale looks like in Redis.
 #[derive(Debug, Clone)]
 pub struct SaleTerms {
+    pub kind: SaleKind,
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
     pub per_user_limit: u32,
     pub price: String,
+}
+
+/// Which path may take units: a flash sale's, or regular orders'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaleKind {
+    Flash,
+    Regular,
+}
+
+impl SaleKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            SaleKind::Flash => "flash",
+            SaleKind::Regular => "regular",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,6 +291,21 @@ pub enum ReleaseOutcome {
     Unknown,
 }
 
+fn reservation_from(reply: &[String], now: DateTime<Utc>) -> Reservation {
+    match reply {
+        [ok, price] if ok == "ok" => Reservation::Reserved {
+            unit_price: price.clone(),
+        },
+        [s] if s == "not_active" => Reservation::NotActive,
+        [s] if s == "limit" => Reservation::PurchaseLimit,
+        [s] if s == "sold_out" => Reservation::SoldOut,
+        [s] if s == "rate_limited" => Reservation::RateLimited {
+            retry_after_secs: (60 - now.timestamp() % 60).unsigned_abs(),
+        },
+        _ => Reservation::NotLoaded,
+    }
+}
+
 pub struct ReserveRequest<'a> {
     pub product: Uuid,
     pub user: Uuid,
@@ -292,23 +336,44 @@ impl StockScripts {
             .arg(now.timestamp_millis())
             .arg(req.idempotency_ttl_secs)
             .arg(req.attempts_per_minute)
+            .arg(SaleKind::Flash.as_str())
             .invoke_async(&mut redis.conn())
             .await?;
-        Ok(match reply.as_slice() {
-            [ok, price] if ok == "ok" => Reservation::Reserved {
-                unit_price: price.clone(),
-            },
-            [replay, stored] if replay == "replay" => Reservation::Replay(stored.clone()),
-            [s] if s == "in_progress" => Reservation::InProgress,
-            [s] if s == "mismatch" => Reservation::KeyReusedWithOtherBody,
-            [s] if s == "not_active" => Reservation::NotActive,
-            [s] if s == "limit" => Reservation::PurchaseLimit,
-            [s] if s == "sold_out" => Reservation::SoldOut,
-            [s] if s == "rate_limited" => Reservation::RateLimited {
-                retry_after_secs: (60 - now.timestamp() % 60).unsigned_abs(),
-            },
-            _ => Reservation::NotLoaded,
-        })
+        if let Some(started) = IdempotencyStart::from_reply(&reply) {
+            return Ok(match started {
+                IdempotencyStart::Replay(stored) => Reservation::Replay(stored),
+                IdempotencyStart::InProgress => Reservation::InProgress,
+                _ => Reservation::KeyReusedWithOtherBody,
+            });
+        }
+        Ok(reservation_from(&reply, now))
+    }
+
+    /// Reserves units of one item of a regular order.
+    pub async fn reserve_item(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+        user: Uuid,
+        quantity: u32,
+        order: Uuid,
+    ) -> redis::RedisResult<Reservation> {
+        let keys = SaleKeys::new(redis, product);
+        let now = Utc::now();
+        // The same ARGV slots as the flash-sale script; the unused ones stay empty.
+        let reply: Vec<String> = keys
+            .invoke(&self.reserve_item)
+            .arg(user.simple().to_string())
+            .arg(quantity)
+            .arg(order.to_string())
+            .arg("")
+            .arg(now.timestamp_millis())
+            .arg("")
+            .arg("")
+            .arg(SaleKind::Regular.as_str())
+            .invoke_async(&mut redis.conn())
+            .await?;
+        Ok(reservation_from(&reply, now))
     }
 
     /// Commits the reservations of several orders of one product: (order, user, units).
@@ -416,18 +481,10 @@ impl StockScripts {
             .arg(terms.per_user_limit)
             .arg(&terms.price)
             .arg(expire_at)
+            .arg(terms.kind.as_str())
             .invoke_async(&mut redis.conn())
             .await?;
         Ok(loaded == 1)
-    }
-
-    /// Ends a sale in Redis (it was unscheduled): reservations stop at once.
-    pub async fn unload(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<()> {
-        let keys = SaleKeys::new(redis, product);
-        redis::cmd("DEL")
-            .arg(&keys.sale)
-            .query_async::<()>(&mut redis.conn())
-            .await
     }
 
     /// Applies `delta` units to a loaded counter. `Ok(None)` when nothing is loaded;
