@@ -53,7 +53,7 @@ impl AppState {
         let redis = Redis::connect(&settings.redis).await?;
         let amqp = Amqp::connect(&settings.amqp).await?;
         let auth = auth::AuthState::new(&settings.auth, &settings.rate_limit)?;
-        let products = products::ProductsState::new(&settings.sales);
+        let products = products::ProductsState::new(&settings.sales, &settings.catalog);
         let orders = orders::OrdersState::new(&settings.orders, &amqp, &redis).await?;
         Ok(Self {
             settings: Arc::new(settings),

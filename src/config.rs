@@ -18,6 +18,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub rate_limit: RateLimitSettings,
     pub users: UsersSettings,
+    pub catalog: CatalogSettings,
     pub sales: SalesSettings,
     pub orders: OrdersSettings,
     pub log: LogSettings,
@@ -103,6 +104,18 @@ pub struct RateLimitSettings {
 pub struct UsersSettings {
     pub cache_ttl_secs: u64,
     pub max_addresses: i64,
+}
+
+/// The catalogue's read path: in-process cache, then Redis, then PostgreSQL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogSettings {
+    /// Products held in each process.
+    pub local_capacity: u64,
+    /// How long a process may serve a product without asking Redis; bounds how long another
+    /// pod's write takes to show here (the consistency window is 5 s).
+    pub local_ttl_ms: u64,
+    pub redis_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -235,6 +248,12 @@ impl Settings {
         }
         if self.auth.argon2.max_concurrent == 0 {
             return invalid("auth.argon2.max_concurrent", "must be at least 1");
+        }
+        if self.catalog.local_ttl_ms > 5_000 {
+            return invalid(
+                "catalog.local_ttl_ms",
+                "must be at most 5000 (the consistency window)",
+            );
         }
         if self.orders.retry_delays_ms.is_empty() {
             return invalid(

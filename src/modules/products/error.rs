@@ -9,6 +9,8 @@ pub enum ProductsError {
     Validation(String),
     #[error("inventory cannot go below the {0} units already reserved")]
     BelowReserved(i64),
+    #[error("catalogue read failed: {0}")]
+    Unavailable(String),
     #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
@@ -29,6 +31,7 @@ impl From<ProductsError> for Problem {
             ProductsError::BelowReserved(_) => {
                 Problem::conflict("inventory_below_reserved", e.to_string())
             }
+            ProductsError::Unavailable(_) => Problem::unavailable(&e),
             ProductsError::Db(e) => e.into(),
             ProductsError::Redis(e) => e.into(),
         }

@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use actix_web::{web, HttpResponse};
 use bigdecimal::BigDecimal;
 use chrono::Utc;
@@ -80,7 +82,7 @@ async fn list_products(
 async fn get_product(
     state: web::Data<AppState>,
     id: web::Path<Uuid>,
-) -> Result<web::Json<Product>, Problem> {
+) -> Result<web::Json<Arc<Product>>, Problem> {
     Ok(web::Json(super::find(&state, id.into_inner()).await?))
 }
 
@@ -95,6 +97,7 @@ async fn create_product(
     let product = body.into_inner().into_product(Uuid::now_v7(), Utc::now());
     model::validate(&product)?;
     let product = store::insert(&state.db, &product).await?;
+    super::written(&state, std::slice::from_ref(&product)).await?;
     sync_sale(&state, &product).await?;
     Ok(HttpResponse::Created()
         .insert_header((
@@ -119,6 +122,7 @@ async fn patch_product(
     let product = body.into_inner().apply(current, Utc::now());
     model::validate(&product)?;
     let product = store::update(&state.db, &product).await?;
+    super::written(&state, std::slice::from_ref(&product)).await?;
     sync_sale(&state, &product).await?;
     Ok(web::Json(product))
 }
@@ -144,6 +148,7 @@ async fn set_inventory(
         &state.redis,
     )
     .await?;
+    super::written(&state, std::slice::from_ref(&product)).await?;
     Ok(web::Json(product))
 }
 

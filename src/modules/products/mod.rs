@@ -1,11 +1,14 @@
 //! Products: the catalogue (global database) and flash-sale stock (Redis). Orders reserve,
 //! commit and release units only through the functions here.
 
+mod cache;
 mod error;
 mod handlers;
 mod model;
 mod stock;
 mod store;
+
+use std::sync::Arc;
 
 use chrono::{Duration, Utc};
 use uuid::Uuid;
@@ -16,9 +19,10 @@ pub use stock::{CommitOutcome, ReleaseOutcome, Reservation, ReserveRequest, Sale
 pub use store::LedgerLine;
 
 use crate::app::AppState;
-use crate::config::SalesSettings;
+use crate::config::{CatalogSettings, SalesSettings};
 use crate::infra::db::ReadFrom;
 use crate::infra::http::paging::PageRequest;
+use cache::ProductCache;
 use stock::StockScripts;
 
 pub use handlers::configure;
@@ -30,13 +34,15 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// What products keep for the life of the process.
 pub struct ProductsState {
     stock: StockScripts,
+    pub cache: ProductCache,
     settings: SalesSettings,
 }
 
 impl ProductsState {
-    pub fn new(settings: &SalesSettings) -> Self {
+    pub fn new(settings: &SalesSettings, catalog: &CatalogSettings) -> Self {
         Self {
             stock: StockScripts::default(),
+            cache: ProductCache::new(catalog),
             settings: settings.clone(),
         }
     }
@@ -142,8 +148,17 @@ pub async fn due_sales(state: &AppState) -> Result<Vec<Product>, ProductsError> 
     }
 }
 
-pub async fn find(state: &AppState, id: Uuid) -> Result<Product, ProductsError> {
-    store::find(&state.db, id, ReadFrom::Replica).await
+/// A product through the three-tier read path.
+pub async fn find(state: &AppState, id: Uuid) -> Result<Arc<Product>, ProductsError> {
+    state.products.cache.get(&state.db, &state.redis, id).await
+}
+
+/// After any write to products: the new versions through every cache tier.
+async fn written(state: &AppState, products: &[Product]) -> Result<(), ProductsError> {
+    for product in products {
+        state.products.cache.put(&state.redis, product).await?;
+    }
+    Ok(())
 }
 
 pub async fn reserve(
@@ -212,11 +227,13 @@ pub async fn release(
 }
 
 pub async fn record_sold(state: &AppState, lines: &[LedgerLine]) -> Result<(), ProductsError> {
-    store::record_sold(&state.db, lines).await
+    let changed = store::record_sold(&state.db, lines).await?;
+    written(state, &changed).await
 }
 
 pub async fn record_released(state: &AppState, lines: &[LedgerLine]) -> Result<(), ProductsError> {
-    store::record_released(&state.db, lines).await
+    let changed = store::record_released(&state.db, lines).await?;
+    written(state, &changed).await
 }
 
 pub async fn sale_is_loaded(state: &AppState, product: Uuid) -> Result<bool, ProductsError> {

@@ -177,12 +177,18 @@ pub struct LedgerLine {
 }
 
 /// Records units as sold (once per order and product) and takes them off the shelf.
-pub async fn record_sold(db: &Databases, lines: &[LedgerLine]) -> Result<(), ProductsError> {
+pub async fn record_sold(
+    db: &Databases,
+    lines: &[LedgerLine],
+) -> Result<Vec<Product>, ProductsError> {
     record(db, lines, "sold", -1).await
 }
 
 /// Gives units of persisted orders back to the shelf, once per order and product.
-pub async fn record_released(db: &Databases, lines: &[LedgerLine]) -> Result<(), ProductsError> {
+pub async fn record_released(
+    db: &Databases,
+    lines: &[LedgerLine],
+) -> Result<Vec<Product>, ProductsError> {
     record(db, lines, "released", 1).await
 }
 
@@ -191,9 +197,9 @@ async fn record(
     lines: &[LedgerLine],
     reason: &'static str,
     sign: i32,
-) -> Result<(), ProductsError> {
+) -> Result<Vec<Product>, ProductsError> {
     if lines.is_empty() {
-        return Ok(());
+        return Ok(vec![]);
     }
     let mut pooled = db.global().write_conn().await?;
     let conn: &mut AsyncPgConnection = &mut pooled;
@@ -245,7 +251,7 @@ async fn record(
             })
             .collect();
         if rows.is_empty() {
-            return Ok(());
+            return Ok(vec![]);
         }
         // Only rows that are new move inventory: a redelivered message changes nothing.
         let fresh: Vec<(Uuid, i32)> = diesel::insert_into(inventory_ledger::table)
@@ -258,13 +264,21 @@ async fn record(
         for (product, delta) in fresh.into_iter().filter(|(_, delta)| *delta != 0) {
             *per_product.entry(product).or_default() += delta;
         }
+        // The new versions go back to the caller for the catalogue cache.
+        let mut changed = Vec::with_capacity(per_product.len());
         for (product, delta) in per_product {
-            diesel::update(products::table.find(product))
-                .set(products::inventory.eq(products::inventory + delta))
-                .execute(conn)
-                .await?;
+            changed.push(
+                diesel::update(products::table.find(product))
+                    .set((
+                        products::inventory.eq(products::inventory + delta),
+                        products::updated_at.eq(diesel::dsl::now),
+                    ))
+                    .returning(Product::as_returning())
+                    .get_result(conn)
+                    .await?,
+            );
         }
-        Ok::<_, ProductsError>(())
+        Ok::<_, ProductsError>(changed)
     })
     .await
 }
