@@ -239,26 +239,17 @@ impl TestApp {
     }
 
     pub async fn register(&self, email: &str) -> Session {
-        let res = self
-            .post_json(
-                "/auth/register",
-                &json!({"email": email, "password": PASSWORD}),
-                None,
-            )
-            .await;
-        assert_eq!(res.status(), 201, "register {email}");
-        session_from(res, email).await
+        self.authenticate("/auth/register", email, 201).await
     }
 
     pub async fn login(&self, email: &str) -> Session {
-        let res = self
-            .post_json(
-                "/auth/login",
-                &json!({"email": email, "password": PASSWORD}),
-                None,
-            )
-            .await;
-        assert_eq!(res.status(), 200, "login {email}");
+        self.authenticate("/auth/login", email, 200).await
+    }
+
+    async fn authenticate(&self, path: &str, email: &str, expected: u16) -> Session {
+        let body = json!({"email": email, "password": PASSWORD});
+        let res = self.post_json(path, &body, None).await;
+        assert_eq!(res.status().as_u16(), expected, "{path} {email}");
         session_from(res, email).await
     }
 
