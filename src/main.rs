@@ -42,6 +42,12 @@ enum Command {
         /// How many users to create (user0..userN-1@seed.flashsale.test).
         #[arg(long, default_value_t = 1000)]
         users: u64,
+        /// How many products to create.
+        #[arg(long, default_value_t = 0)]
+        products: u64,
+        /// How many of those products are on flash sale now (the first K).
+        #[arg(long, default_value_t = 0)]
+        flash_sales: u64,
     },
     /// Administrative tasks.
     Admin {
@@ -87,13 +93,22 @@ async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::er
             }
             roles::serve(AppState::build(settings).await?, role).await?;
         }
-        Command::Seed { users } => {
+        Command::Seed {
+            users,
+            products,
+            flash_sales,
+        } => {
             let state = AppState::build(settings).await?;
             let created = seed::seed_users(&state, users).await?;
             println!(
                 "seeded {users} users ({created} new): user0..user{}@seed.flashsale.test, password `{}`",
                 users.saturating_sub(1),
                 seed::SEED_PASSWORD
+            );
+            let created = seed::seed_products(&state, products, flash_sales.min(products)).await?;
+            println!(
+                "seeded {products} products ({created} new), {} on flash sale now",
+                flash_sales.min(products)
             );
         }
         Command::Admin {

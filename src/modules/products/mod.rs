@@ -148,6 +148,16 @@ pub async fn due_sales(state: &AppState) -> Result<Vec<Product>, ProductsError> 
     }
 }
 
+/// Seeds products in bulk (existing ids are skipped) and loads the stock of the flash sales
+/// among them. Answers how many were new.
+pub async fn create_many(state: &AppState, batch: &[Product]) -> Result<usize, ProductsError> {
+    let created = store::insert_many(&state.db, batch).await?;
+    for product in batch.iter().filter(|p| p.is_flash_sale) {
+        sync_sale(state, product).await?;
+    }
+    Ok(created)
+}
+
 /// A product through the three-tier read path.
 pub async fn find(state: &AppState, id: Uuid) -> Result<Arc<Product>, ProductsError> {
     state.products.cache.get(&state.db, &state.redis, id).await

@@ -57,6 +57,16 @@ pub async fn insert(db: &Databases, product: &Product) -> Result<Product, Produc
         .await?)
 }
 
+/// Bulk insert for seeding; products that exist are left alone. Answers how many were new.
+pub async fn insert_many(db: &Databases, batch: &[Product]) -> Result<usize, ProductsError> {
+    let mut conn = db.global().write_conn().await?;
+    Ok(diesel::insert_into(products::table)
+        .values(batch)
+        .on_conflict_do_nothing()
+        .execute(&mut conn)
+        .await?)
+}
+
 pub async fn find(db: &Databases, id: Uuid, from: ReadFrom) -> Result<Product, ProductsError> {
     let mut conn = db.global().read_conn(from).await?;
     products::table
