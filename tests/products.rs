@@ -247,3 +247,46 @@ async fn scheduling_a_sale_makes_it_buyable_and_inventory_changes_respect_reserv
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_while_products_are_inserted_skips_and_repeats_nothing() {
+    let app = TestApp::spawn().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    flashsale::seed::seed_products(&app.state, 50, 0)
+        .await
+        .unwrap();
+    let existing: std::collections::BTreeSet<String> = (0..50)
+        .map(|i| flashsale::seed::seed_product_id(i).to_string())
+        .collect();
+
+    let mut seen = vec![];
+    let mut url = "/products?limit=7".to_owned();
+    for page in 0.. {
+        // A write lands between every two pages.
+        let body = product_body(&format!("Inserted {page}"), "1.00", 1);
+        assert_eq!(
+            app.post_json("/products", &body, Some(&admin.access))
+                .await
+                .status(),
+            201
+        );
+        let listed: Value = app.get(&url, None).await.json().await.unwrap();
+        seen.extend(
+            listed["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["id"].as_str().unwrap().to_owned()),
+        );
+        match listed["next_cursor"].as_str() {
+            Some(cursor) => url = format!("/products?limit=7&cursor={cursor}"),
+            None => break,
+        }
+    }
+    let unique: std::collections::BTreeSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "no product twice");
+    assert!(
+        existing.iter().all(|id| unique.contains(id)),
+        "every product that existed is listed"
+    );
+}
