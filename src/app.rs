@@ -97,8 +97,15 @@ pub fn http_server(state: AppState, listener: TcpListener) -> std::io::Result<Se
     Ok(server.listen(listener)?.run())
 }
 
-/// Background upkeep the API role runs while it serves.
+/// Background upkeep the API role runs while it serves: the hot catalogue preloaded once,
+/// then idle rate-limiter entries dropped every minute.
 pub async fn api_upkeep(state: AppState) {
+    match products::preload_hot(&state).await {
+        Ok(count) => tracing::info!(count, "hot products preloaded into Redis"),
+        Err(e) => {
+            tracing::warn!(error = %e, "preloading hot products failed; caches fill on demand")
+        }
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tick.tick().await;

@@ -166,3 +166,23 @@ async fn stock_sold_by_orders_shows_in_the_cached_product() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hot_catalogue_is_preloaded_for_an_hour() {
+    let app = TestApp::spawn().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let sale = app.flash_sale_product(&admin.access, 5, "1.00").await;
+    let regular = app.regular_product(&admin.access, 5, "1.00").await;
+    for id in [sale, regular] {
+        app.redis_del(&format!("product:{}", id.simple())).await;
+    }
+    assert_eq!(products::preload_hot(&app.state).await.unwrap(), 2);
+    for id in [sale, regular] {
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(app.state.redis.key(format_args!("product:{}", id.simple())))
+            .query_async(&mut app.state.redis.conn())
+            .await
+            .unwrap();
+        assert!(ttl > 3_000, "preloaded for an hour, ttl {ttl}");
+    }
+}

@@ -93,13 +93,36 @@ impl ProductCache {
     }
 
     async fn store(&self, redis: &Redis, product: &Product) -> Result<(), ProductsError> {
+        self.store_for(redis, product, self.redis_ttl_secs).await
+    }
+
+    /// Puts the products most likely to be read into Redis ahead of the first request, for
+    /// `ttl_secs` (longer than an ordinary entry: they are read all the time).
+    pub async fn preload(
+        &self,
+        redis: &Redis,
+        hot: &[Product],
+        ttl_secs: u64,
+    ) -> Result<(), ProductsError> {
+        for product in hot {
+            self.store_for(redis, product, ttl_secs).await?;
+        }
+        Ok(())
+    }
+
+    async fn store_for(
+        &self,
+        redis: &Redis,
+        product: &Product,
+        ttl_secs: u64,
+    ) -> Result<(), ProductsError> {
         let json = serde_json::to_string(product)
             .map_err(|e| ProductsError::Unavailable(e.to_string()))?;
         self.store_if_newer
             .key(key(redis, product.id))
             .arg(json)
             .arg(product.updated_at.timestamp_micros())
-            .arg(self.redis_ttl_secs)
+            .arg(ttl_secs)
             .invoke_async::<i64>(&mut redis.conn())
             .await?;
         Ok(())

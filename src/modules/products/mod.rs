@@ -158,6 +158,22 @@ pub async fn create_many(state: &AppState, batch: &[Product]) -> Result<usize, P
     Ok(created)
 }
 
+/// How many products the API preloads into Redis at start, and for how long.
+const HOT_PRODUCTS: i64 = 1_000;
+const HOT_TTL_SECS: u64 = 3_600;
+
+/// Preloads the hot top-1000 (live sales first, then the most recently changed) into
+/// Redis for an hour, so a fresh deployment does not meet a flash crowd with cold caches.
+pub async fn preload_hot(state: &AppState) -> Result<usize, ProductsError> {
+    let hot = store::hot(&state.db, Utc::now(), HOT_PRODUCTS).await?;
+    state
+        .products
+        .cache
+        .preload(&state.redis, &hot, HOT_TTL_SECS)
+        .await?;
+    Ok(hot.len())
+}
+
 /// A product through the three-tier read path.
 pub async fn find(state: &AppState, id: Uuid) -> Result<Arc<Product>, ProductsError> {
     state.products.cache.get(&state.db, &state.redis, id).await

@@ -115,6 +115,25 @@ pub async fn list(
     Ok(query.load(&mut conn).await?)
 }
 
+/// The products most likely to be read first: sales that have not ended, then the most
+/// recently changed, `limit` in all.
+pub async fn hot(
+    db: &Databases,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<Product>, ProductsError> {
+    let mut conn = db.global().read_conn(ReadFrom::Replica).await?;
+    Ok(products::table
+        .select(Product::as_select())
+        .order((
+            (products::is_flash_sale.and(products::flash_sale_end.gt(now))).desc(),
+            products::updated_at.desc(),
+        ))
+        .limit(limit)
+        .load(&mut conn)
+        .await?)
+}
+
 /// Sales that have not ended and start before `starts_before`, in id order.
 pub async fn sales(
     db: &Databases,
