@@ -14,6 +14,7 @@ psql -h 127.0.0.1 -U postgres -d postgres -Atqc \
     psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)"
   done
 redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 't:*' | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 DEL >/dev/null
+rm -rf "${TMPDIR:-/tmp}"/flashsale-search-* "${TMPDIR:-/tmp}"/flashsale-cli-*
 
 # Tests wait on I/O far more than on CPU; run more of them than there are cores.
 cargo nextest run --no-fail-fast --test-threads "${TEST_THREADS:-6}" "$@"

@@ -41,6 +41,8 @@ pub enum StartupError {
     Amqp(#[from] lapin::Error),
     #[error("auth: {0}")]
     Auth(#[from] auth::AuthError),
+    #[error("products: {0}")]
+    Products(#[from] products::ProductsError),
     #[error("orders: {0}")]
     Orders(#[from] orders::OrdersError),
     #[error("http: {0}")]
@@ -53,7 +55,7 @@ impl AppState {
         let redis = Redis::connect(&settings.redis).await?;
         let amqp = Amqp::connect(&settings.amqp).await?;
         let auth = auth::AuthState::new(&settings.auth, &settings.rate_limit)?;
-        let products = products::ProductsState::new(&settings.sales, &settings.catalog);
+        let products = products::ProductsState::new(&settings)?;
         let orders = orders::OrdersState::new(&settings.orders, &amqp, &redis).await?;
         Ok(Self {
             settings: Arc::new(settings),

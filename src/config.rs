@@ -19,6 +19,7 @@ pub struct Settings {
     pub rate_limit: RateLimitSettings,
     pub users: UsersSettings,
     pub catalog: CatalogSettings,
+    pub search: SearchSettings,
     pub sales: SalesSettings,
     pub orders: OrdersSettings,
     pub log: LogSettings,
@@ -116,6 +117,16 @@ pub struct CatalogSettings {
     /// pod's write takes to show here (the consistency window is 5 s).
     pub local_ttl_ms: u64,
     pub redis_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchSettings {
+    /// Where the product index lives on disk (each pod keeps its own).
+    pub index_dir: std::path::PathBuf,
+    /// How often the indexer picks up product changes (a change is searchable within this
+    /// plus a commit).
+    pub refresh_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use flashsale::app::AppState;
 use flashsale::config::Settings;
 use flashsale::infra::{db, telemetry};
-use flashsale::modules::auth;
+use flashsale::modules::{auth, products};
 use flashsale::roles::{self, Role};
 use flashsale::seed;
 
@@ -49,11 +49,22 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         flash_sales: u64,
     },
+    /// Product search index.
+    Search {
+        #[command(subcommand)]
+        action: SearchAction,
+    },
     /// Administrative tasks.
     Admin {
         #[command(subcommand)]
         action: AdminAction,
     },
+}
+
+#[derive(Subcommand)]
+enum SearchAction {
+    /// Empty this machine's index (search.index_dir) and build it again from PostgreSQL.
+    Reindex,
 }
 
 #[derive(Subcommand)]
@@ -109,6 +120,25 @@ async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::er
             println!(
                 "seeded {products} products ({created} new), {} on flash sale now",
                 flash_sales.min(products)
+            );
+        }
+        Command::Search {
+            action: SearchAction::Reindex,
+        } => {
+            let state = AppState::build(settings).await?;
+            let started = std::time::Instant::now();
+            let indexed = products::reindex(&state, |done| {
+                if done % 100_000 < 5_000 {
+                    eprintln!(
+                        "indexed {done} products ({:.0}/s)",
+                        done as f64 / started.elapsed().as_secs_f64()
+                    );
+                }
+            })
+            .await?;
+            println!(
+                "indexed {indexed} products in {:.1}s",
+                started.elapsed().as_secs_f64()
             );
         }
         Command::Admin {

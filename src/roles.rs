@@ -6,7 +6,7 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 
 use crate::app::{self, AppState, StartupError};
-use crate::modules::orders;
+use crate::modules::{orders, products};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
@@ -57,6 +57,7 @@ pub async fn serve(state: AppState, role: Role) -> Result<(), StartupError> {
         let listener = TcpListener::bind((http.host.as_str(), http.port))?;
         tracing::info!(address = %listener.local_addr()?, "api listening");
         tokio::spawn(app::api_upkeep(state.clone()));
+        tokio::spawn(products::run_indexer(state.clone()));
         Some(app::http_server(state, listener)?)
     } else {
         None

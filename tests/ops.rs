@@ -34,6 +34,7 @@ async fn every_route_is_in_the_openapi_document_and_docs_are_served() {
         ("/products", "get"),
         ("/products", "post"),
         ("/products/flash-sale", "get"),
+        ("/products/search", "get"),
         ("/products/{id}", "get"),
         ("/products/{id}", "patch"),
         ("/products/{id}/inventory", "put"),

@@ -78,6 +78,8 @@ impl TestAppBuilder {
         settings.redis.key_prefix = format!("t:{id}:");
         settings.orders.amqp_prefix = format!("t.{id}.");
         settings.amqp.connection_name = format!("flashsale-test-{id}");
+        settings.search.index_dir = std::env::temp_dir().join(format!("flashsale-search-{id}"));
+        settings.search.refresh_ms = 200;
         for tweak in self.tweaks {
             tweak(&mut settings);
         }
@@ -92,6 +94,7 @@ impl TestAppBuilder {
         let address = format!("http://{}", listener.local_addr().expect("local addr"));
         let server = app::http_server(state.clone(), listener).expect("server starts");
         tokio::spawn(server);
+        tokio::spawn(flashsale::modules::products::run_indexer(state.clone()));
         TestApp {
             address,
             client: reqwest::Client::new(),

@@ -21,6 +21,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("", web::get().to(list_products))
             .route("", web::post().to(create_product))
             .route("/flash-sale", web::get().to(list_flash_sales))
+            .route("/search", web::get().to(search_products))
             .route("/{id}", web::get().to(get_product))
             .route("/{id}", web::patch().to(patch_product))
             .route("/{id}/inventory", web::put().to(set_inventory)),
@@ -29,6 +30,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 #[derive(utoipa::OpenApi)]
 #[openapi(paths(
+    search_products,
     list_products,
     create_product,
     list_flash_sales,
@@ -183,4 +185,76 @@ async fn list_flash_sales(
         })
         .collect();
     Ok(web::Json(Page::from_rows(items, page, |i| i.product.id)))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct SearchQuery {
+    /// Words to look for in name, description and category; typos and prefixes match too.
+    q: String,
+    /// Items per page, 1..=100 (default 20).
+    limit: Option<i64>,
+    /// `next_cursor` from the previous page.
+    cursor: Option<String>,
+}
+
+const MAX_QUERY_CHARS: usize = 200;
+/// Deep pages cost the index linearly; nobody reads past this.
+const MAX_SEARCH_OFFSET: usize = 10_000;
+
+fn decode_offset(cursor: &str) -> Result<usize, Problem> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| text.strip_prefix("o:").and_then(|n| n.parse().ok()))
+        .filter(|offset| *offset <= MAX_SEARCH_OFFSET)
+        .ok_or_else(|| Problem::bad_request("cursor is not valid"))
+}
+
+fn encode_offset(offset: usize) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("o:{offset}"))
+}
+
+#[utoipa::path(get, path = "/products/search", tag = "products", params(SearchQuery),
+    responses((status = 200, body = Page<Product>), (status = 400, body = ProblemBody)))]
+async fn search_products(
+    state: web::Data<AppState>,
+    query: web::Query<SearchQuery>,
+) -> Result<web::Json<Page<Arc<Product>>>, Problem> {
+    let query = query.into_inner();
+    let chars = query.q.trim().chars().count();
+    if chars == 0 || chars > MAX_QUERY_CHARS {
+        return Err(Problem::bad_request(format!(
+            "q must be 1 to {MAX_QUERY_CHARS} characters"
+        )));
+    }
+    let limit = PageQuery {
+        limit: query.limit,
+        cursor: None,
+    }
+    .validate()?
+    .limit as usize;
+    let offset = query
+        .cursor
+        .as_deref()
+        .map(decode_offset)
+        .transpose()?
+        .unwrap_or(0);
+    // One extra hit tells whether another page exists.
+    let ids = super::search(&state, query.q, limit + 1, offset).await?;
+    let more = ids.len() > limit;
+    let mut items = Vec::with_capacity(limit);
+    for id in ids.into_iter().take(limit) {
+        match super::find(&state, id).await {
+            Ok(product) => items.push(product),
+            // Deleted since it was indexed: the next refresh drops it.
+            Err(ProductsError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let next_cursor = more.then(|| encode_offset(offset + limit));
+    Ok(web::Json(Page { items, next_cursor }))
 }

@@ -5,6 +5,7 @@ mod cache;
 mod error;
 mod handlers;
 mod model;
+mod search;
 mod stock;
 mod store;
 
@@ -19,10 +20,11 @@ pub use stock::{CommitOutcome, ReleaseOutcome, Reservation, ReserveRequest, Sale
 pub use store::LedgerLine;
 
 use crate::app::AppState;
-use crate::config::{CatalogSettings, SalesSettings};
+use crate::config::{SalesSettings, Settings};
 use crate::infra::db::ReadFrom;
 use crate::infra::http::paging::PageRequest;
 use cache::ProductCache;
+use search::SearchIndex;
 use stock::StockScripts;
 
 pub use handlers::configure;
@@ -35,16 +37,91 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub struct ProductsState {
     stock: StockScripts,
     pub cache: ProductCache,
+    search: Arc<SearchIndex>,
     settings: SalesSettings,
 }
 
 impl ProductsState {
-    pub fn new(settings: &SalesSettings, catalog: &CatalogSettings) -> Self {
-        Self {
+    pub fn new(settings: &Settings) -> Result<Self, ProductsError> {
+        Ok(Self {
             stock: StockScripts::default(),
-            cache: ProductCache::new(catalog),
-            settings: settings.clone(),
+            cache: ProductCache::new(&settings.catalog),
+            search: Arc::new(SearchIndex::open(&settings.search.index_dir)?),
+            settings: settings.sales.clone(),
+        })
+    }
+}
+
+/// Ids of the products best matching `query` (on the blocking pool).
+pub async fn search(
+    state: &AppState,
+    query: String,
+    limit: usize,
+    offset: usize,
+) -> Result<Vec<Uuid>, ProductsError> {
+    let index = state.products.search.clone();
+    tokio::task::spawn_blocking(move || index.search(&query, limit, offset))
+        .await
+        .map_err(|e| ProductsError::Unavailable(e.to_string()))?
+}
+
+/// Rows per indexing step.
+const INDEX_BATCH: i64 = 5_000;
+/// Transactions that commit late carry an earlier `updated_at` than rows already indexed;
+/// re-reading this much of the recent past catches them.
+const LATE_COMMIT_WINDOW_SECS: i64 = 2;
+
+/// Indexes every product changed since the index's watermark; with an empty index that is
+/// the whole catalogue. Calls `progress` with the running total. Answers how many.
+pub async fn index_changes(
+    state: &AppState,
+    progress: impl Fn(usize),
+) -> Result<usize, ProductsError> {
+    let index = state.products.search.clone();
+    let recent = Utc::now() - Duration::seconds(LATE_COMMIT_WINDOW_SECS);
+    let since = index
+        .watermark()
+        .map_or(chrono::DateTime::<Utc>::UNIX_EPOCH, |watermark| {
+            watermark.min(recent)
+        });
+    let mut after = (since, None);
+    let mut total = 0;
+    loop {
+        let rows = store::changed_after(&state.db, after, INDEX_BATCH).await?;
+        let Some(last) = rows.last() else {
+            return Ok(total);
+        };
+        after = (last.updated_at, Some(last.id));
+        let (count, watermark, writer) = (rows.len(), last.updated_at, index.clone());
+        tokio::task::spawn_blocking(move || writer.upsert(&rows, watermark))
+            .await
+            .map_err(|e| ProductsError::Unavailable(e.to_string()))??;
+        total += count;
+        progress(total);
+        if (count as i64) < INDEX_BATCH {
+            return Ok(total);
         }
+    }
+}
+
+/// `flashsale search reindex`: empties the index and builds it again from PostgreSQL.
+pub async fn reindex(state: &AppState, progress: impl Fn(usize)) -> Result<usize, ProductsError> {
+    let index = state.products.search.clone();
+    tokio::task::spawn_blocking(move || index.clear())
+        .await
+        .map_err(|e| ProductsError::Unavailable(e.to_string()))??;
+    index_changes(state, progress).await
+}
+
+/// The API role's indexer: keeps this pod's index within `search.refresh_ms` of the
+/// catalogue, building it first if it is empty.
+pub async fn run_indexer(state: AppState) {
+    let pause = std::time::Duration::from_millis(state.settings.search.refresh_ms);
+    loop {
+        if let Err(e) = index_changes(&state, |_| {}).await {
+            tracing::warn!(error = %e, "search indexing failed; retrying");
+        }
+        tokio::time::sleep(pause).await;
     }
 }
 

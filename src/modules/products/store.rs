@@ -134,6 +134,31 @@ pub async fn hot(
         .await?)
 }
 
+/// Products changed after `after` (a time, and the id of the last row already seen at
+/// that time), oldest change first: the search indexer's feed.
+pub async fn changed_after(
+    db: &Databases,
+    after: (DateTime<Utc>, Option<Uuid>),
+    limit: i64,
+) -> Result<Vec<Product>, ProductsError> {
+    let mut conn = db.global().write_conn().await?;
+    let (time, last_id) = after;
+    let mut query = products::table
+        .select(Product::as_select())
+        .order((products::updated_at.asc(), products::id.asc()))
+        .limit(limit)
+        .into_boxed();
+    query = match last_id {
+        None => query.filter(products::updated_at.gt(time)),
+        Some(id) => query.filter(
+            products::updated_at
+                .gt(time)
+                .or(products::updated_at.eq(time).and(products::id.gt(id))),
+        ),
+    };
+    Ok(query.load(&mut conn).await?)
+}
+
 /// Sales that have not ended and start before `starts_before`, in id order.
 pub async fn sales(
     db: &Databases,
