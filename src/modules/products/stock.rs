@@ -183,7 +183,7 @@ struct SaleKeys {
 
 impl SaleKeys {
     fn new(redis: &Redis, product: Uuid) -> Self {
-        let tagged_prefix = redis.key(format_args!("{{p:{}}}", product.simple()));
+        let tagged_prefix = tagged_prefix(redis, product);
         let key = |name: &str| format!("{tagged_prefix}:{name}");
         Self {
             tagged_prefix: tagged_prefix.clone(),
@@ -215,13 +215,23 @@ impl SaleKeys {
     }
 
     fn idempotency(&self, user: Uuid, key_digest: &str) -> String {
-        // Same hash tag as the rest, so the reserve script stays in one slot.
-        format!("{}:idem:{}:{key_digest}", self.tagged_prefix, user.simple())
+        idempotency_in(&self.tagged_prefix, user, key_digest)
     }
 }
 
+/// `<prefix>{p:<id>}`: every key of one product's sale starts with it (one cluster slot).
+fn tagged_prefix(redis: &Redis, product: Uuid) -> String {
+    redis.key(format_args!("{{p:{}}}", product.simple()))
+}
+
+fn idempotency_in(tagged_prefix: &str, user: Uuid, key_digest: &str) -> String {
+    // Same hash tag as the rest, so the reserve script stays in one slot.
+    format!("{tagged_prefix}:idem:{}:{key_digest}", user.simple())
+}
+
+/// Built on its own: the order path needs this one key, not all six of the sale's.
 pub fn idempotency_key(redis: &Redis, product: Uuid, user: Uuid, key_digest: &str) -> String {
-    SaleKeys::new(redis, product).idempotency(user, key_digest)
+    idempotency_in(&tagged_prefix(redis, product), user, key_digest)
 }
 
 /// What a sale looks like in Redis.
