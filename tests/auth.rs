@@ -28,12 +28,7 @@ async fn register_login_refresh_verify_logout() {
     assert_eq!(body["user"]["role"], "customer");
 
     let session = app.login(&email).await;
-    let verify: Value = app
-        .get("/auth/verify", Some(&session.access))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let verify: Value = app.get_json("/auth/verify", Some(&session.access)).await;
     assert_eq!(verify["user_id"], session.user_id.to_string());
     assert_eq!(verify["role"], "customer");
     assert!(verify["exp"].as_i64().unwrap() > chrono::Utc::now().timestamp());

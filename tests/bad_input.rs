@@ -212,14 +212,11 @@ async fn user_routes_reject_bad_ids_bodies_and_pages_without_side_effects() {
     assert_problem(res, 413, "payload_too_large").await;
 
     // Nothing changed.
-    let profile: Value = app.get(&path, Some(&me.access)).await.json().await.unwrap();
+    let profile: Value = app.get_json(&path, Some(&me.access)).await;
     assert!(profile["full_name"].is_null() && profile["phone"].is_null());
     let list: Value = app
-        .get(&format!("{path}/addresses"), Some(&me.access))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("{path}/addresses"), Some(&me.access))
+        .await;
     assert_eq!(list["items"], json!([]));
 }
 

@@ -26,7 +26,7 @@ async fn each_tier_hits_misses_and_is_refreshed_by_writes() {
     assert!(app.redis_exists(&key).await);
 
     let before = loads(&app.state);
-    let first: Value = app.get(&path, None).await.json().await.unwrap();
+    let first: Value = app.get_json(&path, None).await;
     assert_eq!(first["inventory"], 7);
     assert_eq!(loads(&app.state), before, "served by Redis, not PostgreSQL");
     app.get(&path, None).await;
@@ -46,7 +46,7 @@ async fn each_tier_hits_misses_and_is_refreshed_by_writes() {
         .patch_json(&path, &json!({"name": "Renamed"}), &admin.access)
         .await;
     assert_eq!(res.status(), 200);
-    let after: Value = app.get(&path, None).await.json().await.unwrap();
+    let after: Value = app.get_json(&path, None).await;
     assert_eq!(after["name"], "Renamed");
     let res = app
         .put_json(
@@ -56,7 +56,7 @@ async fn each_tier_hits_misses_and_is_refreshed_by_writes() {
         )
         .await;
     assert_eq!(res.status(), 200);
-    let after: Value = app.get(&path, None).await.json().await.unwrap();
+    let after: Value = app.get_json(&path, None).await;
     assert_eq!(after["inventory"], 3);
 }
 
@@ -155,7 +155,7 @@ async fn stock_sold_by_orders_shows_in_the_cached_product() {
     assert_eq!(app.wait_settled(&buyer, order).await, "paid");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let product: Value = app.get(&path, None).await.json().await.unwrap();
+        let product: Value = app.get_json(&path, None).await;
         if product["inventory"] == 3 {
             break;
         }

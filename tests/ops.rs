@@ -18,7 +18,7 @@ async fn health_and_readiness_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_is_in_the_openapi_document_and_docs_are_served() {
     let app = TestApp::spawn().await;
-    let doc: Value = app.get("/openapi.json", None).await.json().await.unwrap();
+    let doc: Value = app.get_json("/openapi.json", None).await;
     let expected = [
         ("/health", "get"),
         ("/ready", "get"),

@@ -432,12 +432,7 @@ async fn sales_that_are_not_on_answer_409_and_attempts_are_rate_limited() {
         "sale_not_active",
     )
     .await;
-    let list: Value = app
-        .get("/products/flash-sale", None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/products/flash-sale", None).await;
     let listed = &list["items"][0];
     assert_eq!(listed["sale_status"], "upcoming");
     assert_eq!(listed["remaining"], 5);

@@ -83,7 +83,7 @@ async fn only_admins_write_the_catalogue_and_bad_products_are_422() {
     assert_problem(res, 422, "validation_failed").await;
 
     // Nothing changed.
-    let lamp_now: Value = app.get(&path, None).await.json().await.unwrap();
+    let lamp_now: Value = app.get_json(&path, None).await;
     assert_eq!(lamp_now["name"], "Lamp");
     assert_eq!(lamp_now["price"], "19.99");
     assert_eq!(lamp_now["inventory"], 5);
@@ -122,7 +122,7 @@ async fn listing_pages_without_gaps_and_filters() {
     let mut names = vec![];
     let mut url = "/products?limit=3".to_owned();
     loop {
-        let page: Value = app.get(&url, None).await.json().await.unwrap();
+        let page: Value = app.get_json(&url, None).await;
         names.extend(
             page["items"]
                 .as_array()
@@ -138,14 +138,11 @@ async fn listing_pages_without_gaps_and_filters() {
     assert_eq!(names, ["P0", "P1", "P2", "P3", "P4", "P5", "P6"]);
 
     let page: Value = app
-        .get(
+        .get_json(
             &format!("/products?category_id={category}&min_price=2&max_price=5.5"),
             None,
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     let filtered: Vec<&str> = page["items"]
         .as_array()
         .unwrap()
@@ -208,12 +205,7 @@ async fn scheduling_a_sale_makes_it_buyable_and_inventory_changes_respect_reserv
     let order: Value = res.json().await.unwrap();
     assert_eq!(order["total_amount"], "399.00");
     assert_eq!(app.remaining(id).await, 2);
-    let list: Value = app
-        .get("/products/flash-sale", None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/products/flash-sale", None).await;
     assert_eq!(list["items"][0]["sale_status"], "active");
 
     // One unit is reserved (not yet persisted): inventory may not drop below it.
@@ -270,7 +262,7 @@ async fn paging_while_products_are_inserted_skips_and_repeats_nothing() {
                 .status(),
             201
         );
-        let listed: Value = app.get(&url, None).await.json().await.unwrap();
+        let listed: Value = app.get_json(&url, None).await;
         seen.extend(
             listed["items"]
                 .as_array()

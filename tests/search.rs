@@ -62,12 +62,7 @@ async fn words_prefixes_and_typos_find_products_and_edits_show_within_five_secon
     assert_eq!(top.first().map(String::as_str), Some("Desk Lamp"));
 
     // An edit is searchable within the 5 s window.
-    let list: Value = app
-        .get("/products?limit=100", None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/products?limit=100", None).await;
     let lamp = list["items"]
         .as_array()
         .unwrap()
@@ -101,11 +96,8 @@ async fn search_pages_and_rejects_bad_queries() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let first: Value = loop {
         let page: Value = app
-            .get("/products/search?q=seeded&limit=10", None)
-            .await
-            .json()
-            .await
-            .unwrap();
+            .get_json("/products/search?q=seeded&limit=10", None)
+            .await;
         if page["next_cursor"].is_string() || Instant::now() > deadline {
             break page;
         }
@@ -113,14 +105,11 @@ async fn search_pages_and_rejects_bad_queries() {
     };
     let cursor = first["next_cursor"].as_str().expect("a second page");
     let second: Value = app
-        .get(
+        .get_json(
             &format!("/products/search?q=seeded&limit=10&cursor={cursor}"),
             None,
         )
-        .await
-        .json()
-        .await
-        .unwrap();
+        .await;
     let ids = |page: &Value| -> Vec<String> {
         page["items"]
             .as_array()

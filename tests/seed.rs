@@ -25,18 +25,10 @@ async fn seeding_is_repeatable_and_seeded_data_is_usable() {
     assert_eq!(seed_products(&app.state, 9_000, 3).await.unwrap(), 9_000);
     assert_eq!(seed_products(&app.state, 9_000, 3).await.unwrap(), 0);
     let product: Value = app
-        .get(&format!("/products/{}", seed_product_id(8_999)), None)
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/products/{}", seed_product_id(8_999)), None)
+        .await;
     assert!(product["name"].as_str().unwrap().ends_with("8999"));
-    let sales: Value = app
-        .get("/products/flash-sale", None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let sales: Value = app.get_json("/products/flash-sale", None).await;
     let items = sales["items"].as_array().unwrap();
     assert_eq!(items.len(), 3);
     assert!(items

@@ -44,7 +44,7 @@ async fn profile_reads_and_partial_updates_see_every_write() {
     let me = app.register(&unique_email("profile")).await;
     let path = format!("/users/{}", me.user_id);
 
-    let profile: Value = app.get(&path, Some(&me.access)).await.json().await.unwrap();
+    let profile: Value = app.get_json(&path, Some(&me.access)).await;
     assert_eq!(profile["email"], me.email);
     assert!(
         app.redis_exists(&format!("user:{}", me.user_id)).await,
@@ -64,7 +64,7 @@ async fn profile_reads_and_partial_updates_see_every_write() {
         .await;
     assert_eq!(res.status(), 200);
 
-    let profile: Value = app.get(&path, Some(&me.access)).await.json().await.unwrap();
+    let profile: Value = app.get_json(&path, Some(&me.access)).await;
     assert_eq!(
         profile["full_name"], "Grace Hopper",
         "omitted fields are unchanged"
@@ -72,7 +72,7 @@ async fn profile_reads_and_partial_updates_see_every_write() {
     assert_eq!(profile["phone"], "+1 555 0100");
     assert_ne!(profile["updated_at"], profile["created_at"]);
     // Served from the cache now, still the latest.
-    let again: Value = app.get(&path, Some(&me.access)).await.json().await.unwrap();
+    let again: Value = app.get_json(&path, Some(&me.access)).await;
     assert_eq!(again, profile);
 }
 
@@ -97,7 +97,7 @@ async fn reads_go_to_a_replica_except_right_after_a_write() {
         .put_json(&path, &json!({"full_name": "Fresh"}), &me.access)
         .await;
     assert_eq!(res.status(), 200);
-    let profile: Value = app.get(&path, Some(&me.access)).await.json().await.unwrap();
+    let profile: Value = app.get_json(&path, Some(&me.access)).await;
     assert_eq!(profile["full_name"], "Fresh");
 
     let res = app
@@ -109,11 +109,8 @@ async fn reads_go_to_a_replica_except_right_after_a_write() {
         .await;
     assert_eq!(res.status(), 201);
     let list: Value = app
-        .get(&format!("{path}/addresses"), Some(&me.access))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("{path}/addresses"), Some(&me.access))
+        .await;
     assert_eq!(
         list["items"].as_array().unwrap().len(),
         1,
@@ -155,19 +152,11 @@ async fn nobody_reads_or_changes_another_users_profile_or_addresses() {
     assert_problem(app.get(&alice_path, None).await, 401, "unauthorized").await;
 
     // Nothing changed.
-    let profile: Value = app
-        .get(&alice_path, Some(&alice.access))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let profile: Value = app.get_json(&alice_path, Some(&alice.access)).await;
     assert!(profile["full_name"].is_null());
     let list: Value = app
-        .get(&format!("{alice_path}/addresses"), Some(&alice.access))
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("{alice_path}/addresses"), Some(&alice.access))
+        .await;
     assert_eq!(list["items"], json!([]));
 
     // An admin may.
@@ -207,7 +196,7 @@ async fn addresses_paginate_keep_one_default_and_are_capped() {
             Some(c) => format!("{path}?limit=2&cursor={c}"),
             None => format!("{path}?limit=2"),
         };
-        let page: Value = app.get(&url, Some(&me.access)).await.json().await.unwrap();
+        let page: Value = app.get_json(&url, Some(&me.access)).await;
         for item in page["items"].as_array().unwrap() {
             seen.push(item.clone());
         }

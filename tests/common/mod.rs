@@ -213,6 +213,11 @@ impl TestApp {
         req.send().await.expect("request sent")
     }
 
+    /// A GET whose JSON body the test wants, whatever the status.
+    pub async fn get_json(&self, path: &str, token: Option<&str>) -> Value {
+        self.get(path, token).await.json().await.expect("json body")
+    }
+
     pub async fn put_json(&self, path: &str, body: &Value, token: &str) -> reqwest::Response {
         self.send(reqwest::Method::PUT, path, token, Some(body))
             .await
@@ -444,8 +449,20 @@ impl TestApp {
         key: &str,
         body: &Value,
     ) -> reqwest::Response {
+        self.post_idempotent(&format!("/orders/flash-sale/{product}"), token, key, body)
+            .await
+    }
+
+    /// An authenticated POST carrying an `Idempotency-Key`.
+    async fn post_idempotent(
+        &self,
+        path: &str,
+        token: &str,
+        key: &str,
+        body: &Value,
+    ) -> reqwest::Response {
         self.client
-            .post(self.url(&format!("/orders/flash-sale/{product}")))
+            .post(self.url(path))
             .bearer_auth(token)
             .header("idempotency-key", key)
             .json(body)
@@ -546,13 +563,6 @@ impl TestApp {
 
     /// `POST /orders` with an idempotency key.
     pub async fn order(&self, token: &str, key: &str, body: &Value) -> reqwest::Response {
-        self.client
-            .post(self.url("/orders"))
-            .bearer_auth(token)
-            .header("idempotency-key", key)
-            .json(body)
-            .send()
-            .await
-            .expect("request sent")
+        self.post_idempotent("/orders", token, key, body).await
     }
 }
