@@ -15,7 +15,7 @@ use crate::infra::amqp::Amqp;
 use crate::infra::db::{Databases, DbError};
 use crate::infra::http::{extract, middleware};
 use crate::infra::redis::Redis;
-use crate::modules::{auth, orders, products, users};
+use crate::modules::{auth, notifications, orders, products, users};
 use crate::ops;
 
 #[derive(Clone)]
@@ -27,6 +27,7 @@ pub struct AppState {
     pub auth: Arc<auth::AuthState>,
     pub products: Arc<products::ProductsState>,
     pub orders: Arc<orders::OrdersState>,
+    pub notifications: Arc<notifications::NotificationsState>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,8 @@ pub enum StartupError {
     Products(#[from] products::ProductsError),
     #[error("orders: {0}")]
     Orders(#[from] orders::OrdersError),
+    #[error("notifications: {0}")]
+    Notifications(#[from] notifications::NotificationsError),
     #[error("http: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -56,7 +59,8 @@ impl AppState {
         let amqp = Amqp::connect(&settings.amqp).await?;
         let auth = auth::AuthState::new(&settings.auth, &settings.rate_limit)?;
         let products = products::ProductsState::new(&settings)?;
-        let orders = orders::OrdersState::new(&settings.orders, &amqp, &redis).await?;
+        let orders = orders::OrdersState::new(&settings, &amqp, &redis).await?;
+        let notifications = notifications::NotificationsState::new(&settings, &amqp).await?;
         Ok(Self {
             settings: Arc::new(settings),
             db: Arc::new(db),
@@ -65,6 +69,7 @@ impl AppState {
             auth: Arc::new(auth),
             products: Arc::new(products),
             orders: Arc::new(orders),
+            notifications: Arc::new(notifications),
         })
     }
 }
@@ -88,6 +93,7 @@ pub fn http_server(state: AppState, listener: TcpListener) -> std::io::Result<Se
             .configure(users::configure)
             .configure(products::configure)
             .configure(orders::configure)
+            .configure(notifications::configure)
             .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", openapi.clone()))
             .default_service(web::to(extract::not_found))
     })

@@ -22,6 +22,7 @@ pub struct Settings {
     pub search: SearchSettings,
     pub sales: SalesSettings,
     pub orders: OrdersSettings,
+    pub notifications: NotificationsSettings,
     pub log: LogSettings,
 }
 
@@ -71,6 +72,12 @@ pub struct AmqpSettings {
     pub url: String,
     /// Shown in the broker's connection list (operators find a pod's connections by it).
     pub connection_name: String,
+    /// Queues are named `<queue_prefix>orders`, `<queue_prefix>notifications.high` etc.
+    /// (tests isolate by prefix).
+    pub queue_prefix: String,
+    /// Deletes queues unused for this long (tests; unset in production).
+    #[serde(default)]
+    pub queue_expires_ms: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -146,13 +153,8 @@ pub struct OrdersSettings {
     pub flash_sale_attempts_per_minute: u32,
     pub idempotency_ttl_secs: u64,
     pub max_quantity: u32,
-    /// Exchanges and queues are named `<amqp_prefix>orders` etc. (tests isolate by prefix).
-    pub amqp_prefix: String,
     /// "quorum" (replicated, survives a node loss) or "classic".
     pub queue_type: String,
-    /// Deletes queues unused for this long (tests; unset in production).
-    #[serde(default)]
-    pub queue_expires_ms: Option<u32>,
     /// Orders accepted within this window share one AMQP message (at most publish_batch_max).
     pub publish_linger_ms: u64,
     pub publish_batch_max: usize,
@@ -177,6 +179,56 @@ pub struct PaymentSettings {
     /// Consecutive failures that open the circuit.
     pub breaker_failures: u32,
     pub breaker_open_ms: u64,
+}
+
+/// The notify-worker and the notification history.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotificationsSettings {
+    /// Unacked deliveries per priority queue.
+    pub prefetch: u16,
+    /// Notifications per batch.
+    pub batch_size: usize,
+    pub batch_linger_ms: u64,
+    /// Slots of every batch kept for normal and low while they have work waiting, so a
+    /// backlog of high never starves them.
+    pub normal_share: usize,
+    pub low_share: usize,
+    /// Tries per notification (transient failures only), with exponential backoff.
+    pub max_attempts: usize,
+    pub retry_min_delay_ms: u64,
+    pub retry_max_delay_ms: u64,
+    /// Newest entries kept per user.
+    pub history_cap: usize,
+    pub history_ttl_secs: u64,
+    /// How long a dedupe key (e.g. `order:<id>:paid`) suppresses a second notification.
+    pub dedupe_ttl_secs: u64,
+    pub providers: ProvidersSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvidersSettings {
+    pub email: ProviderSettings,
+    pub sms: ProviderSettings,
+    pub push: ProviderSettings,
+}
+
+/// A provider simulator: how slow, how unreliable, and the provider's rate limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    pub latency_ms: u64,
+    /// Share of sends that fail transiently (0.0..=1.0).
+    pub failure_rate: f64,
+    /// Share of sends the provider rejects for good (bad address).
+    pub permanent_failure_rate: f64,
+    /// Every notification's first N tries fail transiently (drills and tests).
+    #[serde(default)]
+    pub fail_first_attempts: u32,
+    /// Sends per second the provider allows this process, and the burst above it.
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -284,6 +336,28 @@ impl Settings {
                 "orders.batch_size",
                 "batch_size, prefetch and max_quantity must be positive",
             );
+        }
+        let n = &self.notifications;
+        if n.batch_size == 0 || n.prefetch == 0 || n.max_attempts == 0 || n.history_cap == 0 {
+            return invalid(
+                "notifications.batch_size",
+                "batch_size, prefetch, max_attempts and history_cap must be positive",
+            );
+        }
+        for p in [&n.providers.email, &n.providers.sms, &n.providers.push] {
+            let rates = [p.failure_rate, p.permanent_failure_rate];
+            if rates.iter().any(|r| !(0.0..=1.0).contains(r)) {
+                return invalid(
+                    "notifications.providers",
+                    "failure rates must be between 0 and 1",
+                );
+            }
+            if p.per_second == 0 || p.burst == 0 {
+                return invalid(
+                    "notifications.providers",
+                    "per_second and burst must be positive",
+                );
+            }
         }
         if self.rate_limit.auth_per_ip_per_minute == 0 || self.rate_limit.user_per_minute == 0 {
             return invalid("rate_limit", "limits must be at least 1 per minute");

@@ -6,7 +6,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::app::AppState;
-use crate::modules::{auth, orders, products, users};
+use crate::modules::{auth, notifications, orders, products, users};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health))
@@ -38,6 +38,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(users::openapi());
     doc.merge(products::openapi());
     doc.merge(orders::openapi());
+    doc.merge(notifications::openapi());
     let scheme = HttpBuilder::new()
         .scheme(HttpAuthScheme::Bearer)
         .bearer_format("JWT")

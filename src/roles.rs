@@ -6,7 +6,7 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 
 use crate::app::{self, AppState, StartupError};
-use crate::modules::{orders, products};
+use crate::modules::{notifications, orders, products};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
@@ -34,19 +34,24 @@ impl Role {
     }
 }
 
-/// Keeps the order-worker consuming: a broker or database failure restarts it with
-/// exponential backoff instead of ending the process.
-async fn supervise_order_worker(state: AppState) {
+/// Keeps a worker consuming: a broker or database failure restarts it with exponential
+/// backoff instead of ending the process.
+async fn supervise<F, Fut, E>(name: &'static str, state: AppState, run: F)
+where
+    F: Fn(AppState) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     let policy = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(10))
         .without_max_times();
-    let outcome = (|| orders::run_worker(state.clone()))
+    let outcome = (|| run(state.clone()))
         .retry(policy)
-        .notify(|e, wait| tracing::error!(error = %e, ?wait, "order-worker stopped; restarting"))
+        .notify(|e, wait| tracing::error!(worker = name, error = %e, ?wait, "worker stopped; restarting"))
         .await;
     if let Err(e) = outcome {
-        tracing::error!(error = %e, "order-worker gave up");
+        tracing::error!(worker = name, error = %e, "worker gave up");
     }
 }
 
@@ -63,12 +68,18 @@ pub async fn serve(state: AppState, role: Role) -> Result<(), StartupError> {
         None
     };
     if role.runs_order_worker() {
-        tokio::spawn(supervise_order_worker(state_for_workers.clone()));
+        tokio::spawn(supervise(
+            "order-worker",
+            state_for_workers.clone(),
+            orders::run_worker,
+        ));
     }
     if role.runs_notify_worker() {
-        // The notification consumer arrives with the notifications feature; until then the
-        // role starts, reports itself, and waits for shutdown.
-        tracing::info!("notify-worker started; no queue to consume yet");
+        tokio::spawn(supervise(
+            "notify-worker",
+            state_for_workers.clone(),
+            notifications::run_worker,
+        ));
     }
     match server {
         Some(server) => {

@@ -44,6 +44,8 @@ async fn every_route_is_in_the_openapi_document_and_docs_are_served() {
         ("/orders/{id}", "get"),
         ("/orders/{id}/status", "get"),
         ("/orders/{id}/cancel", "put"),
+        ("/notifications/send", "post"),
+        ("/notifications/user/{user_id}", "get"),
     ];
     for (path, method) in expected {
         assert!(

@@ -2,6 +2,7 @@
 //! only through it, in process.
 
 pub mod auth;
+pub mod notifications;
 pub mod orders;
 pub mod products;
 pub mod users;

@@ -76,7 +76,7 @@ impl TestAppBuilder {
             })
             .collect();
         settings.redis.key_prefix = format!("t:{id}:");
-        settings.orders.amqp_prefix = format!("t.{id}.");
+        settings.amqp.queue_prefix = format!("t.{id}.");
         settings.amqp.connection_name = format!("flashsale-test-{id}");
         settings.search.index_dir = std::env::temp_dir().join(format!("flashsale-search-{id}"));
         settings.search.refresh_ms = 200;
@@ -403,11 +403,27 @@ impl Worker {
 
 impl TestApp {
     pub async fn spawn_worker(&self) -> Worker {
+        self.spawn_role(flashsale::modules::orders::run_worker)
+            .await
+    }
+
+    pub async fn spawn_notify_worker(&self) -> Worker {
+        self.spawn_role(flashsale::modules::notifications::run_worker)
+            .await
+    }
+
+    /// A worker role in this process with its own AppState (its own connections).
+    async fn spawn_role<F, Fut, E>(&self, run: F) -> Worker
+    where
+        F: FnOnce(AppState) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
         let settings = (*self.state.settings).clone();
         let state = AppState::build(settings).await.expect("worker state");
-        let worker_state = state.clone();
+        let running = run(state.clone());
         let task = tokio::spawn(async move {
-            if let Err(e) = flashsale::modules::orders::run_worker(worker_state).await {
+            if let Err(e) = running.await {
                 eprintln!("worker stopped: {e}");
             }
         });

@@ -1,7 +1,9 @@
 use actix_web::http::StatusCode;
 
+use crate::infra::amqp::PublishError;
 use crate::infra::db::DbError;
 use crate::infra::http::Problem;
+use crate::modules::notifications::NotificationsError;
 use crate::modules::products::ProductsError;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,18 @@ impl From<diesel::result::Error> for OrdersError {
 
 impl From<lapin::Error> for OrdersError {
     fn from(e: lapin::Error) -> Self {
+        OrdersError::Queue(e.to_string())
+    }
+}
+
+impl From<PublishError> for OrdersError {
+    fn from(e: PublishError) -> Self {
+        OrdersError::Queue(e.to_string())
+    }
+}
+
+impl From<NotificationsError> for OrdersError {
+    fn from(e: NotificationsError) -> Self {
         OrdersError::Queue(e.to_string())
     }
 }

@@ -28,8 +28,8 @@ pub use queue::QueueNames;
 pub use reconciler::{reconcile_once, Repairs};
 
 use crate::app::AppState;
-use crate::config::OrdersSettings;
-use crate::infra::amqp::Amqp;
+use crate::config::{OrdersSettings, Settings};
+use crate::infra::amqp::{Amqp, Publisher};
 use crate::infra::db::ReadFrom;
 use crate::infra::http::paging::PageRequest;
 use crate::infra::redis::{Idempotency, IdempotencyStart, Redis};
@@ -47,7 +47,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub struct OrdersState {
     pub queues: QueueNames,
     idempotency: Idempotency,
-    publisher: Arc<queue::Publisher>,
+    publisher: Arc<Publisher>,
     order_publisher: queue::OrderPublisher,
     pub payments: Payments,
     /// The simulator itself, for fault drills (failure rate at run time).
@@ -56,14 +56,17 @@ pub struct OrdersState {
 
 impl OrdersState {
     /// Declares the queues and opens the confirming publisher.
-    pub async fn new(
-        settings: &OrdersSettings,
-        amqp: &Amqp,
-        redis: &Redis,
-    ) -> Result<Self, OrdersError> {
-        let queues = QueueNames::new(settings);
-        let publisher = Arc::new(queue::Publisher::open(amqp).await?);
-        queue::declare(publisher.channel(), &queues, settings).await?;
+    pub async fn new(all: &Settings, amqp: &Amqp, redis: &Redis) -> Result<Self, OrdersError> {
+        let settings = &all.orders;
+        let queues = QueueNames::new(&all.amqp.queue_prefix, settings);
+        let publisher = Arc::new(Publisher::open(amqp).await?);
+        queue::declare(
+            publisher.channel(),
+            &queues,
+            settings,
+            all.amqp.queue_expires_ms,
+        )
+        .await?;
         let order_publisher = queue::OrderPublisher::start(
             publisher.clone(),
             queues.orders.clone(),
@@ -554,5 +557,6 @@ pub async fn cancel_order(
         return Err(OrdersError::NotCancellable);
     }
     worker::release_stock(state, &[&current]).await?;
+    worker::notify_all(state, &[(&current, OrderStatus::Cancelled)]).await?;
     Ok(current)
 }

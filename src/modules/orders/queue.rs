@@ -6,10 +6,8 @@
 //! to `<prefix>orders.dead`. Messages the worker cannot even parse are rejected and
 //! dead-lettered by the broker into the same dead queue.
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::Confirmation;
-use lapin::{BasicProperties, Channel};
+use lapin::types::AMQPValue;
+use lapin::Channel;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,20 +17,17 @@ use tokio::sync::{mpsc, oneshot};
 use super::error::OrdersError;
 use super::model::{OrderEnvelope, OrderMessage};
 use crate::config::OrdersSettings;
-use crate::infra::amqp::Amqp;
+use crate::infra::amqp::{durable, queue_args as args, text, Publisher};
 
 #[derive(Debug, Clone)]
 pub struct QueueNames {
     pub orders: String,
     pub dead: String,
     pub retries: Vec<(String, u32)>,
-    /// High-priority notifications (order confirmations); consumed by the notify-worker.
-    pub notifications_high: String,
 }
 
 impl QueueNames {
-    pub fn new(settings: &OrdersSettings) -> Self {
-        let prefix = &settings.amqp_prefix;
+    pub fn new(prefix: &str, settings: &OrdersSettings) -> Self {
         Self {
             orders: format!("{prefix}orders"),
             dead: format!("{prefix}orders.dead"),
@@ -42,31 +37,8 @@ impl QueueNames {
                 .enumerate()
                 .map(|(i, delay)| (format!("{prefix}orders.retry.{}", i + 1), *delay))
                 .collect(),
-            notifications_high: format!("{prefix}notifications.high"),
         }
     }
-}
-
-fn durable() -> QueueDeclareOptions {
-    QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    }
-}
-
-fn args(pairs: &[(&str, AMQPValue)], expires_ms: Option<u32>) -> FieldTable {
-    let mut table = FieldTable::default();
-    for (key, value) in pairs {
-        table.insert(ShortString::from(*key), value.clone());
-    }
-    if let Some(ms) = expires_ms {
-        table.insert("x-expires".into(), AMQPValue::LongUInt(ms));
-    }
-    table
-}
-
-fn text(value: &str) -> AMQPValue {
-    AMQPValue::LongString(value.into())
 }
 
 /// Declares every queue the order path uses; idempotent.
@@ -74,8 +46,8 @@ pub async fn declare(
     channel: &Channel,
     names: &QueueNames,
     settings: &OrdersSettings,
+    expires: Option<u32>,
 ) -> Result<(), lapin::Error> {
-    let expires = settings.queue_expires_ms;
     channel
         .queue_declare(names.dead.as_str().into(), durable(), args(&[], expires))
         .await?;
@@ -109,67 +81,7 @@ pub async fn declare(
             )
             .await?;
     }
-    channel
-        .queue_declare(
-            names.notifications_high.as_str().into(),
-            durable(),
-            args(&[], expires),
-        )
-        .await?;
     Ok(())
-}
-
-/// Publishes with confirms: persistent, mandatory, and only `Ok` once the broker has taken
-/// responsibility for the message. Concurrent publishes share the channel, so their
-/// confirms are pipelined rather than waited for one by one.
-pub struct Publisher {
-    channel: Channel,
-}
-
-impl Publisher {
-    pub async fn open(amqp: &Amqp) -> Result<Self, lapin::Error> {
-        let channel = amqp.connection().create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Self { channel })
-    }
-
-    pub fn channel(&self) -> &Channel {
-        &self.channel
-    }
-
-    pub async fn publish(&self, queue: &str, payload: &[u8]) -> Result<(), OrdersError> {
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
-        let confirm = self
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                payload,
-                properties,
-            )
-            .await?
-            .await?;
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(OrdersError::Queue(format!(
-                "{queue}: message returned as unroutable"
-            ))),
-            Confirmation::Nack(_) => Err(OrdersError::Queue(format!(
-                "{queue}: broker refused the message"
-            ))),
-            Confirmation::NotRequested => {
-                Err(OrdersError::Queue("publisher confirms are off".into()))
-            }
-        }
-    }
 }
 
 /// An order waiting to be published, and who to tell when the broker confirmed it.

@@ -15,7 +15,6 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
 };
 use lapin::types::FieldTable;
-use serde::Serialize;
 use uuid::Uuid;
 
 use super::error::OrdersError;
@@ -23,6 +22,7 @@ use super::model::{Order, OrderEnvelope, OrderMessage, OrderStatus};
 use super::payment::ChargeOutcome;
 use super::store::{self, NewOrder};
 use crate::app::AppState;
+use crate::modules::notifications::{self, Channel, Notification, Priority};
 use crate::modules::products::{self, CommitOutcome, LedgerLine};
 
 /// Consumes until the connection closes (the process is stopping) or a broker error.
@@ -332,27 +332,6 @@ pub(super) async fn refund(state: &AppState, order: Uuid) {
     }
 }
 
-#[derive(Serialize)]
-struct Notification {
-    /// The notify-worker drops a second notification with the same key.
-    dedupe_key: String,
-    user_id: Uuid,
-    channel: &'static str,
-    priority: &'static str,
-    subject: String,
-    body: String,
-    order_id: Uuid,
-    status: &'static str,
-}
-
-/// One message carries every notification a batch produced: the broker's cost is per
-/// message, so a batch of 100 orders costs one publish, not 100.
-#[derive(Serialize)]
-struct NotificationBatch {
-    v: u32,
-    notifications: Vec<Notification>,
-}
-
 fn notification(order: &Order, status: OrderStatus) -> Notification {
     let (subject, body) = match status {
         OrderStatus::Paid => (
@@ -368,37 +347,27 @@ fn notification(order: &Order, status: OrderStatus) -> Notification {
             format!("Order {} failed; you were not charged.", order.id),
         ),
     };
-    Notification {
-        dedupe_key: format!("order:{}:{}", order.id, status.as_str()),
-        user_id: order.user_id,
-        channel: "email",
-        priority: "high",
-        subject: subject.to_owned(),
+    let mut notification = Notification::new(
+        order.user_id,
+        Channel::Email,
+        Priority::High,
+        Some(subject.to_owned()),
         body,
-        order_id: order.id,
-        status: status.as_str(),
-    }
+    );
+    // A redelivered batch builds the same key, so the buyer hears about each change once.
+    notification.dedupe_key = format!("order:{}:{}", order.id, status.as_str());
+    notification
 }
 
 /// Enqueues order-lifecycle notifications (high priority) as one message.
-async fn notify_all(
+pub(super) async fn notify_all(
     state: &AppState,
     settled: &[(&Order, OrderStatus)],
 ) -> Result<(), OrdersError> {
-    if settled.is_empty() {
-        return Ok(());
-    }
-    let batch = NotificationBatch {
-        v: 1,
-        notifications: settled
-            .iter()
-            .map(|(order, status)| notification(order, *status))
-            .collect(),
-    };
-    let payload = serde_json::to_vec(&batch).map_err(corrupt)?;
-    state
-        .orders
-        .publisher
-        .publish(&state.orders.queues.notifications_high, &payload)
-        .await
+    let batch = settled
+        .iter()
+        .map(|(order, status)| notification(order, *status))
+        .collect();
+    notifications::enqueue(state, Priority::High, batch).await?;
+    Ok(())
 }
