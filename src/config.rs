@@ -23,6 +23,7 @@ pub struct Settings {
     pub sales: SalesSettings,
     pub orders: OrdersSettings,
     pub notifications: NotificationsSettings,
+    pub kafka: KafkaSettings,
     pub log: LogSettings,
 }
 
@@ -179,6 +180,23 @@ pub struct PaymentSettings {
     /// Consecutive failures that open the circuit.
     pub breaker_failures: u32,
     pub breaker_open_ms: u64,
+}
+
+/// Order events: the outbox relay to Kafka.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Comma-separated `host:port` list; empty turns the relay off (events stay in the outbox).
+    pub brokers: String,
+    pub topic: String,
+    /// How long the relay naps when the outbox is empty.
+    pub relay_interval_ms: u64,
+    /// Events per relay pass and shard.
+    pub batch_size: i64,
+    /// How long the producer keeps trying one event before the relay gives up on the pass.
+    pub delivery_timeout_ms: u64,
+    /// Sent rows are deleted after this long.
+    pub retention_hours: i64,
 }
 
 /// The notify-worker and the notification history.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 
 use crate::app::{self, AppState, StartupError};
+use crate::infra::events;
 use crate::modules::{notifications, orders, products};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -68,6 +69,11 @@ pub async fn serve(state: AppState, role: Role) -> Result<(), StartupError> {
         None
     };
     if role.runs_order_worker() {
+        tokio::spawn(orders::run_reconciler(state_for_workers.clone()));
+        tokio::spawn(events::run_relay(
+            state_for_workers.db.clone(),
+            state_for_workers.settings.kafka.clone(),
+        ));
         tokio::spawn(supervise(
             "order-worker",
             state_for_workers.clone(),

@@ -1,9 +1,12 @@
 //! RabbitMQ: one connection per process; channels are opened from it by the roles that
 //! publish or consume.
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
 
 use crate::config::AmqpSettings;
 
@@ -31,6 +34,29 @@ impl Amqp {
 
     pub fn connection(&self) -> &Connection {
         &self.conn
+    }
+
+    /// Consumes `queue` on a channel of its own with at most `prefetch` unacked deliveries.
+    /// The channel is returned too: deliveries are acked on it, so it must outlive them.
+    pub async fn consume(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        tag: &str,
+    ) -> Result<(Channel, Consumer), lapin::Error> {
+        let channel = self.conn.create_channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((channel, consumer))
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod amqp;
 pub mod db;
+pub mod events;
 pub mod http;
 pub mod redis;
 pub mod telemetry;

@@ -402,9 +402,16 @@ impl Worker {
 }
 
 impl TestApp {
+    /// The order-worker role: the consumer and the reconciler (stopped together by `kill`).
     pub async fn spawn_worker(&self) -> Worker {
-        self.spawn_role(flashsale::modules::orders::run_worker)
-            .await
+        use flashsale::modules::orders;
+        self.spawn_role(|state: AppState| async move {
+            tokio::select! {
+                stopped = orders::run_worker(state.clone()) => stopped,
+                () = orders::run_reconciler(state) => Ok(()),
+            }
+        })
+        .await
     }
 
     pub async fn spawn_notify_worker(&self) -> Worker {

@@ -1,5 +1,6 @@
 //! Request middleware: a request id on every request and response, a tracing span that
-//! carries it, and one structured access-log line per request.
+//! carries it, the W3C trace context continued or started, and one structured access-log
+//! line per request.
 
 use std::time::Instant;
 
@@ -9,7 +10,10 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use tracing::Instrument;
 
+use crate::infra::telemetry;
+
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const MAX_REQUEST_ID_LEN: usize = 128;
 
 pub async fn request_context(
@@ -31,8 +35,12 @@ pub async fn request_context(
         method = %req.method(),
         path = %req.path(),
     );
+    let traceparent = telemetry::continue_or_start_trace(
+        req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()),
+    );
     let started = Instant::now();
-    let mut res = next.call(req).instrument(span.clone()).await?;
+    let mut res =
+        telemetry::with_traceparent(traceparent, next.call(req).instrument(span.clone())).await?;
     let status = res.status().as_u16();
     span.in_scope(|| {
         tracing::info!(

@@ -59,6 +59,7 @@ pub struct Simulator {
     attempts: moka::sync::Cache<Uuid, u32>,
     log: Arc<Mutex<VecDeque<Delivery>>>,
     failures: Arc<AtomicU64>,
+    delivered_count: Arc<AtomicU64>,
 }
 
 impl Simulator {
@@ -82,6 +83,7 @@ impl Simulator {
                 .build(),
             log: shared.log.clone(),
             failures: shared.failures.clone(),
+            delivered_count: shared.delivered.clone(),
         }
     }
 
@@ -125,6 +127,7 @@ impl Simulator {
             return Ok(());
         }
         self.delivered.insert(notification.id, ());
+        self.delivered_count.fetch_add(1, Ordering::Relaxed);
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
         if log.len() == LOG_CAPACITY {
             log.pop_front();
@@ -143,6 +146,7 @@ pub struct Providers {
     by_channel: Vec<Arc<dyn Provider>>,
     log: Arc<Mutex<VecDeque<Delivery>>>,
     failures: Arc<AtomicU64>,
+    delivered: Arc<AtomicU64>,
 }
 
 impl Providers {
@@ -151,6 +155,7 @@ impl Providers {
             by_channel: vec![],
             log: Arc::new(Mutex::new(VecDeque::new())),
             failures: Arc::new(AtomicU64::new(0)),
+            delivered: Arc::new(AtomicU64::new(0)),
         };
         for (channel, s) in
             Channel::ALL
@@ -161,6 +166,11 @@ impl Providers {
             providers.by_channel.push(Arc::new(simulator));
         }
         providers
+    }
+
+    /// Notifications delivered (each id once).
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
     }
 
     /// Attempts the providers failed (transiently or for good).

@@ -15,10 +15,7 @@ use backon::{ExponentialBuilder, Retryable};
 use futures_util::future::join_all;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use tokio::sync::mpsc;
 
 use super::error::NotificationsError;
@@ -54,17 +51,9 @@ pub async fn run(state: AppState) -> Result<(), NotificationsError> {
     for priority in Priority::ALL {
         let (sender, receiver) = mpsc::channel(usize::from(settings.prefetch));
         let queue = state.notifications.queues.for_priority(priority).to_owned();
-        let channel = state.amqp.connection().create_channel().await?;
-        channel
-            .basic_qos(settings.prefetch, BasicQosOptions::default())
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "notify-worker".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+        let (channel, mut consumer) = state
+            .amqp
+            .consume(&queue, settings.prefetch, "notify-worker")
             .await?;
         tokio::spawn(async move {
             // Deliveries are acked on this channel, so it lives as long as its consumer.

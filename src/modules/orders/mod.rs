@@ -33,6 +33,7 @@ use crate::infra::amqp::{Amqp, Publisher};
 use crate::infra::db::ReadFrom;
 use crate::infra::http::paging::PageRequest;
 use crate::infra::redis::{Idempotency, IdempotencyStart, Redis};
+use crate::infra::telemetry;
 use crate::modules::auth::AuthUser;
 use crate::modules::products::{self, Reservation, ReserveRequest};
 use model::{MAX_ADDRESS_CHARS, PAYMENT_METHODS};
@@ -86,10 +87,14 @@ impl OrdersState {
     }
 }
 
-/// The order-worker role: the consumer plus the reconciler and sale scheduler.
+/// The order-worker's consumer; runs until the connection closes or a broker error.
 pub async fn run_worker(state: AppState) -> Result<(), OrdersError> {
-    tokio::spawn(reconciler::run(state.clone()));
     worker::run(state).await
+}
+
+/// The reconciler and sale scheduler of the worker role; runs for the life of the process.
+pub async fn run_reconciler(state: AppState) {
+    reconciler::run(state).await
 }
 
 const MAX_IDEMPOTENCY_KEY: usize = 255;
@@ -190,6 +195,7 @@ pub async fn place_flash_sale_order(
         order,
         kind: OrderKind::FlashSale,
         attempt: 0,
+        traceparent: telemetry::current_traceparent(),
     };
     let idempotency_key = products::idempotency_key(state, product, caller.user_id, key_digest);
     accept(state, message, &idempotency_key, body_hash).await
@@ -298,6 +304,7 @@ pub async fn place_order(
         order,
         kind: OrderKind::Regular,
         attempt: 0,
+        traceparent: telemetry::current_traceparent(),
     };
     accept(state, message, &idempotency_key, body_hash).await
 }
@@ -530,7 +537,9 @@ pub async fn cancel_order(
     order_id: Uuid,
 ) -> Result<Order, OrdersError> {
     let (order, kind) = locate(state, caller, order_id).await?;
-    match store::cancel(&state.db, order.user_id, order.id).await? {
+    let traceparent = telemetry::current_traceparent();
+    let traceparent = traceparent.as_deref();
+    match store::cancel(&state.db, &order, traceparent).await? {
         None => {
             // Accepted but not yet persisted: record it cancelled. The worker finds the row
             // and the released reservation and leaves both alone; if the worker inserted it
@@ -540,9 +549,10 @@ pub async fn cancel_order(
                 kind: kind.unwrap_or(OrderKind::Regular),
                 status: OrderStatus::Cancelled,
                 failure_reason: None,
+                traceparent,
             };
             store::insert_batch(&state.db, &[cancelled]).await?;
-            if store::cancel(&state.db, order.user_id, order.id).await? == Some(OrderStatus::Paid) {
+            if store::cancel(&state.db, &order, traceparent).await? == Some(OrderStatus::Paid) {
                 worker::refund(state, order.id).await;
             }
         }

@@ -128,6 +128,9 @@ pub struct OrderMessage {
     /// Delivery attempts so far (0 on the first delivery).
     #[serde(default)]
     pub attempt: u32,
+    /// W3C trace context of the request that placed the order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// What one AMQP message carries: the orders the API accepted within a few milliseconds.

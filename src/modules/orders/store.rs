@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::error::OrdersError;
 use super::model::{Order, OrderItem, OrderKind, OrderStatus};
 use crate::infra::db::{shard_index, Databases, ReadFrom};
+use crate::infra::events::{self, OrderEvent, EVENT_VERSION};
 use crate::infra::http::paging::PageRequest;
 
 diesel::table! {
@@ -68,6 +69,42 @@ pub struct NewOrder<'a> {
     pub kind: OrderKind,
     pub status: OrderStatus,
     pub failure_reason: Option<&'static str>,
+    /// Trace context carried into the order's events.
+    pub traceparent: Option<&'a str>,
+}
+
+/// An `order.<event>` event of `order` now in `status`.
+fn event(order: &Order, status: OrderStatus, name: &str, traceparent: Option<&str>) -> OrderEvent {
+    OrderEvent {
+        v: EVENT_VERSION,
+        id: Uuid::now_v7(),
+        event_type: format!("order.{name}"),
+        order_id: order.id,
+        user_id: order.user_id,
+        status: status.as_str().to_owned(),
+        total_amount: order.total_amount.to_string(),
+        occurred_at: Utc::now(),
+        traceparent: traceparent.map(str::to_owned),
+    }
+}
+
+/// `order.created`, then the event of the status the order was written in.
+fn events_of_new(new: &NewOrder<'_>) -> Vec<OrderEvent> {
+    let mut events = vec![event(
+        new.order,
+        OrderStatus::Pending,
+        "created",
+        new.traceparent,
+    )];
+    if new.status != OrderStatus::Pending {
+        events.push(event(
+            new.order,
+            new.status,
+            new.status.as_str(),
+            new.traceparent,
+        ));
+    }
+    events
 }
 
 /// Writes orders into their shards, one transaction per shard; orders that exist are left
@@ -129,6 +166,12 @@ pub async fn insert_batch(
                     .on_conflict_do_nothing()
                     .execute(conn)
                     .await?;
+                let events: Vec<OrderEvent> = orders_in_shard
+                    .iter()
+                    .filter(|n| fresh.contains(&n.order.id))
+                    .flat_map(|n| events_of_new(n))
+                    .collect();
+                events::append(conn, &events).await?;
                 Ok::<_, OrdersError>(fresh)
             })
             .await?;
@@ -291,18 +334,19 @@ pub async fn live_units_by_buyer(
     Ok(all)
 }
 
-/// Cancels a pending or paid order under a row lock; answers the status it had (so the
-/// caller knows whether to refund), or None when there is no such order.
+/// Cancels a pending or paid order under a row lock, with its `order.cancelled` event;
+/// answers the status it had (so the caller knows whether to refund), or None when there
+/// is no such order.
 pub async fn cancel(
     db: &Databases,
-    user: Uuid,
-    order: Uuid,
+    order: &Order,
+    traceparent: Option<&str>,
 ) -> Result<Option<OrderStatus>, OrdersError> {
-    let mut pooled = db.shard_for(user).write_conn().await?;
+    let mut pooled = db.shard_for(order.user_id).write_conn().await?;
     let conn: &mut AsyncPgConnection = &mut pooled;
     conn.transaction(async |conn| {
         let current: Option<String> = orders::table
-            .find(order)
+            .find(order.id)
             .select(orders::status)
             .for_update()
             .first(conn)
@@ -314,13 +358,15 @@ pub async fn cancel(
         let status =
             OrderStatus::parse(&current).ok_or_else(|| OrdersError::Corrupt(current.clone()))?;
         if matches!(status, OrderStatus::Pending | OrderStatus::Paid) {
-            diesel::update(orders::table.find(order))
+            diesel::update(orders::table.find(order.id))
                 .set((
                     orders::status.eq(OrderStatus::Cancelled.as_str()),
                     orders::updated_at.eq(diesel::dsl::now),
                 ))
                 .execute(conn)
                 .await?;
+            let cancelled = event(order, OrderStatus::Cancelled, "cancelled", traceparent);
+            events::append(conn, &[cancelled]).await?;
         }
         Ok(Some(status))
     })

@@ -11,10 +11,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use uuid::Uuid;
 
 use super::error::OrdersError;
@@ -28,16 +25,12 @@ use crate::modules::products::{self, CommitOutcome, LedgerLine};
 /// Consumes until the connection closes (the process is stopping) or a broker error.
 pub async fn run(state: AppState) -> Result<(), OrdersError> {
     let settings = &state.settings.orders;
-    let channel = state.amqp.connection().create_channel().await?;
-    channel
-        .basic_qos(settings.prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            state.orders.queues.orders.as_str().into(),
-            "order-worker".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
+    let (_channel, mut consumer) = state
+        .amqp
+        .consume(
+            &state.orders.queues.orders,
+            settings.prefetch,
+            "order-worker",
         )
         .await?;
     tracing::info!(queue = %state.orders.queues.orders, "order-worker consuming");
@@ -243,6 +236,7 @@ fn final_row<'a>(
         kind: message.kind,
         status,
         failure_reason,
+        traceparent: message.traceparent.as_deref(),
     }
 }
 

@@ -1,0 +1,311 @@
+//! Order events through a transactional outbox: the code that changes an order appends
+//! events to its shard's `outbox` table in the same transaction; the relay publishes unsent
+//! rows to Kafka in id order (keyed by order id, idempotent producer) and marks them sent.
+//!
+//! One relay per shard at a time (a transaction-scoped advisory lock), so replicas of the
+//! worker role never publish one shard's events out of order. A broker outage holds rows
+//! back; nothing is lost. Without `kafka.brokers` the relay is off and rows accumulate
+//! until a broker is configured.
+
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bool, Nullable, Text, Uuid as SqlUuid};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use futures_util::future::join_all;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::config::KafkaSettings;
+use crate::infra::db::{Databases, DbError, NodePools};
+
+/// Schema version of every event payload.
+pub const EVENT_VERSION: u32 = 1;
+
+/// The payload of an `order.*` event (also what consumers of the topic parse).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OrderEvent {
+    pub v: u32,
+    /// Unique per event: consumers deduplicate on it.
+    pub id: Uuid,
+    /// `order.created`, `order.paid`, `order.failed` or `order.cancelled`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub order_id: Uuid,
+    pub user_id: Uuid,
+    pub status: String,
+    /// Decimal string.
+    pub total_amount: String,
+    pub occurred_at: DateTime<Utc>,
+    /// W3C trace context of the request that caused the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+diesel::table! {
+    outbox (id) {
+        id -> BigInt,
+        event_id -> diesel::sql_types::Uuid,
+        aggregate_id -> diesel::sql_types::Uuid,
+        event_type -> Text,
+        payload -> Jsonb,
+        traceparent -> Nullable<Text>,
+    }
+}
+
+/// Appends events in the caller's transaction, in one statement.
+pub async fn append(
+    conn: &mut AsyncPgConnection,
+    events: &[OrderEvent],
+) -> Result<(), diesel::result::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut rows = Vec::with_capacity(events.len());
+    for event in events {
+        let payload = serde_json::to_value(event)
+            .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+        rows.push((
+            outbox::event_id.eq(event.id),
+            outbox::aggregate_id.eq(event.order_id),
+            outbox::event_type.eq(&event.event_type),
+            outbox::payload.eq(payload),
+            outbox::traceparent.eq(event.traceparent.as_deref()),
+        ));
+    }
+    diesel::insert_into(outbox::table)
+        .values(&rows)
+        .on_conflict(outbox::event_id)
+        .do_nothing()
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+#[derive(QueryableByName)]
+struct Unsent {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = SqlUuid)]
+    aggregate_id: Uuid,
+    #[diesel(sql_type = Text)]
+    event_type: String,
+    #[diesel(sql_type = Text)]
+    payload: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    traceparent: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct Locked {
+    #[diesel(sql_type = Bool)]
+    locked: bool,
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Any 64-bit constant; names the relay's per-shard lock.
+const RELAY_LOCK: i64 = 0x0e7e_0b0c;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<diesel::result::Error> for RelayError {
+    fn from(e: diesel::result::Error) -> Self {
+        RelayError::Db(e.into())
+    }
+}
+
+pub struct Relay {
+    producer: FutureProducer,
+    settings: KafkaSettings,
+}
+
+impl Relay {
+    pub fn new(settings: &KafkaSettings) -> Result<Self, RelayError> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &settings.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set(
+                "message.timeout.ms",
+                settings.delivery_timeout_ms.to_string(),
+            )
+            .create()?;
+        Ok(Self {
+            producer,
+            settings: settings.clone(),
+        })
+    }
+
+    /// Publishes up to one batch of a shard's unsent events; answers how many it marked sent.
+    /// Only the longest run of delivered events is marked, so a failure never lets a later
+    /// event of an order overtake an earlier one.
+    pub async fn relay_shard(&self, shard: &NodePools) -> Result<usize, RelayError> {
+        let mut pooled = shard.write_conn().await?;
+        let conn: &mut AsyncPgConnection = &mut pooled;
+        let (sent, failure) = conn
+            .transaction(async |conn| {
+                let lock = diesel::sql_query(format!(
+                    "SELECT pg_try_advisory_xact_lock({RELAY_LOCK}) AS locked"
+                ))
+                .get_result::<Locked>(conn)
+                .await?;
+                if !lock.locked {
+                    return Ok::<_, RelayError>((0, None));
+                }
+                let rows: Vec<Unsent> = diesel::sql_query(
+                    "SELECT id, aggregate_id, event_type, payload::text AS payload, traceparent \
+                     FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1",
+                )
+                .bind::<BigInt, _>(self.settings.batch_size)
+                .load(conn)
+                .await?;
+                let deliveries = join_all(rows.iter().map(|row| self.publish(row))).await;
+                let mut delivered = vec![];
+                let mut failure = None;
+                for (row, outcome) in rows.iter().zip(deliveries) {
+                    match outcome {
+                        Ok(()) => delivered.push(row.id),
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                }
+                diesel::sql_query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
+                    .bind::<diesel::sql_types::Array<BigInt>, _>(&delivered)
+                    .execute(conn)
+                    .await?;
+                Ok((delivered.len(), failure))
+            })
+            .await?;
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(sent),
+        }
+    }
+
+    async fn publish(&self, row: &Unsent) -> Result<(), rdkafka::error::KafkaError> {
+        let key = row.aggregate_id.to_string();
+        let mut headers = OwnedHeaders::new().insert(Header {
+            key: "event-type",
+            value: Some(row.event_type.as_str()),
+        });
+        if let Some(traceparent) = &row.traceparent {
+            headers = headers.insert(Header {
+                key: "traceparent",
+                value: Some(traceparent.as_str()),
+            });
+        }
+        let record = FutureRecord::to(&self.settings.topic)
+            .key(&key)
+            .payload(&row.payload)
+            .headers(headers);
+        self.producer
+            .send(
+                record,
+                Duration::from_millis(self.settings.delivery_timeout_ms),
+            )
+            .await
+            .map(drop)
+            .map_err(|(e, _)| e)
+    }
+
+    /// Drops sent rows older than the retention window.
+    async fn prune(&self, shard: &NodePools) -> Result<(), RelayError> {
+        let mut conn = shard.write_conn().await?;
+        diesel::sql_query(
+            "DELETE FROM outbox WHERE sent_at < now() - make_interval(hours => $1::int)",
+        )
+        .bind::<BigInt, _>(self.settings.retention_hours)
+        .execute(&mut conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Unsent events across every shard (the outbox backlog).
+pub async fn backlog(db: &Databases) -> Result<i64, DbError> {
+    let mut total = 0;
+    for shard in db.shards() {
+        let mut conn = shard.write_conn().await?;
+        total += diesel::sql_query("SELECT count(*) AS n FROM outbox WHERE sent_at IS NULL")
+            .get_result::<Count>(&mut conn)
+            .await?
+            .n;
+    }
+    Ok(total)
+}
+
+/// The relay loop of the worker role: drains every shard, naps when there is nothing to
+/// send, and backs off while Kafka or a database is down. Order processing never waits on it.
+pub async fn run_relay(db: std::sync::Arc<Databases>, settings: KafkaSettings) {
+    if settings.brokers.is_empty() {
+        tracing::info!(
+            "kafka.brokers is empty: the outbox relay is off; events stay in the outbox"
+        );
+        return;
+    }
+    let relay = match Relay::new(&settings) {
+        Ok(relay) => relay,
+        Err(e) => {
+            tracing::error!(error = %e, "outbox relay cannot start");
+            return;
+        }
+    };
+    let idle = Duration::from_millis(settings.relay_interval_ms);
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(idle)
+        .with_max_delay(Duration::from_secs(10))
+        .without_max_times();
+    let mut backoff = policy.build();
+    let mut last_prune = Instant::now();
+    loop {
+        let mut sent = 0;
+        let mut failed = false;
+        for shard in db.shards() {
+            match relay.relay_shard(shard).await {
+                Ok(n) => sent += n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox relay could not publish; will retry");
+                    failed = true;
+                }
+            }
+        }
+        if last_prune.elapsed() > PRUNE_EVERY {
+            last_prune = Instant::now();
+            for shard in db.shards() {
+                if let Err(e) = relay.prune(shard).await {
+                    tracing::warn!(error = %e, "outbox prune failed");
+                }
+            }
+        }
+        if failed {
+            tokio::time::sleep(backoff.next().unwrap_or(idle)).await;
+            continue;
+        }
+        backoff = policy.build();
+        if sent == 0 {
+            tokio::time::sleep(idle).await;
+        }
+    }
+}
