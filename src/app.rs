@@ -8,6 +8,8 @@ use std::time::Duration;
 use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::config::Settings;
@@ -28,6 +30,10 @@ pub struct AppState {
     pub products: Arc<products::ProductsState>,
     pub orders: Arc<orders::OrdersState>,
     pub notifications: Arc<notifications::NotificationsState>,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+    /// Cancelled on SIGTERM: workers stop taking messages, loops end.
+    pub shutdown: CancellationToken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +76,8 @@ impl AppState {
             products: Arc::new(products),
             orders: Arc::new(orders),
             notifications: Arc::new(notifications),
+            metrics: crate::infra::metrics::install(),
+            shutdown: CancellationToken::new(),
         })
     }
 }
@@ -105,6 +113,23 @@ pub fn http_server(state: AppState, listener: TcpListener) -> std::io::Result<Se
     Ok(server.listen(listener)?.run())
 }
 
+/// The probes and `/metrics` on their own port, for roles without the API.
+pub fn ops_server(state: AppState, listener: TcpListener) -> std::io::Result<Server> {
+    let grace = state.settings.http.shutdown_grace_secs;
+    let data = web::Data::new(state);
+    Ok(HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .configure(ops::configure_probes)
+            .default_service(web::to(extract::not_found))
+    })
+    .workers(1)
+    .shutdown_timeout(grace)
+    .disable_signals()
+    .listen(listener)?
+    .run())
+}
+
 /// Background upkeep the API role runs while it serves: the hot catalogue preloaded once,
 /// then idle rate-limiter entries dropped every minute.
 pub async fn api_upkeep(state: AppState) {
@@ -116,7 +141,10 @@ pub async fn api_upkeep(state: AppState) {
     }
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = state.shutdown.cancelled() => return,
+        }
         state.auth.forget_idle_clients();
     }
 }

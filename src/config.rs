@@ -35,7 +35,13 @@ pub struct HttpSettings {
     pub workers: usize,
     pub body_limit_bytes: usize,
     pub trusted_proxies: Vec<IpAddr>,
+    /// On SIGTERM: how long in-flight requests and batches get before the process exits.
     pub shutdown_grace_secs: u64,
+    /// Worker roles serve `/health`, `/ready` and `/metrics` here (the API serves them on
+    /// `port`).
+    pub ops_port: u16,
+    /// How often gauges (pools, queues, stock, outbox) are sampled.
+    pub metrics_sample_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

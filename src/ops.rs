@@ -1,4 +1,5 @@
-//! Operational endpoints: liveness, readiness and the OpenAPI document.
+//! Operational endpoints (liveness, readiness, `/metrics`, the OpenAPI document) and the
+//! metrics sampler every role runs.
 
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
@@ -11,6 +12,7 @@ use crate::modules::{auth, notifications, orders, products, users};
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health))
         .route("/ready", web::get().to(ready))
+        .route("/metrics", web::get().to(metrics))
         .route("/docs", web::get().to(docs_redirect));
 }
 
@@ -93,4 +95,137 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
     } else {
         HttpResponse::ServiceUnavailable().json(body)
     }
+}
+
+/// Prometheus text format of every metric this process recorded.
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
+}
+
+/// The probes and `/metrics`: what a worker role serves on `ops.port`.
+pub fn configure_probes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health", web::get().to(health))
+        .route("/ready", web::get().to(ready))
+        .route("/metrics", web::get().to(metrics));
+}
+
+/// What a role samples besides what its request and message paths record.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sampled {
+    /// `inventory_available{product_id}` of live sales (the API).
+    pub stock: bool,
+    /// Order queues and the outbox backlog (the order-worker).
+    pub order_queues: bool,
+    /// Notification queues (the notify-worker).
+    pub notification_queues: bool,
+}
+
+/// Live sales shown as gauges; bounds the label set of `inventory_available`.
+const MAX_STOCK_GAUGES: i64 = 100;
+
+/// Samples pool usage, replication lag, process CPU and memory, and what `sampled` asks,
+/// every `interval`, until shutdown; also runs the exporter's upkeep.
+pub async fn run_sampler(state: AppState, sampled: Sampled, interval: std::time::Duration) {
+    let process = metrics_process::Collector::default();
+    process.describe();
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = state.shutdown.cancelled() => return,
+        }
+        process.collect();
+        state.metrics.run_upkeep();
+        sample_pools(&state).await;
+        if sampled.stock {
+            match products::live_stock(&state, MAX_STOCK_GAUGES).await {
+                Ok(stock) => {
+                    for (product, remaining) in stock {
+                        metrics::gauge!("inventory_available", "product_id" => product.to_string())
+                            .set(remaining as f64);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "sampling flash-sale stock failed"),
+            }
+        }
+        let mut queues = vec![];
+        if sampled.order_queues {
+            queues.extend(orders::queue_names(&state));
+            match crate::infra::events::backlog(&state.db).await {
+                Ok(backlog) => metrics::gauge!("outbox_backlog").set(backlog as f64),
+                Err(e) => tracing::warn!(error = %e, "sampling the outbox backlog failed"),
+            }
+        }
+        if sampled.notification_queues {
+            queues.extend(notifications::queue_names(&state));
+        }
+        if !queues.is_empty() {
+            match state.amqp.queue_depths(&queues).await {
+                Ok(depths) => {
+                    for (queue, (messages, consumers)) in queues.into_iter().zip(depths) {
+                        metrics::gauge!("rabbitmq_queue_depth", "queue" => queue.clone())
+                            .set(f64::from(messages));
+                        metrics::gauge!("rabbitmq_queue_consumers", "queue" => queue)
+                            .set(f64::from(consumers));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "sampling queue depths failed"),
+            }
+        }
+    }
+}
+
+async fn sample_pools(state: &AppState) {
+    for node in state.db.nodes() {
+        let pools = std::iter::once(("primary", node.primary()))
+            .chain(node.replicas().iter().map(|pool| ("replica", pool)));
+        for (role, pool) in pools {
+            let pool_state = pool.state();
+            let labels = [("db", node.name().to_owned()), ("role", role.to_owned())];
+            let in_use = pool_state.connections - pool_state.idle_connections;
+            metrics::gauge!("db_pool_connections_in_use", &labels).set(f64::from(in_use));
+            metrics::gauge!("db_pool_connections_idle", &labels)
+                .set(f64::from(pool_state.idle_connections));
+            metrics::gauge!("db_pool_max_size", &labels)
+                .set(f64::from(state.settings.database.pool_max_size));
+            metrics::counter!("db_pool_waits_total", &labels)
+                .absolute(pool_state.statistics.get_waited);
+            metrics::counter!("db_pool_timeouts_total", &labels)
+                .absolute(pool_state.statistics.get_timed_out);
+        }
+        for replica in node.replicas() {
+            match replication_lag(replica).await {
+                Ok(lag) => {
+                    metrics::gauge!("db_replication_lag_seconds", "db" => node.name().to_owned())
+                        .set(lag)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, db = node.name(), "sampling replication lag failed")
+                }
+            }
+        }
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct Lag {
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    seconds: f64,
+}
+
+/// Seconds since the replica last replayed a transaction (0 when it replays nothing, e.g.
+/// a standalone database standing in for a replica).
+async fn replication_lag(
+    pool: &crate::infra::db::PgPool,
+) -> Result<f64, crate::infra::db::DbError> {
+    use diesel_async::RunQueryDsl;
+    let mut conn = pool.get().await?;
+    let lag: Lag = diesel::sql_query(
+        "SELECT COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0)::float8 AS seconds",
+    )
+    .get_result(&mut conn)
+    .await?;
+    Ok(lag.seconds)
 }

@@ -6,8 +6,9 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 
 use crate::app::{self, AppState, StartupError};
-use crate::infra::events;
+use crate::infra::{events, telemetry};
 use crate::modules::{notifications, orders, products};
+use crate::ops;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
@@ -47,8 +48,10 @@ where
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(10))
         .without_max_times();
+    let stopping = state.shutdown.clone();
     let outcome = (|| run(state.clone()))
         .retry(policy)
+        .when(|_| !stopping.is_cancelled())
         .notify(|e, wait| tracing::error!(worker = name, error = %e, ?wait, "worker stopped; restarting"))
         .await;
     if let Err(e) = outcome {
@@ -58,46 +61,69 @@ where
 
 pub async fn serve(state: AppState, role: Role) -> Result<(), StartupError> {
     let http = state.settings.http.clone();
-    let state_for_workers = state.clone();
+    let mut workers = vec![];
+    let sampled = ops::Sampled {
+        stock: role.runs_api(),
+        order_queues: role.runs_order_worker(),
+        notification_queues: role.runs_notify_worker(),
+    };
+    tokio::spawn(ops::run_sampler(
+        state.clone(),
+        sampled,
+        Duration::from_millis(http.metrics_sample_ms),
+    ));
     let server = if role.runs_api() {
         let listener = TcpListener::bind((http.host.as_str(), http.port))?;
         tracing::info!(address = %listener.local_addr()?, "api listening");
         tokio::spawn(app::api_upkeep(state.clone()));
         tokio::spawn(products::run_indexer(state.clone()));
-        Some(app::http_server(state, listener)?)
+        app::http_server(state.clone(), listener)?
     } else {
-        None
+        let listener = TcpListener::bind((http.host.as_str(), http.ops_port))?;
+        tracing::info!(address = %listener.local_addr()?, "probes and metrics listening");
+        app::ops_server(state.clone(), listener)?
     };
     if role.runs_order_worker() {
-        tokio::spawn(orders::run_reconciler(state_for_workers.clone()));
+        tokio::spawn(orders::run_reconciler(state.clone()));
         tokio::spawn(events::run_relay(
-            state_for_workers.db.clone(),
-            state_for_workers.settings.kafka.clone(),
+            state.db.clone(),
+            state.settings.kafka.clone(),
+            state.shutdown.clone(),
         ));
-        tokio::spawn(supervise(
+        workers.push(tokio::spawn(supervise(
             "order-worker",
-            state_for_workers.clone(),
+            state.clone(),
             orders::run_worker,
-        ));
+        )));
     }
     if role.runs_notify_worker() {
-        tokio::spawn(supervise(
+        workers.push(tokio::spawn(supervise(
             "notify-worker",
-            state_for_workers.clone(),
+            state.clone(),
             notifications::run_worker,
-        ));
+        )));
     }
-    match server {
-        Some(server) => {
-            let handle = server.handle();
-            let running = tokio::spawn(server);
-            shutdown_signal().await;
-            tracing::info!("shutting down: finishing in-flight requests");
-            handle.stop(true).await;
-            running.await.map_err(std::io::Error::other)??;
-        }
-        None => shutdown_signal().await,
+    let handle = server.handle();
+    let running = tokio::spawn(server);
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests and batches");
+    // Workers stop taking messages and finish the batch in hand; the HTTP server stops
+    // accepting and finishes in-flight requests (each waits for its broker confirm).
+    state.shutdown.cancel();
+    let grace = Duration::from_secs(http.shutdown_grace_secs);
+    let drained = tokio::time::timeout(grace, async {
+        handle.stop(true).await;
+        futures_util::future::join_all(workers).await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            ?grace,
+            "grace period over; unacked messages return to their queues"
+        );
     }
+    running.await.map_err(std::io::Error::other)??;
+    telemetry::shutdown();
     tracing::info!("stopped");
     Ok(())
 }

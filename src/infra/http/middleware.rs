@@ -42,6 +42,7 @@ pub async fn request_context(
     let mut res =
         telemetry::with_traceparent(traceparent, next.call(req).instrument(span.clone())).await?;
     let status = res.status().as_u16();
+    record_request(&res, started.elapsed().as_secs_f64());
     span.in_scope(|| {
         tracing::info!(
             status,
@@ -53,4 +54,23 @@ pub async fn request_context(
         res.headers_mut().insert(REQUEST_ID, value);
     }
     Ok(res)
+}
+
+/// `http_requests_total{method, route, status}` and `http_request_duration_seconds{method,
+/// route}`. The route is the matched pattern (`/orders/{id}`), so ids never become labels.
+fn record_request<B>(res: &ServiceResponse<B>, seconds: f64) {
+    let request = res.request();
+    let route = request
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().as_str().to_owned();
+    metrics::counter!(
+        "http_requests_total",
+        "method" => method.clone(),
+        "route" => route.clone(),
+        "status" => res.status().as_u16().to_string()
+    )
+    .increment(1);
+    metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route)
+        .record(seconds);
 }

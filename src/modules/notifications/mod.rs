@@ -23,7 +23,7 @@ pub use queue::NotificationQueues;
 
 use crate::app::AppState;
 use crate::config::Settings;
-use crate::infra::amqp::{Amqp, Publisher};
+use crate::infra::amqp::{trace_headers, Amqp, Publisher};
 use model::{MAX_BODY_CHARS, MAX_SUBJECT_CHARS, WIRE_VERSION};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -96,6 +96,7 @@ pub async fn enqueue(
     if notifications.is_empty() {
         return Ok(());
     }
+    let headers = trace_headers(notifications[0].traceparent.as_deref());
     let batch = NotificationBatch {
         v: WIRE_VERSION,
         notifications,
@@ -105,7 +106,7 @@ pub async fn enqueue(
     let notify = &state.notifications;
     notify
         .publisher
-        .publish(notify.queues.for_priority(priority), &payload)
+        .publish_with(notify.queues.for_priority(priority), &payload, headers)
         .await?;
     Ok(())
 }
@@ -135,13 +136,14 @@ pub async fn send(
 ) -> Result<SendAccepted, NotificationsError> {
     validate(&request)?;
     crate::modules::users::find(state, request.user_id).await?;
-    let notification = Notification::new(
+    let mut notification = Notification::new(
         request.user_id,
         request.channel,
         request.priority,
         request.subject,
         request.body,
     );
+    notification.traceparent = crate::infra::telemetry::current_traceparent();
     let notify = &state.notifications;
     notify.history.admit(&state.redis, &[&notification]).await?;
     let id = notification.id;
@@ -157,4 +159,14 @@ pub async fn send(
         id,
         status: DeliveryStatus::Queued,
     })
+}
+
+/// Every notification queue, for the queue-depth gauges.
+pub fn queue_names(state: &AppState) -> Vec<String> {
+    let queues = &state.notifications.queues;
+    Priority::ALL
+        .iter()
+        .map(|p| queues.for_priority(*p).to_owned())
+        .chain([queues.dead.clone()])
+        .collect()
 }

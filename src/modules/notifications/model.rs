@@ -111,6 +111,9 @@ pub struct Notification {
     pub subject: Option<String>,
     pub body: String,
     pub created_at: DateTime<Utc>,
+    /// W3C trace context of what caused it (an order's request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl Notification {
@@ -132,6 +135,7 @@ impl Notification {
             subject,
             body,
             created_at: Utc::now(),
+            traceparent: None,
         }
     }
 }

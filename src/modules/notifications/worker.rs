@@ -17,6 +17,7 @@ use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::error::NotificationsError;
 use super::history::Admission;
@@ -48,6 +49,7 @@ struct Inbox {
 pub async fn run(state: AppState) -> Result<(), NotificationsError> {
     let settings = &state.settings.notifications;
     let mut receivers = vec![];
+    let mut channels = vec![];
     for priority in Priority::ALL {
         let (sender, receiver) = mpsc::channel(usize::from(settings.prefetch));
         let queue = state.notifications.queues.for_priority(priority).to_owned();
@@ -55,9 +57,8 @@ pub async fn run(state: AppState) -> Result<(), NotificationsError> {
             .amqp
             .consume(&queue, settings.prefetch, "notify-worker")
             .await?;
+        channels.push(channel);
         tokio::spawn(async move {
-            // Deliveries are acked on this channel, so it lives as long as its consumer.
-            let _channel = channel;
             while let Some(Ok(delivery)) = consumer.next().await {
                 let batch = serde_json::from_slice(&delivery.data).ok();
                 if sender.send(Received { delivery, batch }).await.is_err() {
@@ -78,22 +79,33 @@ pub async fn run(state: AppState) -> Result<(), NotificationsError> {
     };
     tracing::info!("notify-worker consuming");
     let linger = Duration::from_millis(settings.batch_linger_ms);
-    while inbox.wait_for_work(linger).await {
+    while inbox.wait_for_work(linger, &state.shutdown).await {
         let batch = inbox.take_batch(settings);
         process_batch(&state, batch).await?;
     }
+    // Buffered deliveries not yet taken go back to their queues now, not at disconnect.
+    for channel in channels {
+        if let Err(e) = channel.close(200, "notify-worker stopping".into()).await {
+            tracing::warn!(error = %e, "closing a notification channel");
+        }
+    }
+    tracing::info!("notify-worker stopped");
     Ok(())
 }
 
 impl Inbox {
     /// Waits until something is waiting (then lingers briefly so a batch can fill); false
-    /// once every consumer has stopped.
-    async fn wait_for_work(&mut self, linger: Duration) -> bool {
+    /// on shutdown or once every consumer has stopped.
+    async fn wait_for_work(&mut self, linger: Duration, stopping: &CancellationToken) -> bool {
+        if stopping.is_cancelled() {
+            return false;
+        }
         self.drain();
         if self.waiting.iter().all(VecDeque::is_empty) {
             let [high, normal, low] = &mut self.incoming;
             let first = tokio::select! {
                 biased;
+                () = stopping.cancelled() => return false,
                 Some(r) = high.recv() => (Priority::High, r),
                 Some(r) = normal.recv() => (Priority::Normal, r),
                 Some(r) = low.recv() => (Priority::Low, r),
@@ -181,6 +193,7 @@ async fn process_batch(
         }
     }
     state.notifications.stats.record_batch(notifications.len());
+    metrics::histogram!("notification_batch_size").record(notifications.len() as f64);
     let outcome = send_all(state, &notifications).await;
     for delivery in last_of_queue.into_iter().flatten() {
         match &outcome {
@@ -226,6 +239,9 @@ async fn send_all(
     let mut outcomes = Vec::with_capacity(to_send.len());
     let mut dead = vec![];
     for (notification, result) in to_send.into_iter().zip(results) {
+        let status = if result.is_ok() { "sent" } else { "failed" };
+        metrics::counter!("notifications_total", "channel" => notification.channel.as_str(), "status" => status)
+            .increment(1);
         match result {
             Ok(()) => outcomes.push((notification, DeliveryStatus::Sent)),
             Err(e) => {

@@ -408,6 +408,7 @@ async fn accept(
     };
     let answer = serde_json::to_string(&answer).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
     record_accepted(state, &message, idempotency_key, &answer).await?;
+    count_order(OrderStatus::Pending, message.kind);
     Ok(Placed {
         order: message.order,
         replayed: false,
@@ -537,6 +538,7 @@ pub async fn cancel_order(
     order_id: Uuid,
 ) -> Result<Order, OrdersError> {
     let (order, kind) = locate(state, caller, order_id).await?;
+    let already_cancelled = order.status == OrderStatus::Cancelled;
     let traceparent = telemetry::current_traceparent();
     let traceparent = traceparent.as_deref();
     match store::cancel(&state.db, &order, traceparent).await? {
@@ -567,6 +569,31 @@ pub async fn cancel_order(
         return Err(OrdersError::NotCancellable);
     }
     worker::release_stock(state, &[&current]).await?;
-    worker::notify_all(state, &[(&current, OrderStatus::Cancelled)]).await?;
+    if !already_cancelled {
+        count_order(OrderStatus::Cancelled, kind.unwrap_or(OrderKind::Regular));
+    }
+    let cancelled = worker::Settled {
+        order: &current,
+        status: OrderStatus::Cancelled,
+        traceparent,
+    };
+    worker::notify_all(state, &[cancelled]).await?;
     Ok(current)
+}
+
+/// Every queue of the order path, for the queue-depth gauges.
+pub fn queue_names(state: &AppState) -> Vec<String> {
+    let queues = &state.orders.queues;
+    let mut names = vec![queues.orders.clone(), queues.dead.clone()];
+    names.extend(queues.retries.iter().map(|(name, _)| name.clone()));
+    names
+}
+
+/// `orders_total{status, type}`; an order counts as `accepted` when the API answers 201.
+pub(crate) fn count_order(status: OrderStatus, kind: OrderKind) {
+    let status = match status {
+        OrderStatus::Pending => "accepted",
+        other => other.as_str(),
+    };
+    metrics::counter!("orders_total", "status" => status, "type" => kind.as_str()).increment(1);
 }

@@ -143,6 +143,11 @@ impl PaymentGateway for PaymentSimulator {
     }
 }
 
+/// `payment_circuit_state` values.
+const CIRCUIT_CLOSED: f64 = 0.0;
+const CIRCUIT_HALF_OPEN: f64 = 1.0;
+const CIRCUIT_OPEN: f64 = 2.0;
+
 /// Counts and logs the breaker's state changes (they are rare and worth a log line).
 #[derive(Clone, Default)]
 pub struct BreakerEvents {
@@ -154,14 +159,18 @@ impl failsafe::Instrument for BreakerEvents {
 
     fn on_open(&self) {
         self.opened.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("payment_circuit_opened_total").increment(1);
+        metrics::gauge!("payment_circuit_state").set(CIRCUIT_OPEN);
         tracing::warn!("payment circuit opened: charges fail fast until it half-opens");
     }
 
     fn on_half_open(&self) {
+        metrics::gauge!("payment_circuit_state").set(CIRCUIT_HALF_OPEN);
         tracing::info!("payment circuit half-open: probing the gateway");
     }
 
     fn on_closed(&self) {
+        metrics::gauge!("payment_circuit_state").set(CIRCUIT_CLOSED);
         tracing::info!("payment circuit closed");
     }
 }
@@ -183,6 +192,7 @@ impl Payments {
             backoff::constant(Duration::from_millis(settings.breaker_open_ms)),
         );
         let events = BreakerEvents::default();
+        metrics::gauge!("payment_circuit_state").set(CIRCUIT_CLOSED);
         Self {
             gateway,
             breaker: Config::new()

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::error::OrdersError;
 use super::model::{OrderEnvelope, OrderMessage};
 use crate::config::OrdersSettings;
-use crate::infra::amqp::{durable, queue_args as args, text, Publisher};
+use crate::infra::amqp::{durable, queue_args as args, text, trace_headers, Publisher};
 
 #[derive(Debug, Clone)]
 pub struct QueueNames {
@@ -142,9 +142,12 @@ impl OrderPublisher {
 async fn publish_batch(publisher: Arc<Publisher>, queue: String, batch: Vec<Waiting>) {
     let (messages, confirms): (Vec<OrderMessage>, Vec<_>) =
         batch.into_iter().map(|w| (w.message, w.confirmed)).unzip();
+    // Each order carries its own trace context; the message's header names the first one's,
+    // so tools that read only headers still join the trace.
+    let headers = trace_headers(messages.first().and_then(|m| m.traceparent.as_deref()));
     let outcome = match serde_json::to_vec(&OrderEnvelope::new(messages)) {
         Ok(payload) => publisher
-            .publish(&queue, &payload)
+            .publish_with(&queue, &payload, headers)
             .await
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),

@@ -32,7 +32,10 @@ pub async fn run(state: AppState) {
         state.settings.orders.reconcile_interval_secs,
     ));
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = state.shutdown.cancelled() => return,
+        }
         match products::load_due_sales(&state).await {
             Ok(0) => {}
             Ok(loaded) => tracing::info!(loaded, "flash sales loaded"),
@@ -43,9 +46,10 @@ pub async fn run(state: AppState) {
         }
         match reconcile_once(&state).await {
             Ok(repairs) if repairs != Repairs::default() => {
+                record_repairs(&repairs);
                 tracing::info!(?repairs, "reconciler repaired")
             }
-            Ok(_) => {}
+            Ok(repairs) => record_repairs(&repairs),
             Err(e) => tracing::warn!(error = %e, "reconciler pass failed"),
         }
     }
@@ -115,4 +119,12 @@ async fn order_queues_drained(state: &AppState) -> Result<bool, OrdersError> {
     // Best effort: the broker closes it with the connection anyway.
     let _ = channel.close(200, "done".into()).await;
     Ok(waiting == 0)
+}
+
+/// `reconciler_repairs_total{kind}` (registered at zero, so a quiet system shows 0).
+fn record_repairs(repairs: &Repairs) {
+    metrics::counter!("reconciler_repairs_total", "kind" => "released")
+        .increment(repairs.released as u64);
+    metrics::counter!("reconciler_repairs_total", "kind" => "rebuilt")
+        .increment(repairs.rebuilt as u64);
 }

@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use bigdecimal::{BigDecimal, ToPrimitive};
 use futures_util::future::join_all;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -22,10 +23,12 @@ use crate::app::AppState;
 use crate::modules::notifications::{self, Channel, Notification, Priority};
 use crate::modules::products::{self, CommitOutcome, LedgerLine};
 
-/// Consumes until the connection closes (the process is stopping) or a broker error.
+/// Consumes until shutdown (the batch in hand is finished and acked first), the connection
+/// closes, or a broker error.
 pub async fn run(state: AppState) -> Result<(), OrdersError> {
     let settings = &state.settings.orders;
-    let (_channel, mut consumer) = state
+    let stopping = &state.shutdown;
+    let (channel, mut consumer) = state
         .amqp
         .consume(
             &state.orders.queues.orders,
@@ -35,9 +38,17 @@ pub async fn run(state: AppState) -> Result<(), OrdersError> {
         .await?;
     tracing::info!(queue = %state.orders.queues.orders, "order-worker consuming");
     let linger = Duration::from_millis(settings.batch_linger_ms);
-    while let Some(first) = consumer.next().await {
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = stopping.cancelled() => break,
+            next = consumer.next() => match next {
+                Some(delivery) => delivery?,
+                None => break,
+            },
+        };
         // A batch holds whole deliveries until it has batch_size orders (or the linger ends).
-        let mut batch = vec![parse(first?)];
+        let mut batch = vec![parse(first)];
         let deadline = tokio::time::sleep(linger);
         tokio::pin!(deadline);
         while orders_in(&batch) < settings.batch_size {
@@ -47,10 +58,16 @@ pub async fn run(state: AppState) -> Result<(), OrdersError> {
                     None => break,
                 },
                 _ = &mut deadline => break,
+                () = stopping.cancelled() => break,
             }
         }
         process_batch(&state, batch).await?;
     }
+    // Prefetched deliveries not yet taken go back to the queue now, not at disconnect.
+    if let Err(e) = channel.close(200, "order-worker stopping".into()).await {
+        tracing::warn!(error = %e, "closing the order channel");
+    }
+    tracing::info!("order-worker stopped");
     Ok(())
 }
 
@@ -191,11 +208,17 @@ async fn handle(state: &AppState, messages: &[OrderMessage]) -> Result<(), Order
     let inserted = store::insert_batch(&state.db, &rows).await?;
 
     // Settled now, or settled by an earlier delivery that crashed before finishing.
-    let mut settled: Vec<(&Order, OrderStatus)> = vec![];
+    let mut settled: Vec<Settled> = vec![];
+    for row in rows.iter().filter(|row| inserted.contains(&row.order.id)) {
+        record_settled(row);
+        settled.push(Settled {
+            order: row.order,
+            status: row.status,
+            traceparent: row.traceparent,
+        });
+    }
     for (message, status, _) in &charged {
-        if inserted.contains(&message.order.id) {
-            settled.push((&message.order, *status));
-        } else if *status == OrderStatus::Paid {
+        if *status == OrderStatus::Paid && !inserted.contains(&message.order.id) {
             // Someone cancelled it while it was being charged: give the money back.
             refund(state, message.order.id).await;
         }
@@ -204,22 +227,49 @@ async fn handle(state: &AppState, messages: &[OrderMessage]) -> Result<(), Order
         if let Some(status @ (OrderStatus::Paid | OrderStatus::Failed)) =
             existing.get(&message.order.id)
         {
-            settled.push((&message.order, *status));
+            settled.push(Settled {
+                order: &message.order,
+                status: *status,
+                traceparent: message.traceparent.as_deref(),
+            });
         }
     }
     let sold: Vec<LedgerLine> = settled
         .iter()
-        .filter(|(_, status)| *status == OrderStatus::Paid)
-        .flat_map(|(order, _)| lines(order))
+        .filter(|s| s.status == OrderStatus::Paid)
+        .flat_map(|s| lines(s.order))
         .collect();
     products::record_sold(state, &sold).await?;
     let failed: Vec<&Order> = settled
         .iter()
-        .filter(|(_, status)| *status == OrderStatus::Failed)
-        .map(|(order, _)| *order)
+        .filter(|s| s.status == OrderStatus::Failed)
+        .map(|s| s.order)
         .collect();
     release_stock(state, &failed).await?;
     notify_all(state, &settled).await
+}
+
+/// An order in a final state, and the trace its notification joins.
+pub(super) struct Settled<'a> {
+    pub order: &'a Order,
+    pub status: OrderStatus,
+    pub traceparent: Option<&'a str>,
+}
+
+/// `orders_total` and the accept-to-settled time, once per order (the insert that wrote it).
+fn record_settled(row: &NewOrder<'_>) {
+    super::count_order(row.status, row.kind);
+    let waited = chrono::Utc::now() - row.order.created_at;
+    metrics::histogram!("order_duration_seconds", "type" => row.kind.as_str())
+        .record(waited.as_seconds_f64().max(0.0));
+    if row.status == OrderStatus::Paid {
+        // Cents, for the revenue panel; the ledger and the orders table are the books.
+        let cents = (&row.order.total_amount * BigDecimal::from(100))
+            .to_u64()
+            .unwrap_or(0);
+        metrics::counter!("order_revenue_cents_total", "type" => row.kind.as_str())
+            .increment(cents);
+    }
 }
 
 fn owner(order: &Order) -> (Uuid, Uuid) {
@@ -326,7 +376,8 @@ pub(super) async fn refund(state: &AppState, order: Uuid) {
     }
 }
 
-fn notification(order: &Order, status: OrderStatus) -> Notification {
+fn notification(settled: &Settled<'_>) -> Notification {
+    let (order, status) = (settled.order, settled.status);
     let (subject, body) = match status {
         OrderStatus::Paid => (
             "Your order is confirmed",
@@ -350,18 +401,16 @@ fn notification(order: &Order, status: OrderStatus) -> Notification {
     );
     // A redelivered batch builds the same key, so the buyer hears about each change once.
     notification.dedupe_key = format!("order:{}:{}", order.id, status.as_str());
+    notification.traceparent = settled.traceparent.map(str::to_owned);
     notification
 }
 
 /// Enqueues order-lifecycle notifications (high priority) as one message.
 pub(super) async fn notify_all(
     state: &AppState,
-    settled: &[(&Order, OrderStatus)],
+    settled: &[Settled<'_>],
 ) -> Result<(), OrdersError> {
-    let batch = settled
-        .iter()
-        .map(|(order, status)| notification(order, *status))
-        .collect();
+    let batch = settled.iter().map(notification).collect();
     notifications::enqueue(state, Priority::High, batch).await?;
     Ok(())
 }

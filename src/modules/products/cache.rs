@@ -55,6 +55,8 @@ impl ProductCache {
         redis: &Redis,
         id: Uuid,
     ) -> Result<Arc<Product>, ProductsError> {
+        metrics::counter!("cache_requests_total", "cache" => "product", "tier" => "local")
+            .increment(1);
         self.local
             .try_get_with(id, self.load(db, redis, id))
             .await
@@ -70,6 +72,10 @@ impl ProductCache {
         redis: &Redis,
         id: Uuid,
     ) -> Result<Arc<Product>, ProductsError> {
+        metrics::counter!("cache_misses_total", "cache" => "product", "tier" => "local")
+            .increment(1);
+        metrics::counter!("cache_requests_total", "cache" => "product", "tier" => "redis")
+            .increment(1);
         let cached: Option<String> = redis::cmd("HGET")
             .arg(key(redis, id))
             .arg("json")
@@ -80,6 +86,8 @@ impl ProductCache {
             return Ok(Arc::new(product));
         }
         self.database_loads.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("cache_misses_total", "cache" => "product", "tier" => "redis")
+            .increment(1);
         let product = store::find(db, id, ReadFrom::Replica).await?;
         self.store(redis, &product).await?;
         Ok(Arc::new(product))

@@ -121,7 +121,10 @@ pub async fn run_indexer(state: AppState) {
         if let Err(e) = index_changes(&state, |_| {}).await {
             tracing::warn!(error = %e, "search indexing failed; retrying");
         }
-        tokio::time::sleep(pause).await;
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = state.shutdown.cancelled() => return,
+        }
     }
 }
 
@@ -415,4 +418,22 @@ pub async fn reserve_regular(
     Ok(stock
         .reserve_item(&state.redis, product, user, quantity, order)
         .await?)
+}
+
+/// Remaining units of each sale on now (at most `limit` sales) whose stock is loaded: what
+/// the `inventory_available` gauge shows.
+pub async fn live_stock(state: &AppState, limit: i64) -> Result<Vec<(Uuid, i64)>, ProductsError> {
+    let now = chrono::Utc::now();
+    let page = crate::infra::http::paging::PageRequest { limit, after: None };
+    let ids: Vec<Uuid> = store::sales(&state.db, now, now, page)
+        .await?
+        .iter()
+        .map(|p| p.id)
+        .collect();
+    let live = state.products.stock.remaining(&state.redis, &ids).await?;
+    Ok(ids
+        .into_iter()
+        .zip(live)
+        .filter_map(|(id, remaining)| remaining.map(|r| (id, r.max(0))))
+        .collect())
 }
