@@ -24,6 +24,7 @@ pub struct Settings {
     pub orders: OrdersSettings,
     pub notifications: NotificationsSettings,
     pub kafka: KafkaSettings,
+    pub telemetry: TelemetrySettings,
     pub log: LogSettings,
 }
 
@@ -186,6 +187,15 @@ pub struct PaymentSettings {
     /// Consecutive failures that open the circuit.
     pub breaker_failures: u32,
     pub breaker_open_ms: u64,
+}
+
+/// Span export; logs are `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// OTLP/HTTP traces endpoint (e.g. `http://jaeger:4318/v1/traces`); empty turns span
+    /// export off. Trace context is carried through queues and events either way.
+    pub otlp_endpoint: String,
 }
 
 /// Order events: the outbox relay to Kafka.

@@ -83,7 +83,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(&settings.log);
+    let service_name = match &cli.command {
+        Command::Serve { role } => format!("flashsale-{}", role.name()),
+        _ => "flashsale-cli".to_owned(),
+    };
+    telemetry::init(&settings.log, &settings.telemetry, &service_name);
     match run(cli.command, settings).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -23,6 +23,15 @@ pub enum Role {
 }
 
 impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Api => "api",
+            Role::OrderWorker => "order-worker",
+            Role::NotifyWorker => "notify-worker",
+            Role::All => "all",
+        }
+    }
+
     fn runs_api(self) -> bool {
         matches!(self, Role::Api | Role::All)
     }

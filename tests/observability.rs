@@ -473,3 +473,85 @@ async fn sigterm_to_a_worker_under_load_loses_no_accepted_order() {
     assert_eq!(by_status.len(), 1, "{by_status:?}");
     assert_eq!(app.remaining(product).await, 700);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_in_the_callers_trace() {
+    use std::sync::{Arc, Mutex};
+    // A stand-in OTLP/HTTP collector that keeps every export it receives.
+    let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let collector_port = free_port();
+    let store = received.clone();
+    let collector = actix_web::HttpServer::new(move || {
+        let store = store.clone();
+        actix_web::App::new().route(
+            "/v1/traces",
+            actix_web::web::post().to(move |body: actix_web::web::Bytes| {
+                let store = store.clone();
+                async move {
+                    store.lock().expect("lock").push(body.to_vec());
+                    actix_web::HttpResponse::Ok().finish()
+                }
+            }),
+        )
+    })
+    .workers(1)
+    .bind(("127.0.0.1", collector_port))
+    .expect("bind collector")
+    .run();
+    let collector_handle = collector.handle();
+    tokio::spawn(collector);
+
+    let (settings, id) = TestApp::builder().shards(1).settings().await;
+    let port = free_port();
+    let dir = write_config_dir(&settings, &id, port, free_port());
+    let mut api = Process(
+        Command::new(BIN)
+            .args([
+                "--config-dir",
+                dir.to_str().expect("utf-8 path"),
+                "serve",
+                "--role",
+                "api",
+            ])
+            .env("FLASHSALE_ENV", "proc")
+            .env(
+                "FLASHSALE__TELEMETRY__OTLP_ENDPOINT",
+                format!("http://127.0.0.1:{collector_port}/v1/traces"),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the api"),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    until("api ready", || async {
+        matches!(reqwest::get(format!("{base}/ready")).await, Ok(r) if r.status() == 200)
+    })
+    .await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let res = reqwest::Client::new()
+        .get(format!("{base}/products?limit=1"))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(res.status(), 200);
+    // SIGTERM flushes the span batch.
+    Command::new("kill")
+        .args(["-TERM", &api.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(api.0.wait().expect("wait").success());
+    let trace_bytes: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).expect("hex"))
+        .collect();
+    let exports = received.lock().expect("lock").clone();
+    assert!(!exports.is_empty(), "no spans exported");
+    assert!(
+        exports
+            .iter()
+            .any(|body| body.windows(16).any(|w| w == trace_bytes.as_slice())),
+        "no exported span belongs to the caller's trace"
+    );
+    collector_handle.stop(false).await;
+}

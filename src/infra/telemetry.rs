@@ -1,25 +1,126 @@
 //! Structured logs through tracing: JSON lines in production, readable lines for people.
 //! `RUST_LOG` overrides the configured filter.
 
-use tracing_subscriber::EnvFilter;
+use std::collections::HashMap;
+use std::sync::OnceLock;
 
-use crate::config::{LogFormat, LogSettings};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::{SpanExporter, WithExportConfig};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-pub fn init(settings: &LogSettings) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(settings.filter.as_str()));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second init (tests build many apps in one process) keeps the first subscriber.
-    let _ = match settings.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+use crate::config::{LogFormat, LogSettings, TelemetrySettings};
+
+/// The OTLP exporter's provider, when tracing export is configured; kept to flush at exit.
+static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+/// Logs to stderr and, when `telemetry.otlp_endpoint` is set, spans to an OTLP collector
+/// (Jaeger, Tempo...) as `service_name`. A second init (tests build many apps in one
+/// process) keeps the first subscriber.
+pub fn init(log: &LogSettings, telemetry: &TelemetrySettings, service_name: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(log.filter.as_str()));
+    let logs = match log.format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .compact()
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
+    let spans = otlp_tracer(telemetry, service_name)
+        .map(|tracer| tracing_opentelemetry::layer().with_tracer(tracer));
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(spans)
+        .try_init();
 }
 
-/// Flushes what telemetry still buffers; called once when the process stops.
-pub fn shutdown() {}
+fn otlp_tracer(
+    settings: &TelemetrySettings,
+    service_name: &str,
+) -> Option<opentelemetry_sdk::trace::Tracer> {
+    if settings.otlp_endpoint.is_empty() {
+        return None;
+    }
+    let exporter = match SpanExporter::builder()
+        .with_http()
+        .with_endpoint(settings.otlp_endpoint.as_str())
+        .build()
+    {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            eprintln!("flashsale: OTLP exporter not started ({e}); spans are not exported");
+            return None;
+        }
+    };
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            Resource::builder()
+                .with_service_name(service_name.to_owned())
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("flashsale");
+    let _ = PROVIDER.set(provider);
+    Some(tracer)
+}
+
+/// Flushes buffered spans; called once when the process stops.
+pub fn shutdown() {
+    if let Some(provider) = PROVIDER.get() {
+        if let Err(e) = provider.shutdown() {
+            eprintln!("flashsale: flushing spans failed: {e}");
+        }
+    }
+}
+
+/// Makes `span` part of the caller's trace (`traceparent` header) and answers the trace
+/// context to hand on to queues and events. With span export on, that is the span's own
+/// context (same trace, this span as parent); without, the caller's context passes through
+/// unchanged, or a new trace starts.
+pub fn join_trace(span: &tracing::Span, traceparent: Option<&str>) -> String {
+    let incoming = continue_or_start_trace(traceparent);
+    if PROVIDER.get().is_none() {
+        return incoming;
+    }
+    let propagator = TraceContextPropagator::new();
+    let carrier = HashMap::from([("traceparent".to_owned(), incoming.clone())]);
+    let _ = span.set_parent(propagator.extract(&carrier));
+    let mut outgoing = HashMap::new();
+    propagator.inject_context(&span.context(), &mut outgoing);
+    outgoing.remove("traceparent").unwrap_or(incoming)
+}
+
+/// Puts a batch's span in the trace of its first item and links it to the others' traces.
+pub fn join_batch<'a>(span: &tracing::Span, traceparents: impl IntoIterator<Item = &'a str>) {
+    let mut traces = traceparents.into_iter();
+    join_trace(span, traces.next());
+    for traceparent in traces {
+        link_trace(span, traceparent);
+    }
+}
+
+/// Links `span` to another trace.
+fn link_trace(span: &tracing::Span, traceparent: &str) {
+    if PROVIDER.get().is_none() || !is_valid_traceparent(traceparent) {
+        return;
+    }
+    let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let linked = TraceContextPropagator::new().extract(&carrier);
+    span.add_link(linked.span().span_context().clone());
+}
 
 tokio::task_local! {
     /// The W3C trace context of the request being served.

@@ -35,7 +35,8 @@ pub async fn request_context(
         method = %req.method(),
         path = %req.path(),
     );
-    let traceparent = telemetry::continue_or_start_trace(
+    let traceparent = telemetry::join_trace(
+        &span,
         req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()),
     );
     let started = Instant::now();

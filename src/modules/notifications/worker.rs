@@ -18,6 +18,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::error::NotificationsError;
 use super::history::Admission;
@@ -25,6 +26,7 @@ use super::model::{DeadNotification, DeliveryStatus, Notification, NotificationB
 use super::providers::SendError;
 use crate::app::AppState;
 use crate::config::NotificationsSettings;
+use crate::infra::telemetry;
 
 /// A delivery and the notifications it carried (`None` when it does not parse).
 struct Received {
@@ -194,7 +196,14 @@ async fn process_batch(
     }
     state.notifications.stats.record_batch(notifications.len());
     metrics::histogram!("notification_batch_size").record(notifications.len() as f64);
-    let outcome = send_all(state, &notifications).await;
+    let span = tracing::info_span!("notification batch", notifications = notifications.len());
+    telemetry::join_batch(
+        &span,
+        notifications
+            .iter()
+            .filter_map(|n| n.traceparent.as_deref()),
+    );
+    let outcome = send_all(state, &notifications).instrument(span).await;
     for delivery in last_of_queue.into_iter().flatten() {
         match &outcome {
             Ok(()) => {

@@ -13,6 +13,7 @@ use futures_util::future::join_all;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::error::OrdersError;
@@ -20,6 +21,7 @@ use super::model::{Order, OrderEnvelope, OrderMessage, OrderStatus};
 use super::payment::ChargeOutcome;
 use super::store::{self, NewOrder};
 use crate::app::AppState;
+use crate::infra::telemetry;
 use crate::modules::notifications::{self, Channel, Notification, Priority};
 use crate::modules::products::{self, CommitOutcome, LedgerLine};
 
@@ -108,7 +110,10 @@ async fn process_batch(state: &AppState, deliveries: Vec<Parsed>) -> Result<(), 
     let Some(last) = last_kept else {
         return Ok(());
     };
-    match handle(state, &messages).await {
+    match handle(state, &messages)
+        .instrument(batch_span(&messages))
+        .await
+    {
         Ok(()) => {
             last.acker.ack(BasicAckOptions { multiple: true }).await?;
         }
@@ -127,6 +132,16 @@ async fn process_batch(state: &AppState, deliveries: Vec<Parsed>) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// One span per batch (see `telemetry::join_batch`).
+fn batch_span(messages: &[OrderMessage]) -> tracing::Span {
+    let span = tracing::info_span!("order batch", orders = messages.len());
+    telemetry::join_batch(
+        &span,
+        messages.iter().filter_map(|m| m.traceparent.as_deref()),
+    );
+    span
 }
 
 fn lines(order: &Order) -> Vec<LedgerLine> {
