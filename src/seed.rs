@@ -14,7 +14,25 @@ const BATCH: u64 = 1_000;
 /// Rows per multi-row INSERT of products (13 columns; PostgreSQL allows 65,535 binds).
 const PRODUCT_BATCH: u64 = 4_000;
 const CATEGORIES: u64 = 200;
-const ADJECTIVES: [&str; 12] = [
+const BRANDS: [&str; 16] = [
+    "Acme",
+    "Northwind",
+    "Contoso",
+    "Globex",
+    "Initech",
+    "Umbrella Co",
+    "Hooli",
+    "Vandelay",
+    "Stark",
+    "Wayne",
+    "Tyrell",
+    "Cyberdyne",
+    "Soylent",
+    "Aperture",
+    "Massive Dynamic",
+    "Oscorp",
+];
+const ADJECTIVES: [&str; 24] = [
     "Compact",
     "Wireless",
     "Organic",
@@ -27,8 +45,20 @@ const ADJECTIVES: [&str; 12] = [
     "Rugged",
     "Silent",
     "Foldable",
+    "Waterproof",
+    "Lightweight",
+    "Heated",
+    "Solar",
+    "Modular",
+    "Magnetic",
+    "Insulated",
+    "Adjustable",
+    "Cordless",
+    "Ceramic",
+    "Bamboo",
+    "Titanium",
 ];
-const NOUNS: [&str; 12] = [
+const NOUNS: [&str; 60] = [
     "Headphones",
     "Backpack",
     "Coffee Grinder",
@@ -41,6 +71,54 @@ const NOUNS: [&str; 12] = [
     "Watch",
     "Speaker",
     "Jacket",
+    "Monitor",
+    "Mouse",
+    "Kettle",
+    "Toaster",
+    "Sleeping Bag",
+    "Hiking Boots",
+    "Sunglasses",
+    "Umbrella",
+    "Wallet",
+    "Suitcase",
+    "Drone",
+    "Camera",
+    "Tripod",
+    "Router",
+    "Charger",
+    "Power Bank",
+    "Earbuds",
+    "Fitness Tracker",
+    "Yoga Mat",
+    "Dumbbell",
+    "Bicycle Helmet",
+    "Scooter",
+    "Skillet",
+    "Cookware Set",
+    "Knife Set",
+    "Cutting Board",
+    "Air Fryer",
+    "Rice Cooker",
+    "Vacuum Cleaner",
+    "Air Purifier",
+    "Humidifier",
+    "Space Heater",
+    "Desk Chair",
+    "Standing Desk",
+    "Bookshelf",
+    "Lamp Shade",
+    "Pillow",
+    "Duvet",
+    "Towel Set",
+    "Shower Head",
+    "Toothbrush",
+    "Hair Dryer",
+    "Shaver",
+    "Perfume",
+    "Notebook",
+    "Fountain Pen",
+    "Board Game",
+    "Guitar",
 ];
 /// Every seeded user signs in with this password; printed by the command.
 pub const SEED_PASSWORD: &str = "flashsale-seed-password";
@@ -105,16 +183,19 @@ pub fn seed_product_id(index: u64) -> Uuid {
 /// two hours from now).
 fn seed_product(index: u64, flash_sales: u64) -> products::Product {
     let now = Utc::now();
-    let adjective = ADJECTIVES[(index % ADJECTIVES.len() as u64) as usize];
-    let noun = NOUNS[((index / ADJECTIVES.len() as u64) % NOUNS.len() as u64) as usize];
+    // The index read in mixed radix: every brand x adjective x noun combination occurs.
+    let brand = BRANDS[(index % BRANDS.len() as u64) as usize];
+    let rest = index / BRANDS.len() as u64;
+    let adjective = ADJECTIVES[(rest % ADJECTIVES.len() as u64) as usize];
+    let noun = NOUNS[((rest / ADJECTIVES.len() as u64) % NOUNS.len() as u64) as usize];
     let cents = 499 + (index * 7919) % 50_000;
     let price = BigDecimal::new(cents.into(), 2);
     let on_sale = index < flash_sales;
     products::Product {
         id: seed_product_id(index),
-        name: format!("{adjective} {noun} {index}"),
+        name: format!("{brand} {adjective} {noun} {index}"),
         description: format!(
-            "The {} {} model {index}, seeded for demos and benchmarks.",
+            "The {} {} from {brand}, model {index}, seeded for demos and benchmarks.",
             adjective.to_lowercase(),
             noun.to_lowercase()
         ),

@@ -3,6 +3,7 @@ use std::sync::Arc;
 use actix_web::{web, HttpResponse};
 use bigdecimal::BigDecimal;
 use chrono::Utc;
+use futures_util::future::join_all;
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -246,9 +247,16 @@ async fn search_products(
     // One extra hit tells whether another page exists.
     let ids = super::search(&state, query.q, limit + 1, offset).await?;
     let more = ids.len() > limit;
+    // Fetched concurrently: misses share the pipelined Redis connection.
+    let found = join_all(
+        ids.into_iter()
+            .take(limit)
+            .map(|id| super::find(&state, id)),
+    )
+    .await;
     let mut items = Vec::with_capacity(limit);
-    for id in ids.into_iter().take(limit) {
-        match super::find(&state, id).await {
+    for product in found {
+        match product {
             Ok(product) => items.push(product),
             // Deleted since it was indexed: the next refresh drops it.
             Err(ProductsError::NotFound) => {}

@@ -24,7 +24,7 @@ use crate::config::{SalesSettings, Settings};
 use crate::infra::db::ReadFrom;
 use crate::infra::http::paging::PageRequest;
 use cache::ProductCache;
-use search::SearchIndex;
+use search::{IndexPass, SearchIndex};
 use stock::StockScripts;
 
 pub use handlers::configure;
@@ -67,6 +67,8 @@ pub async fn search(
 
 /// Rows per indexing step.
 const INDEX_BATCH: i64 = 5_000;
+/// A rebuild commits every this many documents (and at the end).
+const COMMIT_EVERY_DOCS: usize = 500_000;
 /// Transactions that commit late carry an earlier `updated_at` than rows already indexed;
 /// re-reading this much of the recent past catches them.
 const LATE_COMMIT_WINDOW_SECS: i64 = 2;
@@ -77,28 +79,58 @@ pub async fn index_changes(
     state: &AppState,
     progress: impl Fn(usize),
 ) -> Result<usize, ProductsError> {
-    let index = state.products.search.clone();
     let recent = Utc::now() - Duration::seconds(LATE_COMMIT_WINDOW_SECS);
-    let since = index
+    let since = state
+        .products
+        .search
         .watermark()
-        .map_or(chrono::DateTime::<Utc>::UNIX_EPOCH, |watermark| {
-            watermark.min(recent)
-        });
-    let mut after = (since, None);
+        .map(|watermark| watermark.min(recent));
+    index_since(state, since, progress).await
+}
+
+/// Indexes every product changed after `since` (all of them, into an index known to be
+/// empty, when `None`).
+async fn index_since(
+    state: &AppState,
+    since: Option<chrono::DateTime<Utc>>,
+    progress: impl Fn(usize),
+) -> Result<usize, ProductsError> {
+    let index = state.products.search.clone();
+    let fresh = since.is_none();
+    let mut after = (since.unwrap_or(chrono::DateTime::<Utc>::UNIX_EPOCH), None);
     let mut total = 0;
+    let mut uncommitted = 0;
     loop {
         let rows = store::changed_after(&state.db, after, INDEX_BATCH).await?;
         let Some(last) = rows.last() else {
+            if uncommitted > 0 {
+                // The previous batch was full and the last: commit what it left pending.
+                let (writer, watermark) = (index.clone(), after.0);
+                let pass = IndexPass {
+                    fresh,
+                    commit: true,
+                };
+                tokio::task::spawn_blocking(move || writer.upsert(&[], watermark, pass))
+                    .await
+                    .map_err(|e| ProductsError::Unavailable(e.to_string()))??;
+            }
             return Ok(total);
         };
         after = (last.updated_at, Some(last.id));
         let (count, watermark, writer) = (rows.len(), last.updated_at, index.clone());
-        tokio::task::spawn_blocking(move || writer.upsert(&rows, watermark))
+        let finished = (count as i64) < INDEX_BATCH;
+        uncommitted += count;
+        let commit = finished || uncommitted >= COMMIT_EVERY_DOCS;
+        if commit {
+            uncommitted = 0;
+        }
+        let pass = IndexPass { fresh, commit };
+        tokio::task::spawn_blocking(move || writer.upsert(&rows, watermark, pass))
             .await
             .map_err(|e| ProductsError::Unavailable(e.to_string()))??;
         total += count;
         progress(total);
-        if (count as i64) < INDEX_BATCH {
+        if finished {
             return Ok(total);
         }
     }
@@ -110,7 +142,7 @@ pub async fn reindex(state: &AppState, progress: impl Fn(usize)) -> Result<usize
     tokio::task::spawn_blocking(move || index.clear())
         .await
         .map_err(|e| ProductsError::Unavailable(e.to_string()))??;
-    index_changes(state, progress).await
+    index_since(state, None, progress).await
 }
 
 /// The API role's indexer: keeps this pod's index within `search.refresh_ms` of the

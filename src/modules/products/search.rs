@@ -9,15 +9,26 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 use tantivy::collector::TopDocs;
 use tantivy::directory::MmapDirectory;
-use tantivy::query::QueryParser;
-use tantivy::schema::{Field, Schema, Value, STORED, STRING, TEXT};
+use tantivy::query::{BooleanQuery, BoostQuery, FuzzyTermQuery, Query, QueryParser, TermQuery};
+use tantivy::schema::{Field, IndexRecordOption, Schema, Value, STORED, STRING, TEXT};
 use tantivy::{doc, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
 use uuid::Uuid;
 
 use super::error::ProductsError;
 use super::model::Product;
 
-const WRITER_MEMORY_BYTES: usize = 50_000_000;
+/// Indexing buffer shared by the writer's threads; larger buffers mean fewer, larger
+/// segments during a rebuild.
+const WRITER_MEMORY_BYTES: usize = 256_000_000;
+/// A query whose exact words find at least this many products is answered from those
+/// alone; below it, typo and prefix matches widen the query. The choice does not depend
+/// on the page asked for, so pages stay consistent.
+const ENOUGH_EXACT_HITS: usize = 50;
+/// Shorter words are matched exactly only: one edit away from "tv" is half the catalogue.
+const MIN_FUZZY_CHARS: usize = 4;
+const MIN_PREFIX_CHARS: usize = 2;
+/// Names weigh more than descriptions.
+const NAME_BOOST: f32 = 3.0;
 
 #[derive(Clone, Copy)]
 struct Fields {
@@ -25,6 +36,15 @@ struct Fields {
     name: Field,
     description: Field,
     category: Field,
+}
+
+/// How `upsert` treats one batch.
+#[derive(Debug, Clone, Copy)]
+pub struct IndexPass {
+    /// The index was emptied before this pass began (a rebuild).
+    pub fresh: bool,
+    /// Commit after this batch.
+    pub commit: bool,
 }
 
 pub struct SearchIndex {
@@ -61,10 +81,13 @@ impl SearchIndex {
             &index,
             vec![fields.name, fields.description, fields.category],
         );
-        // Typos (one edit) and prefixes ("headph") still find the product; names weigh most.
-        parser.set_field_fuzzy(fields.name, true, 1, true);
-        parser.set_field_fuzzy(fields.description, true, 1, true);
-        parser.set_field_boost(fields.name, 3.0);
+        parser.set_field_boost(fields.name, NAME_BOOST);
+        // Every word must match, as shoppers expect from a search box; an intersection is
+        // also driven by its rarest word, so common words stay cheap.
+        parser.set_conjunction_by_default();
+        // Every word must match, as shoppers expect from a search box; an intersection is
+        // also driven by its rarest word, so common words stay cheap.
+        parser.set_conjunction_by_default();
         Ok(Self {
             index,
             reader,
@@ -82,16 +105,28 @@ impl SearchIndex {
         limit: usize,
         offset: usize,
     ) -> Result<Vec<Uuid>, ProductsError> {
-        let (query, _ignored_syntax_errors) = self.parser.parse_query_lenient(query);
+        let (exact, _ignored_syntax_errors) = self.parser.parse_query_lenient(query);
         let searcher = self.reader.searcher();
-        let top = searcher
+        // One pass answers both "enough exact hits?" and, when so, the page itself.
+        let exact_hits = searcher
             .search(
-                &query,
-                &TopDocs::with_limit(limit)
-                    .and_offset(offset)
-                    .order_by_score(),
+                &exact,
+                &TopDocs::with_limit(ENOUGH_EXACT_HITS.max(offset + limit)).order_by_score(),
             )
             .map_err(search_error)?;
+        let top = if exact_hits.len() >= ENOUGH_EXACT_HITS {
+            exact_hits.into_iter().skip(offset).take(limit).collect()
+        } else {
+            let widened = BooleanQuery::union(vec![exact, self.forgiving(query)]);
+            searcher
+                .search(
+                    &widened,
+                    &TopDocs::with_limit(limit)
+                        .and_offset(offset)
+                        .order_by_score(),
+                )
+                .map_err(search_error)?
+        };
         let mut ids = Vec::with_capacity(top.len());
         for (_score, address) in top {
             let document: TantivyDocument = searcher.doc(address).map_err(search_error)?;
@@ -104,18 +139,70 @@ impl SearchIndex {
         Ok(ids)
     }
 
-    /// Replaces the documents of `products` and commits with `watermark` as the commit's
-    /// payload (where the poller resumes after a restart). Blocking.
+    /// Every word must still match, but each may match with one typo in a name, and the
+    /// last one (still being typed) as the start of a name word. Typos and prefixes look at
+    /// names only: expanding descriptions too costs far more than it finds.
+    fn forgiving(&self, query: &str) -> Box<dyn Query> {
+        let mut words = vec![];
+        if let Ok(mut analyzer) = self.index.tokenizer_for_field(self.fields.name) {
+            let mut stream = analyzer.token_stream(query);
+            while stream.advance() {
+                words.push(stream.token().text.clone());
+            }
+        }
+        let (name, description) = (self.fields.name, self.fields.description);
+        let boosted = |query: Box<dyn Query>| -> Box<dyn Query> {
+            Box::new(BoostQuery::new(query, NAME_BOOST))
+        };
+        let last = words.len().saturating_sub(1);
+        let per_word = words.iter().enumerate().map(|(i, word)| {
+            let chars = word.chars().count();
+            let in_name = Term::from_field_text(name, word);
+            let mut either: Vec<Box<dyn Query>> = vec![
+                boosted(Box::new(TermQuery::new(
+                    in_name.clone(),
+                    IndexRecordOption::WithFreqs,
+                ))),
+                Box::new(TermQuery::new(
+                    Term::from_field_text(description, word),
+                    IndexRecordOption::WithFreqs,
+                )),
+            ];
+            if chars >= MIN_FUZZY_CHARS {
+                either.push(boosted(Box::new(FuzzyTermQuery::new(
+                    in_name.clone(),
+                    1,
+                    true,
+                ))));
+            }
+            if i == last && chars >= MIN_PREFIX_CHARS {
+                either.push(boosted(Box::new(FuzzyTermQuery::new_prefix(
+                    in_name, 0, false,
+                ))));
+            }
+            Box::new(BooleanQuery::union(either)) as Box<dyn Query>
+        });
+        Box::new(BooleanQuery::intersection(per_word.collect()))
+    }
+
+    /// Replaces the documents of `products` (`pass.fresh`: the index cannot hold them, as
+    /// in a rebuild, so nothing is deleted first); with `pass.commit`, makes everything so
+    /// far durable and searchable with `watermark` as the commit's payload (where the poller
+    /// resumes after a restart). A rebuild commits rarely: each commit cuts a segment to
+    /// merge, and every delete is applied to every segment. Blocking.
     pub fn upsert(
         &self,
         products: &[Product],
         watermark: DateTime<Utc>,
+        pass: IndexPass,
     ) -> Result<(), ProductsError> {
         let fields = self.fields;
         self.write(|writer| {
             for product in products {
                 let id = product.id.to_string();
-                writer.delete_term(Term::from_field_text(fields.id, &id));
+                if !pass.fresh {
+                    writer.delete_term(Term::from_field_text(fields.id, &id));
+                }
                 let category = product
                     .category_id
                     .map(|c| c.to_string())
@@ -129,10 +216,12 @@ impl SearchIndex {
                     ))
                     .map_err(search_error)?;
             }
-            let mut commit = writer.prepare_commit().map_err(search_error)?;
-            commit.set_payload(&watermark.to_rfc3339());
-            commit.commit().map_err(search_error)?;
-            Ok(())
+            if pass.commit {
+                let mut prepared = writer.prepare_commit().map_err(search_error)?;
+                prepared.set_payload(&watermark.to_rfc3339());
+                prepared.commit().map_err(search_error)?;
+            }
+            Ok(pass.commit)
         })
     }
 
@@ -141,15 +230,15 @@ impl SearchIndex {
         self.write(|writer| {
             writer.delete_all_documents().map_err(search_error)?;
             writer.commit().map_err(search_error)?;
-            Ok(())
+            Ok(true)
         })
     }
 
-    /// Runs `change` with this process's writer (opened on first use), then makes the
-    /// result visible to searches.
+    /// Runs `change` with this process's writer (opened on first use), then, when it
+    /// committed, makes the result visible to searches.
     fn write(
         &self,
-        change: impl FnOnce(&mut IndexWriter) -> Result<(), ProductsError>,
+        change: impl FnOnce(&mut IndexWriter) -> Result<bool, ProductsError>,
     ) -> Result<(), ProductsError> {
         let mut guard = self.writer.lock().map_err(search_error)?;
         let writer = match guard.as_mut() {
@@ -160,8 +249,10 @@ impl SearchIndex {
                     .map_err(search_error)?,
             ),
         };
-        change(writer)?;
-        self.reader.reload().map_err(search_error)
+        if change(writer)? {
+            self.reader.reload().map_err(search_error)?;
+        }
+        Ok(())
     }
 
     /// Where the last commit left the poller: the newest `updated_at` indexed.
