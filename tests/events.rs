@@ -14,7 +14,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::json;
 use uuid::Uuid;
 
 const PARTITIONS: i32 = 3;
@@ -90,27 +89,11 @@ async fn order_activity(app: &TestApp, buys: usize) -> BTreeMap<Uuid, Vec<String
     let mut expected = BTreeMap::new();
     let mut cancelled_one = false;
     for i in 0..buys {
-        let buyer = app.register(&unique_email("buyer")).await;
         let method = if i % 3 == 2 { "card_declined" } else { "card" };
-        let res = app
-            .buy(
-                &buyer.access,
-                product,
-                "k",
-                &json!({"payment_method": method}),
-            )
-            .await;
-        assert_eq!(res.status(), 201);
-        let order: serde_json::Value = res.json().await.expect("order");
-        let id: Uuid = order["id"].as_str().expect("id").parse().expect("uuid");
-        let status = app.wait_settled(&buyer.access, id).await;
+        let (buyer, id, status) = app.buy_and_settle(product, method).await;
         let mut types = vec!["order.created".to_owned(), format!("order.{status}")];
         if status == "paid" && !cancelled_one {
-            let path = format!("/orders/{id}/cancel");
-            let res = app
-                .send(reqwest::Method::PUT, &path, &buyer.access, None)
-                .await;
-            assert_eq!(res.status(), 200);
+            assert_eq!(app.cancel(&buyer.access, id).await.status(), 200);
             types.push("order.cancelled".to_owned());
             cancelled_one = true;
         }

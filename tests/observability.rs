@@ -168,32 +168,13 @@ async fn metrics_show_a_flash_sale_and_dashboards_read_only_exported_metrics() {
     let product = app.flash_sale_product(&admin.access, 10, "9.99").await;
     let mut paid = vec![];
     for method in ["card", "card", "card", "card_declined"] {
-        let buyer = app.register(&unique_email("buyer")).await;
-        let res = app
-            .buy(
-                &buyer.access,
-                product,
-                "k",
-                &json!({"payment_method": method}),
-            )
-            .await;
-        assert_eq!(res.status(), 201);
-        let order: Value = res.json().await.expect("order");
-        let id: Uuid = order["id"].as_str().expect("id").parse().expect("uuid");
-        if app.wait_settled(&buyer.access, id).await == "paid" {
+        let (buyer, id, status) = app.buy_and_settle(product, method).await;
+        if status == "paid" {
             paid.push((buyer, id));
         }
     }
     let (buyer, cancelled) = &paid[0];
-    let res = app
-        .send(
-            reqwest::Method::PUT,
-            &format!("/orders/{cancelled}/cancel"),
-            &buyer.access,
-            None,
-        )
-        .await;
-    assert_eq!(res.status(), 200);
+    assert_eq!(app.cancel(&buyer.access, *cancelled).await.status(), 200);
     app.get(&format!("/products/{product}"), None).await;
     app.get(&format!("/products/{product}"), None).await;
 

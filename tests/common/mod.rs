@@ -660,3 +660,28 @@ fn merge(into: &mut toml::Table, from: toml::Table) {
         }
     }
 }
+
+impl TestApp {
+    /// `PUT /orders/{order}/cancel`.
+    pub async fn cancel(&self, token: &str, order: Uuid) -> reqwest::Response {
+        let path = format!("/orders/{order}/cancel");
+        self.send(reqwest::Method::PUT, &path, token, None).await
+    }
+
+    /// A new buyer buys one unit of `product` paying with `payment_method`; answers the
+    /// buyer, the order id and the status the order settled in.
+    pub async fn buy_and_settle(
+        &self,
+        product: Uuid,
+        payment_method: &str,
+    ) -> (Session, Uuid, String) {
+        let buyer = self.register(&unique_email("buyer")).await;
+        let body = json!({ "payment_method": payment_method });
+        let res = self.buy(&buyer.access, product, "k", &body).await;
+        assert_eq!(res.status(), 201, "flash-sale order accepted");
+        let order: Value = res.json().await.expect("order");
+        let id: Uuid = order["id"].as_str().expect("id").parse().expect("uuid");
+        let status = self.wait_settled(&buyer.access, id).await;
+        (buyer, id, status)
+    }
+}

@@ -142,7 +142,12 @@ pub async fn reindex(state: &AppState, progress: impl Fn(usize)) -> Result<usize
     tokio::task::spawn_blocking(move || index.clear())
         .await
         .map_err(|e| ProductsError::Unavailable(e.to_string()))??;
-    index_since(state, None, progress).await
+    let indexed = index_since(state, None, progress).await?;
+    let index = state.products.search.clone();
+    tokio::task::spawn_blocking(move || index.merge_all())
+        .await
+        .map_err(|e| ProductsError::Unavailable(e.to_string()))??;
+    Ok(indexed)
 }
 
 /// The API role's indexer: keeps this pod's index within `search.refresh_ms` of the

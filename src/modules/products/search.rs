@@ -225,6 +225,26 @@ impl SearchIndex {
         })
     }
 
+    /// Merges every segment into one: after a rebuild, queries then walk one posting list
+    /// per term instead of one per segment. Blocking (tens of seconds on millions).
+    pub fn merge_all(&self) -> Result<(), ProductsError> {
+        let mut guard = self.writer.lock().map_err(search_error)?;
+        // Background merges first: merging segments they are replacing would fail.
+        if let Some(writer) = guard.take() {
+            writer.wait_merging_threads().map_err(search_error)?;
+        }
+        let segments = self.index.searchable_segment_ids().map_err(search_error)?;
+        if segments.len() >= 2 {
+            let mut writer: IndexWriter = self
+                .index
+                .writer(WRITER_MEMORY_BYTES)
+                .map_err(search_error)?;
+            writer.merge(&segments).wait().map_err(search_error)?;
+            writer.wait_merging_threads().map_err(search_error)?;
+        }
+        self.reader.reload().map_err(search_error)
+    }
+
     /// Empties the index (a full rebuild follows). Blocking.
     pub fn clear(&self) -> Result<(), ProductsError> {
         self.write(|writer| {

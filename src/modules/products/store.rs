@@ -150,11 +150,12 @@ pub async fn changed_after(
         .into_boxed();
     query = match last_id {
         None => query.filter(products::updated_at.gt(time)),
-        Some(id) => query.filter(
-            products::updated_at
-                .gt(time)
-                .or(products::updated_at.eq(time).and(products::id.gt(id))),
-        ),
+        // The `>=` bound lets PostgreSQL walk the (updated_at, id) index from `time` and
+        // stop at the limit; the OR alone made it collect and sort every later row, so a
+        // rebuild slowed down quadratically.
+        Some(id) => query
+            .filter(products::updated_at.ge(time))
+            .filter(products::updated_at.gt(time).or(products::id.gt(id))),
     };
     Ok(query.load(&mut conn).await?)
 }
