@@ -114,16 +114,23 @@ async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::er
             flash_sales,
         } => {
             let state = AppState::build(settings).await?;
-            let created = seed::seed_users(&state, users).await?;
+            let bar = progress_bar(Some(users), "users");
+            let created = seed::seed_users(&state, users, |done| bar.set_position(done)).await?;
+            bar.finish_and_clear();
             println!(
                 "seeded {users} users ({created} new): user0..user{}@seed.flashsale.test, password `{}`",
                 users.saturating_sub(1),
                 seed::SEED_PASSWORD
             );
-            let created = seed::seed_products(&state, products, flash_sales.min(products)).await?;
+            let bar = progress_bar(Some(products), "products");
+            let on_sale = flash_sales.min(products);
+            let created =
+                seed::seed_products(&state, products, on_sale, |done| bar.set_position(done))
+                    .await?;
+            bar.finish_and_clear();
             println!(
                 "seeded {products} products ({created} new), {} on flash sale now",
-                flash_sales.min(products)
+                on_sale
             );
         }
         Command::Search {
@@ -131,15 +138,9 @@ async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::er
         } => {
             let state = AppState::build(settings).await?;
             let started = std::time::Instant::now();
-            let indexed = products::reindex(&state, |done| {
-                if done % 100_000 < 5_000 {
-                    eprintln!(
-                        "indexed {done} products ({:.0}/s)",
-                        done as f64 / started.elapsed().as_secs_f64()
-                    );
-                }
-            })
-            .await?;
+            let bar = progress_bar(None, "indexed");
+            let indexed = products::reindex(&state, |done| bar.set_position(done as u64)).await?;
+            bar.finish_and_clear();
             println!(
                 "indexed {indexed} products in {:.1}s",
                 started.elapsed().as_secs_f64()
@@ -156,4 +157,24 @@ async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::er
         }
     }
     Ok(())
+}
+
+/// A progress bar on stderr (drawn only on a terminal): with a known total, a bar with rate
+/// and ETA; without, a counter with rate.
+fn progress_bar(total: Option<u64>, what: &'static str) -> indicatif::ProgressBar {
+    let (bar, template) = match total {
+        Some(total) => (
+            indicatif::ProgressBar::new(total),
+            "{msg:>9} [{bar:40}] {human_pos}/{human_len} ({per_sec}, eta {eta})",
+        ),
+        None => (
+            indicatif::ProgressBar::new_spinner(),
+            "{msg:>9} {spinner} {human_pos} ({per_sec})",
+        ),
+    };
+    let style = indicatif::ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(what);
+    bar
 }

@@ -1,8 +1,6 @@
 //! `flashsale seed`: generated data for demos and benchmarks. User ids derive from their
 //! emails, so a rerun finds the same users and adds only what is missing.
 
-use std::time::Instant;
-
 use bigdecimal::BigDecimal;
 use chrono::{Duration, Utc};
 use uuid::Uuid;
@@ -144,7 +142,12 @@ pub fn seed_user_id(email: &str) -> Uuid {
 }
 
 /// Creates users `user0..user{count-1}@seed.flashsale.test`; answers how many were new.
-pub async fn seed_users(state: &AppState, count: u64) -> Result<u64, SeedError> {
+/// `progress` hears how many are done after each batch.
+pub async fn seed_users(
+    state: &AppState,
+    count: u64,
+    progress: impl Fn(u64),
+) -> Result<u64, SeedError> {
     let password_hash = auth::hash_password(state, SEED_PASSWORD).await?;
     let mut created = 0;
     let mut start = 0;
@@ -166,9 +169,7 @@ pub async fn seed_users(state: &AppState, count: u64) -> Result<u64, SeedError> 
         auth::claim_emails(state, &claims).await?;
         created += users::create_many(state, &batch).await? as u64;
         start = end;
-        if end % 100_000 < BATCH || end == count {
-            eprintln!("users {end}/{count}");
-        }
+        progress(end);
     }
     Ok(created)
 }
@@ -215,13 +216,13 @@ fn seed_product(index: u64, flash_sales: u64) -> products::Product {
 }
 
 /// Creates products 0..count (the first `flash_sales` on sale now); answers how many were
-/// new. Prints progress to stderr.
+/// new. `progress` hears how many are done after each batch.
 pub async fn seed_products(
     state: &AppState,
     count: u64,
     flash_sales: u64,
+    progress: impl Fn(u64),
 ) -> Result<u64, SeedError> {
-    let started = Instant::now();
     let mut created = 0;
     let mut start = 0;
     while start < count {
@@ -230,10 +231,7 @@ pub async fn seed_products(
             (start..end).map(|i| seed_product(i, flash_sales)).collect();
         created += products::create_many(state, &batch).await? as u64;
         start = end;
-        if end % 100_000 < PRODUCT_BATCH || end == count {
-            let rate = end as f64 / started.elapsed().as_secs_f64();
-            eprintln!("products {end}/{count} ({rate:.0}/s)");
-        }
+        progress(end);
     }
     Ok(created)
 }

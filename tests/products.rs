@@ -244,7 +244,7 @@ async fn scheduling_a_sale_makes_it_buyable_and_inventory_changes_respect_reserv
 async fn paging_while_products_are_inserted_skips_and_repeats_nothing() {
     let app = TestApp::spawn().await;
     let admin = app.register_admin(&unique_email("admin")).await;
-    flashsale::seed::seed_products(&app.state, 50, 0)
+    flashsale::seed::seed_products(&app.state, 50, 0, |_| {})
         .await
         .unwrap();
     let existing: std::collections::BTreeSet<String> = (0..50)

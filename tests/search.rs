@@ -89,7 +89,7 @@ async fn words_prefixes_and_typos_find_products_and_edits_show_within_five_secon
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_pages_and_rejects_bad_queries() {
     let app = TestApp::spawn().await;
-    flashsale::seed::seed_products(&app.state, 30, 0)
+    flashsale::seed::seed_products(&app.state, 30, 0, |_| {})
         .await
         .unwrap();
     // 30 seeded products share the words of their generated names; page through one word.

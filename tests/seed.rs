@@ -7,9 +7,9 @@ use serde_json::{json, Value};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeding_is_repeatable_and_seeded_data_is_usable() {
     let app = TestApp::spawn().await;
-    assert_eq!(seed_users(&app.state, 30).await.unwrap(), 30);
+    assert_eq!(seed_users(&app.state, 30, |_| {}).await.unwrap(), 30);
     assert_eq!(
-        seed_users(&app.state, 30).await.unwrap(),
+        seed_users(&app.state, 30, |_| {}).await.unwrap(),
         0,
         "a rerun adds nothing"
     );
@@ -22,8 +22,14 @@ async fn seeding_is_repeatable_and_seeded_data_is_usable() {
         .await;
     assert_eq!(res.status(), 200);
 
-    assert_eq!(seed_products(&app.state, 9_000, 3).await.unwrap(), 9_000);
-    assert_eq!(seed_products(&app.state, 9_000, 3).await.unwrap(), 0);
+    assert_eq!(
+        seed_products(&app.state, 9_000, 3, |_| {}).await.unwrap(),
+        9_000
+    );
+    assert_eq!(
+        seed_products(&app.state, 9_000, 3, |_| {}).await.unwrap(),
+        0
+    );
     let product: Value = app
         .get_json(&format!("/products/{}", seed_product_id(8_999)), None)
         .await;
