@@ -102,7 +102,7 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
         Some(&(200, 200)),
         "every order exactly once: {stored:?}"
     );
-    assert_eq!(app.inventory(product).await, 0, "each sale recorded once");
+    app.wait_inventory(product, 0).await;
     let sold_rows = app
         .count(
             &mut app.global_conn().await,
@@ -210,7 +210,7 @@ async fn a_dropped_broker_connection_under_load_confirms_or_compensates_every_or
     let stored = app.orders_by_status(product).await;
     let n = accepted.len() as i64;
     assert_eq!(stored.get("paid"), Some(&(n, n)), "{stored:?}");
-    assert_eq!(app.inventory(product).await, 300 - n);
+    app.wait_inventory(product, 300 - n).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,7 +235,7 @@ async fn a_failing_gateway_opens_the_circuit_retries_then_dead_letters_with_stoc
         "dead-lettered"
     );
     assert_eq!(app.remaining(product).await, 10, "stock released");
-    assert_eq!(app.inventory(product).await, 10);
+    app.wait_inventory(product, 10).await;
     let mut unavailable = 0;
     for shard in 0..4 {
         let sql = "SELECT count(*) AS n FROM orders WHERE failure_reason = 'payment_unavailable'";

@@ -62,7 +62,7 @@ async fn two_thousand_buyers_for_a_hundred_units_buy_exactly_a_hundred() {
         assert_eq!(app.wait_settled(token, order.unwrap()).await, "paid");
     }
     assert_eq!(app.remaining(product).await, 0);
-    assert_eq!(app.inventory(product).await, 0);
+    app.wait_inventory(product, 0).await;
     let stored = app.orders_by_status(product).await;
     assert_eq!(stored.get("paid"), Some(&(100, 100)), "{stored:?}");
     assert_eq!(stored.len(), 1, "{stored:?}");
@@ -101,7 +101,7 @@ async fn larger_quantities_and_limits_never_oversell() {
         assert_eq!(app.wait_settled(token, order.unwrap()).await, "paid");
     }
     assert_eq!(app.remaining(product).await, 50 - units);
-    assert_eq!(app.inventory(product).await, 50 - units);
+    app.wait_inventory(product, 50 - units).await;
 
     // One user, limit 3: 2 then 2 again is over the limit; 1 more fits.
     let token = app.mint_token(Uuid::now_v7());
@@ -235,7 +235,7 @@ async fn cancel_releases_stock_exactly_once_and_refunds_paid_orders() {
         !app.charged(early_id).await,
         "a cancelled pending order is never charged"
     );
-    assert_eq!(app.inventory(product).await, 4);
+    app.wait_inventory(product, 4).await;
 
     for _ in 0..3 {
         let res = app
@@ -251,7 +251,7 @@ async fn cancel_releases_stock_exactly_once_and_refunds_paid_orders() {
         assert_eq!(body["status"], "cancelled");
     }
     assert_eq!(app.remaining(product).await, 5, "released once");
-    assert_eq!(app.inventory(product).await, 5, "back on the shelf once");
+    app.wait_inventory(product, 5).await;
     assert!(
         app.redis_exists(&format!("paysim:refund:{late_id}")).await,
         "paid order refunded"
@@ -295,7 +295,7 @@ async fn declined_cards_fail_and_flaky_cards_succeed_after_retries() {
     );
     assert_eq!(app.wait_settled(&flaky.access, flaky_id).await, "paid");
     assert_eq!(app.remaining(product).await, 4, "the declined unit is back");
-    assert_eq!(app.inventory(product).await, 4);
+    app.wait_inventory(product, 4).await;
     // The declined buyer's allowance is back too.
     assert_eq!(
         app.buy(&declined.access, product, "d2", &json!({}))

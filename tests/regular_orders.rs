@@ -41,8 +41,8 @@ async fn a_multi_item_order_is_paid_and_takes_every_item_off_the_shelf() {
     .await;
 
     assert_eq!(app.wait_settled(&buyer.access, id).await, "paid");
-    assert_eq!(app.inventory(lamp).await, 9);
-    assert_eq!(app.inventory(bulb).await, 6);
+    app.wait_inventory(lamp, 9).await;
+    app.wait_inventory(bulb, 6).await;
 
     // Cancelling gives every item back once.
     for _ in 0..2 {
@@ -56,8 +56,8 @@ async fn a_multi_item_order_is_paid_and_takes_every_item_off_the_shelf() {
             .await;
         assert_eq!(res.status(), 200);
     }
-    assert_eq!(app.inventory(lamp).await, 10);
-    assert_eq!(app.inventory(bulb).await, 10);
+    app.wait_inventory(lamp, 10).await;
+    app.wait_inventory(bulb, 10).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,5 +162,5 @@ async fn concurrent_multi_item_orders_never_oversell_any_item() {
         15,
         "a gave back every unit of a refused order"
     );
-    assert_eq!(app.inventory(b).await, 0);
+    app.wait_inventory(b, 0).await;
 }

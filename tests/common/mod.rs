@@ -685,3 +685,23 @@ impl TestApp {
         (buyer, id, status)
     }
 }
+
+impl TestApp {
+    /// Polls until PostgreSQL's on-hand inventory of `product` is `expected`: the worker
+    /// records the ledger just after it writes an order's final status, so a test that has
+    /// seen the status may be a moment early.
+    pub async fn wait_inventory(&self, product: Uuid, expected: i64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.inventory(product).await;
+            if now == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "inventory of {product} is {now}, expected {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
