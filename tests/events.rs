@@ -178,15 +178,7 @@ async fn every_committed_state_change_yields_exactly_one_event_in_order() {
             "1.00",
         )
         .await;
-    let res = app
-        .client
-        .post(app.url(&format!("/orders/flash-sale/{product}")))
-        .bearer_auth(&buyer.access)
-        .header("idempotency-key", "traced")
-        .header("traceparent", traceparent)
-        .send()
-        .await
-        .expect("sent");
+    let res = app.buy_traced(&buyer.access, product, traceparent).await;
     let order: serde_json::Value = res.json().await.expect("order");
     let traced: Uuid = order["id"].as_str().expect("id").parse().expect("uuid");
     let status = app.wait_settled(&buyer.access, traced).await;

@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{assert_problem, unique_email, TestApp};
+use common::{assert_problem, unique_email, until, TestApp};
 use flashsale::app::AppState;
 use flashsale::modules::notifications::{
     self, Channel, DeadNotification, Delivery, Notification, Priority,
@@ -13,18 +13,6 @@ use flashsale::modules::notifications::{
 use lapin::options::BasicGetOptions;
 use serde_json::{json, Value};
 use uuid::Uuid;
-
-/// Polls until `done` holds (never past the deadline).
-async fn until<F: FnMut() -> Fut, Fut: std::future::Future<Output = bool>>(
-    what: &str,
-    mut done: F,
-) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !done().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn wait_deliveries(worker: &AppState, count: usize) -> Vec<Delivery> {
     until("deliveries", || async {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, unique_email, write_config_dir, TestApp};
+use common::{free_port, unique_email, until, write_config_dir, TestApp};
 use flashsale::ops::{self, Sampled};
 use lapin::options::BasicGetOptions;
 use lapin::types::AMQPValue;
@@ -69,17 +69,6 @@ async fn scrape(base: &str) -> Vec<Sample> {
         .await
         .expect("body");
     parse_scrape(&text)
-}
-
-async fn until<F: FnMut() -> Fut, Fut: std::future::Future<Output = bool>>(
-    what: &str,
-    mut done: F,
-) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !done().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Metric names a PromQL expression reads: identifiers outside label matchers, range
@@ -287,15 +276,7 @@ async fn a_requests_trace_context_rides_the_order_and_notification_messages() {
     let buyer = app.register(&unique_email("buyer")).await;
     let product = app.flash_sale_product(&admin.access, 5, "3.00").await;
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    let res = app
-        .client
-        .post(app.url(&format!("/orders/flash-sale/{product}")))
-        .bearer_auth(&buyer.access)
-        .header("idempotency-key", "traced")
-        .header("traceparent", traceparent)
-        .send()
-        .await
-        .expect("sent");
+    let res = app.buy_traced(&buyer.access, product, traceparent).await;
     assert_eq!(res.status(), 201);
 
     let channel = app

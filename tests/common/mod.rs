@@ -705,3 +705,34 @@ impl TestApp {
         }
     }
 }
+
+/// Polls until `done` holds (never past the deadline).
+pub async fn until<F: FnMut() -> Fut, Fut: std::future::Future<Output = bool>>(
+    what: &str,
+    mut done: F,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl TestApp {
+    /// A flash-sale purchase whose request carries a W3C `traceparent`.
+    pub async fn buy_traced(
+        &self,
+        token: &str,
+        product: Uuid,
+        traceparent: &str,
+    ) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/orders/flash-sale/{product}")))
+            .bearer_auth(token)
+            .header("idempotency-key", "traced")
+            .header("traceparent", traceparent)
+            .send()
+            .await
+            .expect("request sent")
+    }
+}
