@@ -171,6 +171,9 @@ pub struct OrdersSettings {
     pub batch_linger_ms: u64,
     /// Delays of the retry queues, in order; after the last one a message is dead-lettered.
     pub retry_delays_ms: Vec<u32>,
+    /// Deliveries of one order message before the broker dead-letters it (quorum queues):
+    /// the backstop for a message that kills its worker every time.
+    pub delivery_limit: u32,
     /// A reservation whose order has not reached PostgreSQL after this long is released.
     pub reservation_timeout_secs: i64,
     pub reconcile_interval_secs: u64,

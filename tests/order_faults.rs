@@ -11,8 +11,6 @@ use common::{unique_email, TestApp};
 use flashsale::modules::orders::reconcile_once;
 use flashsale::modules::products::{self, ReserveRequest};
 use futures_util::stream::{self, StreamExt};
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -41,19 +39,6 @@ async fn buy_many(
         .buffer_unordered(concurrency)
         .collect()
         .await
-}
-
-async fn queue_depth(app: &TestApp, queue: &str) -> u32 {
-    let channel = app.state.amqp.connection().create_channel().await.unwrap();
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    channel
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-        .unwrap()
-        .message_count()
 }
 
 async fn paid_count(app: &TestApp, product: Uuid) -> i64 {
@@ -103,13 +88,13 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
         "every order exactly once: {stored:?}"
     );
     app.wait_inventory(product, 0).await;
-    let sold_rows = app
+    let sold_units = app
         .count(
             &mut app.global_conn().await,
-            &format!("SELECT count(*) AS n FROM inventory_ledger WHERE product_id = '{product}' AND reason = 'sold'"),
+            &format!("SELECT coalesce(-sum(delta), 0)::bigint AS n FROM inventory_ledger WHERE product_id = '{product}' AND reason = 'sold'"),
         )
         .await;
-    assert_eq!(sold_rows, 200);
+    assert_eq!(sold_units, 200, "every unit on the books exactly once");
     for (_, order, _) in &results {
         assert!(app.charged(order.unwrap()).await);
     }
@@ -230,7 +215,7 @@ async fn a_failing_gateway_opens_the_circuit_retries_then_dead_letters_with_stoc
         "the circuit opened"
     );
     assert_eq!(
-        queue_depth(&app, &app.state.orders.queues.dead).await,
+        app.queue_depth(&app.state.orders.queues.dead).await,
         4,
         "dead-lettered"
     );

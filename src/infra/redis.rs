@@ -45,26 +45,6 @@ impl Redis {
     }
 }
 
-/// The idempotency check shared by every script that takes an `Idempotency-Key`: replay
-/// the stored answer, refuse the same key with another body, or one still in flight.
-/// `IDEM_KEY` and `BODY_HASH` are replaced with the script's own KEYS/ARGV slots.
-pub const IDEMPOTENCY_CHECK: &str = r#"
-local idem = redis.call('GET', IDEM_KEY)
-if idem then
-  local rec = cjson.decode(idem)
-  if rec.body_hash ~= BODY_HASH then return {'mismatch'} end
-  if rec.state == 'in_progress' then return {'in_progress'} end
-  return {'replay', idem}
-end
-"#;
-
-/// The check with its slots filled in.
-pub fn idempotency_check(key_slot: &str, body_hash_slot: &str) -> String {
-    IDEMPOTENCY_CHECK
-        .replace("IDEM_KEY", key_slot)
-        .replace("BODY_HASH", body_hash_slot)
-}
-
 /// Where an idempotent request stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdempotencyStart {
@@ -97,12 +77,12 @@ pub struct Idempotency {
 
 impl Default for Idempotency {
     fn default() -> Self {
-        let begin = format!(
-            "{}redis.call('SET', KEYS[1], cjson.encode({{state = 'in_progress', body_hash = ARGV[1]}}), 'EX', ARGV[2])\nreturn {{'ok'}}",
-            idempotency_check("KEYS[1]", "ARGV[1]")
-        );
         Self {
-            begin: redis::Script::new(&begin),
+            begin: redis::Script::new(concat!(
+                include_str!("lua/idempotency_begin.lua"),
+                include_str!("lua/idempotency_check.lua"),
+                include_str!("lua/idempotency_begin_done.lua"),
+            )),
         }
     }
 }

@@ -414,6 +414,12 @@ impl TestApp {
         .await
     }
 
+    /// Only the order consumer, without the reconciler (tests that must not be repaired).
+    pub async fn spawn_consumer(&self) -> Worker {
+        self.spawn_role(flashsale::modules::orders::run_worker)
+            .await
+    }
+
     pub async fn spawn_notify_worker(&self) -> Worker {
         self.spawn_role(flashsale::modules::notifications::run_worker)
             .await
@@ -566,6 +572,20 @@ impl TestApp {
             }
         }
         totals
+    }
+
+    /// Messages ready in `queue`.
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let channel = self.state.amqp.connection().create_channel().await.unwrap();
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(queue.into(), passive, lapin::types::FieldTable::default())
+            .await
+            .unwrap()
+            .message_count()
     }
 
     /// Charges the payment simulator recorded for `order`.

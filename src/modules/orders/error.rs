@@ -26,6 +26,8 @@ pub enum OrdersError {
     SaleNotActive,
     #[error("purchase limit reached for this sale")]
     PurchaseLimit,
+    #[error("the order's total is larger than an order can hold")]
+    TotalTooLarge,
     #[error("the order can no longer be cancelled")]
     NotCancellable,
     #[error("too many flash-sale attempts")]
@@ -42,6 +44,38 @@ pub enum OrdersError {
     Db(#[from] DbError),
     #[error(transparent)]
     Redis(#[from] redis::RedisError),
+}
+
+impl OrdersError {
+    /// True when a dependency (database, Redis, broker) could not be reached: the same work
+    /// succeeds once it is back. Anything else is about the data, and may be one order's.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            OrdersError::Queue(_) => true,
+            OrdersError::Db(e) | OrdersError::Products(ProductsError::Db(e)) => {
+                e.is_unavailable() || db_connection_lost(e)
+            }
+            OrdersError::Redis(e) | OrdersError::Products(ProductsError::Redis(e)) => {
+                redis_unreachable(e)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn db_connection_lost(e: &DbError) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    matches!(
+        e,
+        DbError::Query(
+            Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _)
+                | Error::BrokenTransactionManager
+        )
+    )
+}
+
+fn redis_unreachable(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
 
 impl From<diesel::result::Error> for OrdersError {
@@ -84,6 +118,9 @@ impl From<OrdersError> for Problem {
                 detail,
             ),
             OrdersError::RequestInProgress => Problem::conflict("request_in_progress", detail),
+            OrdersError::TotalTooLarge => {
+                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "total_too_large", detail)
+            }
             OrdersError::SoldOut => Problem::conflict("sold_out", detail),
             OrdersError::SaleNotActive => Problem::conflict("sale_not_active", detail),
             OrdersError::PurchaseLimit => Problem::conflict("purchase_limit", detail),

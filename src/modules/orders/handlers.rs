@@ -43,7 +43,8 @@ pub struct OrdersApi;
     responses((status = 201, body = Order, description = "accepted; the worker settles it to paid or failed"),
               (status = 400, body = ProblemBody, description = "idempotency_key_required"),
               (status = 409, body = ProblemBody, description = "sold_out, sale_not_active, purchase_limit, request_in_progress"),
-              (status = 422, body = ProblemBody), (status = 429, body = ProblemBody), (status = 503, body = ProblemBody)))]
+              (status = 422, body = ProblemBody, description = "validation_failed, idempotency_key_reused, total_too_large (the order's total is larger than an order can hold)"),
+              (status = 429, body = ProblemBody), (status = 503, body = ProblemBody)))]
 async fn place_flash_sale_order(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -84,7 +85,8 @@ fn created(placed: super::Placed) -> HttpResponse {
               (status = 400, body = ProblemBody, description = "idempotency_key_required"),
               (status = 404, body = ProblemBody, description = "a product does not exist"),
               (status = 409, body = ProblemBody, description = "sold_out, sale_not_active (product on flash sale), request_in_progress"),
-              (status = 422, body = ProblemBody), (status = 503, body = ProblemBody)))]
+              (status = 422, body = ProblemBody, description = "validation_failed, idempotency_key_reused, total_too_large (the order's total is larger than an order can hold)"),
+              (status = 503, body = ProblemBody)))]
 async fn place_order(
     state: web::Data<AppState>,
     caller: AuthUser,

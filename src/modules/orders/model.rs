@@ -131,6 +131,9 @@ pub struct OrderMessage {
     /// W3C trace context of the request that placed the order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// Why the worker gave up on it (set on the copy in the dead-letter queue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
 }
 
 /// What one AMQP message carries: the orders the API accepted within a few milliseconds.
@@ -151,6 +154,14 @@ impl OrderEnvelope {
             orders,
         }
     }
+}
+
+/// The largest total `orders.total_amount` (NUMERIC(12, 2)) holds, in cents.
+const MAX_ORDER_TOTAL_CENTS: i64 = 999_999_999_999;
+
+/// The largest total an order may have: the books must be able to hold it.
+pub fn max_order_total() -> BigDecimal {
+    BigDecimal::new(MAX_ORDER_TOTAL_CENTS.into(), 2)
 }
 
 pub const PAYMENT_METHODS: [&str; 3] = ["card", "card_declined", "card_flaky"];

@@ -11,7 +11,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use failsafe::futures::CircuitBreaker as _;
 use failsafe::{backoff, failure_policy, Config, StateMachine};
 use rand::Rng;
 use uuid::Uuid;
@@ -36,14 +35,23 @@ pub enum PaymentError {
     CircuitOpen,
 }
 
+/// One order to charge, and how many times it was tried before.
+pub struct Charge<'a> {
+    pub order: &'a Order,
+    pub attempt: u32,
+}
+
+/// Each charge's outcome, in the order they were asked.
+pub type ChargeResults = Vec<Result<ChargeOutcome, PaymentError>>;
+
 pub trait PaymentGateway: Send + Sync {
-    /// Charges the order's total once per order id; a repeat answers the first outcome.
-    fn charge<'a>(
+    /// Charges each order's total once per order id (a repeat answers the first outcome),
+    /// all in one round trip; `Err` when the gateway answered none of them.
+    fn charge_batch<'a>(
         &'a self,
-        order: &'a Order,
-        attempt: u32,
-    ) -> BoxFuture<'a, Result<ChargeOutcome, PaymentError>>;
-    /// Refunds a charged order once.
+        charges: &'a [Charge<'a>],
+    ) -> BoxFuture<'a, Result<ChargeResults, PaymentError>>;
+    /// Refunds a charged order once; an order never charged is left alone.
     fn refund(&self, order: Uuid) -> BoxFuture<'_, Result<(), PaymentError>>;
 }
 
@@ -82,63 +90,103 @@ impl PaymentSimulator {
         f64::from_bits(self.failure_rate_bits.load(Ordering::Relaxed))
     }
 
-    async fn record_once(
-        &self,
-        kind: &str,
-        order: Uuid,
-        value: &str,
-    ) -> Result<String, PaymentError> {
-        let key = self.redis.key(format_args!("paysim:{kind}:{order}"));
-        let transient = |e: redis::RedisError| PaymentError::Transient(e.to_string());
-        // SET ... NX GET: the earlier value when there was one, else ours was stored.
-        let earlier: Option<String> = redis::cmd("SET")
-            .arg(&key)
-            .arg(value)
-            .arg("NX")
-            .arg("GET")
-            .arg("EX")
-            .arg(7 * 86_400)
-            .query_async(&mut self.redis.conn())
-            .await
-            .map_err(transient)?;
-        Ok(earlier.unwrap_or_else(|| value.to_owned()))
+    fn charge_key(&self, order: Uuid) -> String {
+        self.redis.key(format_args!("paysim:charge:{order}"))
+    }
+
+    /// Whether this attempt fails before reaching the (simulated) bank.
+    fn fails_transiently(&self, charge: &Charge<'_>) -> bool {
+        let flaky = charge.order.payment_method == "card_flaky" && charge.attempt < FLAKY_FAILURES;
+        flaky || rand::rng().random_bool(self.failure_rate())
     }
 }
 
+/// How long the simulator remembers a charge or a refund.
+const RECORD_SECS: u64 = 7 * 86_400;
+
+fn transient(e: redis::RedisError) -> PaymentError {
+    PaymentError::Transient(e.to_string())
+}
+
 impl PaymentGateway for PaymentSimulator {
-    fn charge<'a>(
+    fn charge_batch<'a>(
         &'a self,
-        order: &'a Order,
-        attempt: u32,
-    ) -> BoxFuture<'a, Result<ChargeOutcome, PaymentError>> {
+        charges: &'a [Charge<'a>],
+    ) -> BoxFuture<'a, Result<ChargeResults, PaymentError>> {
         Box::pin(async move {
-            self.attempts.fetch_add(1, Ordering::Relaxed);
+            self.attempts
+                .fetch_add(charges.len() as u64, Ordering::Relaxed);
             if !self.latency.is_zero() {
                 tokio::time::sleep(self.latency).await;
             }
-            let flaky = order.payment_method == "card_flaky" && attempt < FLAKY_FAILURES;
-            if flaky || rand::rng().random_bool(self.failure_rate()) {
-                return Err(PaymentError::Transient("simulated gateway failure".into()));
+            let reaching: Vec<bool> = charges.iter().map(|c| !self.fails_transiently(c)).collect();
+            // SET ... NX GET: the earlier outcome when there was one, else ours was stored.
+            let mut pipe = redis::pipe();
+            for (charge, _) in charges
+                .iter()
+                .zip(&reaching)
+                .filter(|(_, reaches)| **reaches)
+            {
+                let outcome = if charge.order.payment_method == "card_declined" {
+                    "declined"
+                } else {
+                    "approved"
+                };
+                pipe.cmd("SET")
+                    .arg(self.charge_key(charge.order.id))
+                    .arg(outcome)
+                    .arg("NX")
+                    .arg("GET")
+                    .arg("EX")
+                    .arg(RECORD_SECS);
             }
-            let outcome = if order.payment_method == "card_declined" {
-                "declined"
-            } else {
-                "approved"
-            };
-            let recorded = self.record_once("charge", order.id, outcome).await?;
-            Ok(if recorded == "declined" {
-                ChargeOutcome::Declined
-            } else {
-                ChargeOutcome::Approved
-            })
+            let earlier: Vec<Option<String>> = pipe
+                .query_async(&mut self.redis.conn())
+                .await
+                .map_err(transient)?;
+            let mut earlier = earlier.into_iter();
+            let outcomes = charges
+                .iter()
+                .zip(reaching)
+                .map(|(charge, reaches)| {
+                    if !reaches {
+                        return Err(PaymentError::Transient("simulated gateway failure".into()));
+                    }
+                    let declined = match earlier.next().flatten() {
+                        Some(first) => first == "declined",
+                        None => charge.order.payment_method == "card_declined",
+                    };
+                    Ok(if declined {
+                        ChargeOutcome::Declined
+                    } else {
+                        ChargeOutcome::Approved
+                    })
+                })
+                .collect();
+            Ok(outcomes)
         })
     }
 
     fn refund(&self, order: Uuid) -> BoxFuture<'_, Result<(), PaymentError>> {
+        let refund_key = self.redis.key(format_args!("paysim:refund:{order}"));
         Box::pin(async move {
-            self.record_once("refund", order, "refunded")
+            let charged: Option<String> = redis::cmd("GET")
+                .arg(self.charge_key(order))
+                .query_async(&mut self.redis.conn())
                 .await
-                .map(drop)
+                .map_err(transient)?;
+            if charged.as_deref() != Some("approved") {
+                return Ok(());
+            }
+            redis::cmd("SET")
+                .arg(refund_key)
+                .arg("refunded")
+                .arg("NX")
+                .arg("EX")
+                .arg(RECORD_SECS)
+                .query_async::<()>(&mut self.redis.conn())
+                .await
+                .map_err(transient)
         })
     }
 }
@@ -203,14 +251,32 @@ impl Payments {
         }
     }
 
-    pub async fn charge(&self, order: &Order, attempt: u32) -> Result<ChargeOutcome, PaymentError> {
-        self.breaker
-            .call(self.gateway.charge(order, attempt))
-            .await
-            .map_err(|e| match e {
-                failsafe::Error::Inner(e) => e,
-                failsafe::Error::Rejected => PaymentError::CircuitOpen,
-            })
+    /// Charges a batch through the breaker: while it is open every charge fails fast;
+    /// each answer counts towards opening or closing it.
+    pub async fn charge_batch(&self, charges: &[Charge<'_>]) -> ChargeResults {
+        if charges.is_empty() {
+            return vec![];
+        }
+        if !self.breaker.is_call_permitted() {
+            return charges
+                .iter()
+                .map(|_| Err(PaymentError::CircuitOpen))
+                .collect();
+        }
+        let results = match self.gateway.charge_batch(charges).await {
+            Ok(results) => results,
+            Err(e) => charges
+                .iter()
+                .map(|_| Err(PaymentError::Transient(e.to_string())))
+                .collect(),
+        };
+        for result in &results {
+            match result {
+                Ok(_) => self.breaker.on_success(),
+                Err(_) => self.breaker.on_error(),
+            }
+        }
+        results
     }
 
     pub async fn refund(&self, order: Uuid) -> Result<(), PaymentError> {

@@ -7,7 +7,6 @@
 //! dead-lettered by the broker into the same dead queue.
 
 use lapin::types::AMQPValue;
-use lapin::Channel;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::error::OrdersError;
 use super::model::{OrderEnvelope, OrderMessage};
 use crate::config::OrdersSettings;
-use crate::infra::amqp::{durable, queue_args as args, text, trace_headers, Publisher};
+use crate::infra::amqp::{durable, queue_args as args, text, trace_headers, Amqp, Publisher};
 
 #[derive(Debug, Clone)]
 pub struct QueueNames {
@@ -43,27 +42,14 @@ impl QueueNames {
 
 /// Declares every queue the order path uses; idempotent.
 pub async fn declare(
-    channel: &Channel,
+    amqp: &Amqp,
     names: &QueueNames,
     settings: &OrdersSettings,
     expires: Option<u32>,
 ) -> Result<(), lapin::Error> {
+    let channel = amqp.connection().create_channel().await?;
     channel
         .queue_declare(names.dead.as_str().into(), durable(), args(&[], expires))
-        .await?;
-    channel
-        .queue_declare(
-            names.orders.as_str().into(),
-            durable(),
-            args(
-                &[
-                    ("x-queue-type", text(&settings.queue_type)),
-                    ("x-dead-letter-exchange", text("")),
-                    ("x-dead-letter-routing-key", text(&names.dead)),
-                ],
-                expires,
-            ),
-        )
         .await?;
     for (queue, delay_ms) in &names.retries {
         channel
@@ -81,7 +67,50 @@ pub async fn declare(
             )
             .await?;
     }
-    Ok(())
+    let mut order_queue = vec![
+        ("x-queue-type", text(&settings.queue_type)),
+        ("x-dead-letter-exchange", text("")),
+        ("x-dead-letter-routing-key", text(&names.dead)),
+    ];
+    // The backstop for a message that kills its worker every time: after this many
+    // deliveries the broker dead-letters it (quorum queues only count deliveries).
+    if settings.queue_type == "quorum" {
+        order_queue.push((
+            "x-delivery-limit",
+            AMQPValue::LongUInt(settings.delivery_limit),
+        ));
+    }
+    let declared = channel
+        .queue_declare(
+            names.orders.as_str().into(),
+            durable(),
+            args(&order_queue, expires),
+        )
+        .await;
+    match declared {
+        Ok(_) => channel.close(200, "declared".into()).await,
+        // A queue declared by an older version, without the delivery limit: arguments of
+        // an existing queue cannot change, so it keeps working as it is (the refusal closed
+        // this channel only).
+        Err(e) if is_precondition_failed(&e) => {
+            tracing::warn!(
+                queue = %names.orders,
+                "the order queue exists without a delivery limit; set one with a broker policy \
+                 (rabbitmqctl set_policy --apply-to queues order-delivery-limit '^{}$' \
+                 '{{\"delivery-limit\": {}}}')",
+                names.orders,
+                settings.delivery_limit
+            );
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
+        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
 }
 
 /// An order waiting to be published, and who to tell when the broker confirmed it.

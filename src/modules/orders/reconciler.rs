@@ -13,7 +13,10 @@ use std::time::Duration;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 
+use super::acceptance;
 use super::error::OrdersError;
+use super::model::OrderStatus;
+use super::settle::{self, Settled};
 use super::store;
 use crate::app::AppState;
 use crate::modules::products;
@@ -71,6 +74,9 @@ async fn take_lease(state: &AppState) -> bool {
 /// One pass over every sale that is loaded or due.
 pub async fn reconcile_once(state: &AppState) -> Result<Repairs, OrdersError> {
     let mut repairs = Repairs::default();
+    // Moves a crashed worker left in a shard reach the books (and precede any rebuild).
+    let every_shard = (0..state.db.shard_count()).collect();
+    settle::apply_stock_moves(state, &every_shard).await?;
     let timeout = chrono::Duration::seconds(state.settings.orders.reservation_timeout_secs);
     for product in products::due_sales(state).await? {
         if !products::sale_is_loaded(state, product.id).await? {
@@ -85,8 +91,16 @@ pub async fn reconcile_once(state: &AppState) -> Result<Repairs, OrdersError> {
             continue;
         }
         let stale = products::stale_reservations(state, product.id, timeout).await?;
-        let persisted = store::statuses(&state.db, &stale).await?;
-        for (order, _user) in stale {
+        let owners: Vec<store::OrderOwner> = stale
+            .iter()
+            .map(|s| store::OrderOwner {
+                order: s.order,
+                user: s.buyer,
+            })
+            .collect();
+        let persisted = store::statuses(&state.db, &owners).await?;
+        for stale in stale {
+            let order = stale.order;
             if persisted.contains_key(&order) {
                 continue;
             }
@@ -94,11 +108,31 @@ pub async fn reconcile_once(state: &AppState) -> Result<Repairs, OrdersError> {
                 products::release(state, product.id, order).await?
             {
                 tracing::warn!(%order, product = %product.id, "released a reservation whose order never arrived");
+                abandon(state, order).await?;
                 repairs.released += 1;
             }
         }
     }
     Ok(repairs)
+}
+
+/// An order whose message never reached the worker (the broker dead-lettered it after its
+/// delivery limit): it reads `failed` from now on, and its buyer is told. A message still on
+/// its way finds the reservation released and fails the order the same way.
+async fn abandon(state: &AppState, order: uuid::Uuid) -> Result<(), OrdersError> {
+    let Some(message) = acceptance::find(state, order).await? else {
+        return Ok(());
+    };
+    if message.order.status != OrderStatus::Pending {
+        return Ok(());
+    }
+    acceptance::record_failed(state, &message).await?;
+    let failed = Settled {
+        order: &message.order,
+        status: OrderStatus::Failed,
+        traceparent: message.traceparent.as_deref(),
+    };
+    settle::notify(state, &[failed]).await
 }
 
 /// True when no order message waits in the order queue or a retry queue.

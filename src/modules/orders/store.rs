@@ -13,6 +13,7 @@ use super::model::{Order, OrderItem, OrderKind, OrderStatus};
 use crate::infra::db::{shard_index, Databases, ReadFrom};
 use crate::infra::events::{self, OrderEvent, EVENT_VERSION};
 use crate::infra::http::paging::PageRequest;
+use crate::modules::products::StockMove;
 
 diesel::table! {
     orders (id) {
@@ -35,6 +36,16 @@ diesel::table! {
         product_id -> Uuid,
         quantity -> Int4,
         price -> Numeric,
+    }
+}
+
+diesel::table! {
+    /// Stock moves on their way to the global ledger (see `pending_moves`).
+    ledger_pending (id) {
+        id -> Int8,
+        product_id -> Uuid,
+        delta -> Int4,
+        reason -> Text,
     }
 }
 
@@ -107,8 +118,9 @@ fn events_of_new(new: &NewOrder<'_>) -> Vec<OrderEvent> {
     events
 }
 
-/// Writes orders into their shards, one transaction per shard; orders that exist are left
-/// as they are (a redelivered message inserts nothing). Answers the ids it inserted.
+/// Writes orders into their shards, one transaction per shard, with their events and the
+/// stock their paid orders took (one move per product); orders that exist are left as they
+/// are (a redelivered message inserts nothing). Answers the ids it inserted.
 pub async fn insert_batch(
     db: &Databases,
     batch: &[NewOrder<'_>],
@@ -166,12 +178,18 @@ pub async fn insert_batch(
                     .on_conflict_do_nothing()
                     .execute(conn)
                     .await?;
-                let events: Vec<OrderEvent> = orders_in_shard
+                let written: Vec<&&NewOrder<'_>> = orders_in_shard
                     .iter()
                     .filter(|n| fresh.contains(&n.order.id))
-                    .flat_map(|n| events_of_new(n))
                     .collect();
+                let events: Vec<OrderEvent> =
+                    written.iter().flat_map(|n| events_of_new(n)).collect();
                 events::append(conn, &events).await?;
+                let sold = written
+                    .iter()
+                    .filter(|n| n.status == OrderStatus::Paid)
+                    .map(|n| n.order);
+                record_moves(conn, &units_by_product(sold, -1)).await?;
                 Ok::<_, OrdersError>(fresh)
             })
             .await?;
@@ -180,17 +198,33 @@ pub async fn insert_batch(
     Ok(inserted)
 }
 
-/// Current statuses of `ids` (all owned by users on one or more shards).
+/// An order and the user who owns it (whose shard holds it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrderOwner {
+    pub order: Uuid,
+    pub user: Uuid,
+}
+
+impl From<&Order> for OrderOwner {
+    fn from(order: &Order) -> Self {
+        Self {
+            order: order.id,
+            user: order.user_id,
+        }
+    }
+}
+
+/// Current statuses of some orders (on one or more shards); absent ones are not persisted.
 pub async fn statuses(
     db: &Databases,
-    orders_by_user: &[(Uuid, Uuid)],
+    owners: &[OrderOwner],
 ) -> Result<BTreeMap<Uuid, OrderStatus>, OrdersError> {
     let mut by_shard: BTreeMap<usize, Vec<Uuid>> = BTreeMap::new();
-    for (order, user) in orders_by_user {
+    for owner in owners {
         by_shard
-            .entry(shard_index(*user, db.shard_count()))
+            .entry(shard_index(owner.user, db.shard_count()))
             .or_default()
-            .push(*order);
+            .push(owner.order);
     }
     let mut found = BTreeMap::new();
     for (shard, ids) in by_shard {
@@ -334,39 +368,135 @@ pub async fn live_units_by_buyer(
     Ok(all)
 }
 
-/// Cancels a pending or paid order under a row lock, with its `order.cancelled` event;
-/// answers the status it had (so the caller knows whether to refund), or None when there
-/// is no such order.
-pub async fn cancel(
+/// The status of an order, locked until the transaction ends; None when there is no such
+/// order.
+async fn locked_status(
+    conn: &mut AsyncPgConnection,
+    order: Uuid,
+) -> Result<Option<OrderStatus>, OrdersError> {
+    let current: Option<String> = orders::table
+        .find(order)
+        .select(orders::status)
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?;
+    current
+        .map(|s| OrderStatus::parse(&s).ok_or(OrdersError::Corrupt(s)))
+        .transpose()
+}
+
+/// Units per product of `orders`, times `sign` (-1: off the shelf, 1: back on it).
+fn units_by_product<'a>(
+    orders: impl IntoIterator<Item = &'a Order>,
+    sign: i32,
+) -> Vec<(Uuid, i32)> {
+    let mut units: BTreeMap<Uuid, i32> = BTreeMap::new();
+    for item in orders.into_iter().flat_map(|o| &o.items) {
+        *units.entry(item.product_id).or_default() += sign * item.quantity;
+    }
+    units.into_iter().collect()
+}
+
+/// Records stock moves in the caller's transaction, one row per product.
+async fn record_moves(
+    conn: &mut AsyncPgConnection,
+    moves: &[(Uuid, i32)],
+) -> Result<(), OrdersError> {
+    if moves.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<_> = moves
+        .iter()
+        .map(|(product, delta)| {
+            (
+                ledger_pending::product_id.eq(product),
+                ledger_pending::delta.eq(delta),
+                ledger_pending::reason.eq(if *delta < 0 { "sold" } else { "released" }),
+            )
+        })
+        .collect();
+    diesel::insert_into(ledger_pending::table)
+        .values(&rows)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The oldest stock moves recorded in `shard` and not yet in the global ledger.
+pub async fn pending_moves(
+    db: &Databases,
+    shard: usize,
+    limit: i64,
+) -> Result<Vec<StockMove>, OrdersError> {
+    let mut conn = db.shards()[shard].write_conn().await?;
+    let rows: Vec<(i64, Uuid, i32)> = ledger_pending::table
+        .select((
+            ledger_pending::id,
+            ledger_pending::product_id,
+            ledger_pending::delta,
+        ))
+        .order(ledger_pending::id)
+        .limit(limit)
+        .load(&mut conn)
+        .await?;
+    let source_shard = i32::try_from(shard).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
+    Ok(rows
+        .into_iter()
+        .map(|(source_id, product_id, delta)| StockMove {
+            source_shard,
+            source_id,
+            product_id,
+            delta,
+        })
+        .collect())
+}
+
+/// Forgets stock moves the global ledger holds now.
+pub async fn clear_moves(
+    db: &Databases,
+    shard: usize,
+    moves: &[StockMove],
+) -> Result<(), OrdersError> {
+    let ids: Vec<i64> = moves.iter().map(|m| m.source_id).collect();
+    let mut conn = db.shards()[shard].write_conn().await?;
+    diesel::delete(ledger_pending::table.filter(ledger_pending::id.eq_any(ids)))
+        .execute(&mut conn)
+        .await?;
+    Ok(())
+}
+
+/// Ends a pending or paid order in `to` (cancelled, or failed with `reason`) under a row
+/// lock, with its `order.<to>` event; a paid order's units go back on the shelf. Answers
+/// the status it had (so the caller knows whether to refund), or None when there is no
+/// such order; an order in any other status is left as it is.
+pub async fn end(
     db: &Databases,
     order: &Order,
+    to: OrderStatus,
+    reason: Option<&str>,
     traceparent: Option<&str>,
 ) -> Result<Option<OrderStatus>, OrdersError> {
     let mut pooled = db.shard_for(order.user_id).write_conn().await?;
     let conn: &mut AsyncPgConnection = &mut pooled;
     conn.transaction(async |conn| {
-        let current: Option<String> = orders::table
-            .find(order.id)
-            .select(orders::status)
-            .for_update()
-            .first(conn)
-            .await
-            .optional()?;
-        let Some(current) = current else {
+        let Some(status) = locked_status(conn, order.id).await? else {
             return Ok(None);
         };
-        let status =
-            OrderStatus::parse(&current).ok_or_else(|| OrdersError::Corrupt(current.clone()))?;
         if matches!(status, OrderStatus::Pending | OrderStatus::Paid) {
             diesel::update(orders::table.find(order.id))
                 .set((
-                    orders::status.eq(OrderStatus::Cancelled.as_str()),
+                    orders::status.eq(to.as_str()),
+                    orders::failure_reason.eq(reason),
                     orders::updated_at.eq(diesel::dsl::now),
                 ))
                 .execute(conn)
                 .await?;
-            let cancelled = event(order, OrderStatus::Cancelled, "cancelled", traceparent);
-            events::append(conn, &[cancelled]).await?;
+            let ended = event(order, to, to.as_str(), traceparent);
+            events::append(conn, &[ended]).await?;
+        }
+        if status == OrderStatus::Paid {
+            record_moves(conn, &units_by_product([order], 1)).await?;
         }
         Ok(Some(status))
     })

@@ -16,8 +16,11 @@ use uuid::Uuid;
 
 pub use error::ProductsError;
 pub use model::{FlashSaleItem, NewProduct, Product, ProductPatch};
-pub use stock::{CommitOutcome, ReleaseOutcome, Reservation, ReserveRequest, SaleKind, SaleTerms};
-pub use store::LedgerLine;
+pub use stock::{
+    CommitOutcome, ReleaseOutcome, Reservation, ReserveRequest, ReservedUnits, SaleKind, SaleTerms,
+    StaleReservation,
+};
+pub use store::StockMove;
 
 use crate::app::AppState;
 use crate::config::{SalesSettings, Settings};
@@ -317,28 +320,18 @@ pub fn idempotency_key(state: &AppState, product: Uuid, user: Uuid, key_digest: 
     stock::idempotency_key(&state.redis, product, user, key_digest)
 }
 
-/// Commits the reservations behind `lines` (each with its buyer); one call per product.
-/// Answers one outcome per line, in order.
+/// Commits the reservations behind `lines`; one call per product. Answers one outcome per
+/// line, in order.
 pub async fn commit(
     state: &AppState,
-    lines: &[(LedgerLine, Uuid)],
+    lines: &[ReservedUnits],
 ) -> Result<Vec<CommitOutcome>, ProductsError> {
     let mut by_product: std::collections::BTreeMap<Uuid, Vec<usize>> = Default::default();
-    for (i, (line, _)) in lines.iter().enumerate() {
-        by_product.entry(line.product_id).or_default().push(i);
+    for (i, line) in lines.iter().enumerate() {
+        by_product.entry(line.product).or_default().push(i);
     }
     let calls = by_product.iter().map(|(product, indexes)| {
-        let orders: Vec<(Uuid, Uuid, u32)> = indexes
-            .iter()
-            .map(|i| {
-                let (line, user) = &lines[*i];
-                (
-                    line.order_id,
-                    *user,
-                    u32::try_from(line.quantity).unwrap_or(0),
-                )
-            })
-            .collect();
+        let orders: Vec<&ReservedUnits> = indexes.iter().map(|i| &lines[*i]).collect();
         async move {
             state
                 .products
@@ -369,13 +362,9 @@ pub async fn release(
         .await?)
 }
 
-pub async fn record_sold(state: &AppState, lines: &[LedgerLine]) -> Result<(), ProductsError> {
-    let changed = store::record_sold(&state.db, lines).await?;
-    written(state, &changed).await
-}
-
-pub async fn record_released(state: &AppState, lines: &[LedgerLine]) -> Result<(), ProductsError> {
-    let changed = store::record_released(&state.db, lines).await?;
+/// Moves stock moves recorded in a shard into the ledger and the on-hand counts, once each.
+pub async fn apply_stock_moves(state: &AppState, moves: &[StockMove]) -> Result<(), ProductsError> {
+    let changed = store::apply_moves(&state.db, moves).await?;
     written(state, &changed).await
 }
 
@@ -391,7 +380,7 @@ pub async fn stale_reservations(
     state: &AppState,
     product: Uuid,
     older_than: Duration,
-) -> Result<Vec<(Uuid, Uuid)>, ProductsError> {
+) -> Result<Vec<StaleReservation>, ProductsError> {
     let cutoff = Utc::now() - older_than;
     Ok(state
         .products

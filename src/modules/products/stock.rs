@@ -15,134 +15,21 @@ use chrono::{DateTime, Utc};
 use redis::Script;
 use uuid::Uuid;
 
-use crate::infra::redis::{idempotency_check, IdempotencyStart, Redis};
+use crate::infra::redis::{IdempotencyStart, Redis};
 
-/// The per-user attempt limit of the flash-sale path (KEYS[8], ARGV[7]).
-const ATTEMPT_LIMIT: &str = r#"
-local attempts = redis.call('INCR', KEYS[8])
-if attempts == 1 then redis.call('EXPIRE', KEYS[8], 60) end
-if attempts > tonumber(ARGV[7]) then return {'rate_limited'} end
-"#;
-
-/// Sale kind and window, per-user limit, stock check and decrement, reservation record.
-/// KEYS[1..6] are the sale keys; ARGV: 1 user, 2 units, 3 order, 5 now (ms), 8 sale kind.
-const RESERVE_UNITS: &str = r#"
-if redis.call('EXISTS', KEYS[2]) == 0 then return {'not_loaded'} end
-local stock = redis.call('GET', KEYS[1])
-if not stock then return {'not_loaded'} end
-local sale = redis.call('HMGET', KEYS[3], 'start', 'end', 'limit', 'price', 'kind')
-if not sale[1] or sale[5] ~= ARGV[8] then return {'not_active'} end
-local now = tonumber(ARGV[5])
-if now < tonumber(sale[1]) or now >= tonumber(sale[2]) then return {'not_active'} end
-local qty = tonumber(ARGV[2])
-local bought = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0')
-if bought + qty > tonumber(sale[3]) then return {'limit'} end
-if tonumber(stock) < qty then return {'sold_out'} end
-redis.call('DECRBY', KEYS[1], qty)
-redis.call('HINCRBY', KEYS[4], ARGV[1], qty)
-redis.call('HSET', KEYS[5], ARGV[3], 'r:' .. ARGV[1] .. ':' .. qty)
-redis.call('ZADD', KEYS[6], now, ARGV[3])
-"#;
-
-/// The flash-sale path in one script: attempt limit, idempotency, reservation, and the
-/// key marked in progress (KEYS[7], ARGV[4] body hash, ARGV[6] TTL).
-fn flash_reserve_script() -> String {
-    format!(
-        "{ATTEMPT_LIMIT}{}{RESERVE_UNITS}{}",
-        idempotency_check("KEYS[7]", "ARGV[4]"),
-        "redis.call('SET', KEYS[7], cjson.encode({state = 'in_progress', order_id = ARGV[3], body_hash = ARGV[4]}), 'EX', ARGV[6])\nreturn {'ok', sale[4]}"
-    )
-}
-
-/// One item of a regular order (its idempotency is handled per request, not per item).
-fn item_reserve_script() -> String {
-    format!("{RESERVE_UNITS}return {{'ok', sale[4]}}")
-}
-
-/// reserved -> committed for each order in ARGV (one call per product per worker batch).
-/// Answers, per order: committed | already | released | missing.
-const COMMIT: &str = r#"
-local out = {}
-for i = 1, #ARGV do
-  local rec = redis.call('HGET', KEYS[1], ARGV[i])
-  if not rec then
-    out[i] = 'missing'
-  else
-    local state = string.sub(rec, 1, 1)
-    if state == 'x' then
-      out[i] = 'released'
-    elseif state == 'c' then
-      out[i] = 'already'
-    else
-      redis.call('HSET', KEYS[1], ARGV[i], 'c' .. string.sub(rec, 2))
-      redis.call('ZREM', KEYS[2], ARGV[i])
-      out[i] = 'committed'
-    end
-  end
-end
-return out
-"#;
-
-/// A commit for an order whose reservation Redis no longer knows (it lost its data and
-/// the counters were rebuilt without this in-flight order): take the units now if they
-/// are still there. Answers committed | sold_out | not_loaded.
-const LATE_COMMIT: &str = r#"
-if redis.call('EXISTS', KEYS[2]) == 0 then return 'not_loaded' end
-local rec = redis.call('HGET', KEYS[3], ARGV[1])
-if rec then return 'committed' end
-local qty = tonumber(ARGV[3])
-if tonumber(redis.call('GET', KEYS[1]) or '0') < qty then return 'sold_out' end
-redis.call('DECRBY', KEYS[1], qty)
-redis.call('HINCRBY', KEYS[4], ARGV[2], qty)
-redis.call('HSET', KEYS[3], ARGV[1], 'c:' .. ARGV[2] .. ':' .. qty)
-return 'committed'
-"#;
-
-/// reserved/committed -> released, giving the units and the buyer's allowance back once.
-/// Answers the previous state (r | c), or already | missing.
-const RELEASE: &str = r#"
-local rec = redis.call('HGET', KEYS[3], ARGV[1])
-if not rec then return 'missing' end
-local state, user, qty = string.match(rec, '^(%a):([^:]+):(%d+)$')
-if state == 'x' then return 'already' end
-redis.call('INCRBY', KEYS[1], qty)
-redis.call('HINCRBY', KEYS[2], user, -tonumber(qty))
-redis.call('HSET', KEYS[3], ARGV[1], 'x:' .. user .. ':' .. qty)
-redis.call('ZREM', KEYS[4], ARGV[1])
-return state
-"#;
-
-/// Loads a sale: the window and limit always, the counter only on the first load (a later
-/// load must not reset units already reserved). Answers 1 when it loaded the counter.
-const LOAD: &str = r#"
-redis.call('HSET', KEYS[3], 'start', ARGV[3], 'end', ARGV[4], 'limit', ARGV[5], 'price', ARGV[6], 'kind', ARGV[8])
-local loaded = 0
-if redis.call('SET', KEYS[2], ARGV[2], 'NX') then
-  redis.call('SET', KEYS[1], ARGV[1])
-  loaded = 1
-end
-for i = 1, 6 do redis.call('EXPIREAT', KEYS[i], ARGV[7]) end
-return loaded
-"#;
-
-/// Applies an inventory change to a loaded counter, refusing to go below zero (the units
-/// already reserved). Answers {status, stock}.
-const ADJUST: &str = r#"
-if redis.call('EXISTS', KEYS[2]) == 0 then return {'not_loaded', 0} end
-local stock = tonumber(redis.call('GET', KEYS[1]) or '0')
-local delta = tonumber(ARGV[1])
-if stock + delta < 0 then return {'below', stock} end
-return {'ok', redis.call('INCRBY', KEYS[1], delta)}
-"#;
-
-/// Replaces the counters after a Redis loss: stock, buyers, epoch.
-const REBUILD: &str = r#"
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[3])
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
-redis.call('SET', KEYS[2], ARGV[2])
-return 1
-"#;
+/// Each script names its KEYS and ARGV at the top; the shared fragments read those names.
+const RESERVE_FLASH: &str = concat!(
+    include_str!("lua/reserve_flash.lua"),
+    include_str!("lua/attempt_limit.lua"),
+    include_str!("../../infra/lua/idempotency_check.lua"),
+    include_str!("lua/reserve_units.lua"),
+    include_str!("lua/reserve_flash_done.lua"),
+);
+const RESERVE_ITEM: &str = concat!(
+    include_str!("lua/reserve_item.lua"),
+    include_str!("lua/reserve_units.lua"),
+    include_str!("lua/reserve_item_done.lua"),
+);
 
 pub struct StockScripts {
     reserve: Script,
@@ -158,14 +45,14 @@ pub struct StockScripts {
 impl Default for StockScripts {
     fn default() -> Self {
         Self {
-            reserve: Script::new(&flash_reserve_script()),
-            reserve_item: Script::new(&item_reserve_script()),
-            commit: Script::new(COMMIT),
-            late_commit: Script::new(LATE_COMMIT),
-            release: Script::new(RELEASE),
-            load: Script::new(LOAD),
-            adjust: Script::new(ADJUST),
-            rebuild: Script::new(REBUILD),
+            reserve: Script::new(RESERVE_FLASH),
+            reserve_item: Script::new(RESERVE_ITEM),
+            commit: Script::new(include_str!("lua/commit.lua")),
+            late_commit: Script::new(include_str!("lua/late_commit.lua")),
+            release: Script::new(include_str!("lua/release.lua")),
+            load: Script::new(include_str!("lua/load.lua")),
+            adjust: Script::new(include_str!("lua/adjust.lua")),
+            rebuild: Script::new(include_str!("lua/rebuild.lua")),
         }
     }
 }
@@ -280,6 +167,22 @@ pub enum Reservation {
     },
 }
 
+/// Units of one product reserved for one order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReservedUnits {
+    pub order: Uuid,
+    pub product: Uuid,
+    pub buyer: Uuid,
+    pub units: u32,
+}
+
+/// A reservation still only reserved after the timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaleReservation {
+    pub order: Uuid,
+    pub buyer: Uuid,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitOutcome {
     Committed,
@@ -342,11 +245,11 @@ impl StockScripts {
             .arg(req.user.simple().to_string())
             .arg(req.quantity)
             .arg(req.order_id.to_string())
-            .arg(req.body_hash)
             .arg(now.timestamp_millis())
+            .arg(SaleKind::Flash.as_str())
+            .arg(req.body_hash)
             .arg(req.idempotency_ttl_secs)
             .arg(req.attempts_per_minute)
-            .arg(SaleKind::Flash.as_str())
             .invoke_async(&mut redis.conn())
             .await?;
         if let Some(started) = IdempotencyStart::from_reply(&reply) {
@@ -370,28 +273,24 @@ impl StockScripts {
     ) -> redis::RedisResult<Reservation> {
         let keys = SaleKeys::new(redis, product);
         let now = Utc::now();
-        // The same ARGV slots as the flash-sale script; the unused ones stay empty.
         let reply: Vec<String> = keys
             .invoke(&self.reserve_item)
             .arg(user.simple().to_string())
             .arg(quantity)
             .arg(order.to_string())
-            .arg("")
             .arg(now.timestamp_millis())
-            .arg("")
-            .arg("")
             .arg(SaleKind::Regular.as_str())
             .invoke_async(&mut redis.conn())
             .await?;
         Ok(reservation_from(&reply, now))
     }
 
-    /// Commits the reservations of several orders of one product: (order, user, units).
+    /// Commits the reservations of several orders of one product.
     pub async fn commit(
         &self,
         redis: &Redis,
         product: Uuid,
-        orders: &[(Uuid, Uuid, u32)],
+        orders: &[&ReservedUnits],
     ) -> redis::RedisResult<Vec<CommitOutcome>> {
         if orders.is_empty() {
             return Ok(vec![]);
@@ -399,19 +298,16 @@ impl StockScripts {
         let keys = SaleKeys::new(redis, product);
         let mut invocation = self.commit.key(&keys.reservations);
         invocation.key(&keys.pending);
-        for (order, _, _) in orders {
-            invocation.arg(order.to_string());
+        for reserved in orders {
+            invocation.arg(reserved.order.to_string());
         }
         let outcomes: Vec<String> = invocation.invoke_async(&mut redis.conn()).await?;
         let mut committed = Vec::with_capacity(orders.len());
-        for ((order, user, quantity), outcome) in orders.iter().zip(outcomes) {
+        for (reserved, outcome) in orders.iter().zip(outcomes) {
             committed.push(match outcome.as_str() {
                 "committed" | "already" => CommitOutcome::Committed,
                 "released" => CommitOutcome::Released,
-                _ => {
-                    self.late_commit(redis, &keys, *order, *user, *quantity)
-                        .await?
-                }
+                _ => self.late_commit(redis, &keys, reserved).await?,
             });
         }
         Ok(committed)
@@ -421,9 +317,7 @@ impl StockScripts {
         &self,
         redis: &Redis,
         keys: &SaleKeys,
-        order: Uuid,
-        user: Uuid,
-        quantity: u32,
+        reserved: &ReservedUnits,
     ) -> redis::RedisResult<CommitOutcome> {
         let late: String = self
             .late_commit
@@ -431,9 +325,9 @@ impl StockScripts {
             .key(&keys.epoch)
             .key(&keys.reservations)
             .key(&keys.buyers)
-            .arg(order.to_string())
-            .arg(user.simple().to_string())
-            .arg(quantity)
+            .arg(reserved.order.to_string())
+            .arg(reserved.buyer.simple().to_string())
+            .arg(reserved.units)
             .invoke_async(&mut redis.conn())
             .await?;
         Ok(match late.as_str() {
@@ -553,7 +447,7 @@ impl StockScripts {
         redis: &Redis,
         product: Uuid,
         cutoff: DateTime<Utc>,
-    ) -> redis::RedisResult<Vec<(Uuid, Uuid)>> {
+    ) -> redis::RedisResult<Vec<StaleReservation>> {
         let keys = SaleKeys::new(redis, product);
         let orders: Vec<String> = redis::cmd("ZRANGEBYSCORE")
             .arg(&keys.pending)
@@ -574,7 +468,10 @@ impl StockScripts {
             let parsed = record.as_deref().and_then(|r| {
                 let mut parts = r.split(':');
                 let (_state, user) = (parts.next()?, parts.next()?);
-                Some((Uuid::try_parse(&order).ok()?, Uuid::try_parse(user).ok()?))
+                Some(StaleReservation {
+                    order: Uuid::try_parse(&order).ok()?,
+                    buyer: Uuid::try_parse(user).ok()?,
+                })
             });
             stale.extend(parsed);
         }

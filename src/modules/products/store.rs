@@ -33,10 +33,12 @@ diesel::table! {
 diesel::table! {
     inventory_ledger (id) {
         id -> Int8,
-        order_id -> Uuid,
+        order_id -> Nullable<Uuid>,
         product_id -> Uuid,
         delta -> Int4,
         reason -> Text,
+        source_shard -> Nullable<Int4>,
+        source_id -> Nullable<Int8>,
     }
 }
 
@@ -223,92 +225,41 @@ pub async fn set_inventory(
     .await
 }
 
-/// One order's units of one product.
-#[derive(Debug, Clone, Copy)]
-pub struct LedgerLine {
-    pub order_id: Uuid,
+/// Units of one product that left the shelf (negative) or came back (positive) in one
+/// transaction of a shard: `source_id` is its row in that shard's `ledger_pending`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StockMove {
+    pub source_shard: i32,
+    pub source_id: i64,
     pub product_id: Uuid,
-    pub quantity: i32,
+    pub delta: i32,
 }
 
-/// Records units as sold (once per order and product) and takes them off the shelf.
-pub async fn record_sold(
+/// Records stock moves in the ledger and applies them to the on-hand counts, each once
+/// whoever applies it and however often (the ledger is keyed by the move's source). Answers
+/// the products whose count changed.
+pub async fn apply_moves(
     db: &Databases,
-    lines: &[LedgerLine],
+    moves: &[StockMove],
 ) -> Result<Vec<Product>, ProductsError> {
-    record(db, lines, "sold", -1).await
-}
-
-/// Gives units of persisted orders back to the shelf, once per order and product.
-pub async fn record_released(
-    db: &Databases,
-    lines: &[LedgerLine],
-) -> Result<Vec<Product>, ProductsError> {
-    record(db, lines, "released", 1).await
-}
-
-async fn record(
-    db: &Databases,
-    lines: &[LedgerLine],
-    reason: &'static str,
-    sign: i32,
-) -> Result<Vec<Product>, ProductsError> {
-    if lines.is_empty() {
+    if moves.is_empty() {
         return Ok(vec![]);
     }
+    let rows: Vec<_> = moves
+        .iter()
+        .map(|m| {
+            (
+                inventory_ledger::source_shard.eq(m.source_shard),
+                inventory_ledger::source_id.eq(m.source_id),
+                inventory_ledger::product_id.eq(m.product_id),
+                inventory_ledger::delta.eq(m.delta),
+                inventory_ledger::reason.eq(if m.delta < 0 { "sold" } else { "released" }),
+            )
+        })
+        .collect();
     let mut pooled = db.global().write_conn().await?;
     let conn: &mut AsyncPgConnection = &mut pooled;
     conn.transaction(async |conn| {
-        // Lock the products first so a sale and a release of one order never interleave.
-        let mut product_ids: Vec<Uuid> = lines.iter().map(|l| l.product_id).collect();
-        product_ids.sort();
-        product_ids.dedup();
-        products::table
-            .filter(products::id.eq_any(&product_ids))
-            .select(products::id)
-            .order(products::id)
-            .for_update()
-            .load::<Uuid>(conn)
-            .await?;
-        let ids: Vec<Uuid> = lines.iter().map(|l| l.order_id).collect();
-        let recorded: Vec<(Uuid, Uuid, String)> = inventory_ledger::table
-            .filter(inventory_ledger::order_id.eq_any(&ids))
-            .select((
-                inventory_ledger::order_id,
-                inventory_ledger::product_id,
-                inventory_ledger::reason,
-            ))
-            .load(conn)
-            .await?;
-        let has = |line: &LedgerLine, what: &str| {
-            recorded
-                .iter()
-                .any(|(o, p, r)| *o == line.order_id && *p == line.product_id && r == what)
-        };
-        // Units of an order released before it was recorded sold never leave the shelf;
-        // units of an order never sold are not put back.
-        let (lines, moving): (Vec<LedgerLine>, Vec<bool>) = lines
-            .iter()
-            .filter(|l| reason == "released" || !has(l, "released"))
-            .map(|l| (*l, reason == "sold" || has(l, "sold")))
-            .unzip();
-        let rows: Vec<_> = lines
-            .iter()
-            .zip(&moving)
-            .map(|(l, moves)| {
-                (
-                    inventory_ledger::order_id.eq(l.order_id),
-                    inventory_ledger::product_id.eq(l.product_id),
-                    // A release of units that never left the shelf is recorded as 0.
-                    inventory_ledger::delta.eq(if *moves { sign * l.quantity } else { 0 }),
-                    inventory_ledger::reason.eq(reason),
-                )
-            })
-            .collect();
-        if rows.is_empty() {
-            return Ok(vec![]);
-        }
-        // Only rows that are new move inventory: a redelivered message changes nothing.
         let fresh: Vec<(Uuid, i32)> = diesel::insert_into(inventory_ledger::table)
             .values(&rows)
             .on_conflict_do_nothing()
@@ -316,12 +267,12 @@ async fn record(
             .get_results(conn)
             .await?;
         let mut per_product: std::collections::BTreeMap<Uuid, i32> = Default::default();
-        for (product, delta) in fresh.into_iter().filter(|(_, delta)| *delta != 0) {
+        for (product, delta) in fresh {
             *per_product.entry(product).or_default() += delta;
         }
-        // The new versions go back to the caller for the catalogue cache.
+        // In product order, so concurrent appliers never wait on each other in a cycle.
         let mut changed = Vec::with_capacity(per_product.len());
-        for (product, delta) in per_product {
+        for (product, delta) in per_product.into_iter().filter(|(_, d)| *d != 0) {
             changed.push(
                 diesel::update(products::table.find(product))
                     .set((

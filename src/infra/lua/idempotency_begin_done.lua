@@ -1,0 +1,2 @@
+redis.call('SET', idem_key, cjson.encode({state = 'in_progress', body_hash = body_hash}), 'EX', idem_ttl_secs)
+return {'ok'}

@@ -1,0 +1,284 @@
+//! Settling orders: the worker's batch pipeline, and what every final state needs
+//! (units released, refunds, the buyer told), shared with cancel.
+//!
+//! Every step is idempotent (reservation state machine, payment idempotent by order id,
+//! ON CONFLICT DO NOTHING, ledger unique per order and product, notification dedupe keys),
+//! so a batch redone after a crash at any point creates nothing twice and charges nobody
+//! twice.
+
+use std::collections::BTreeSet;
+
+use futures_util::future::join_all;
+use uuid::Uuid;
+
+use super::error::OrdersError;
+use super::metrics;
+use super::model::{Order, OrderMessage, OrderStatus};
+use super::payment::{Charge, ChargeOutcome};
+use super::store::{self, NewOrder};
+use crate::app::AppState;
+use crate::infra::db::shard_index;
+use crate::modules::notifications::{self, Channel, Notification, Priority};
+use crate::modules::products::{self, CommitOutcome, ReservedUnits};
+
+/// An order in a final state, and the trace its notification joins.
+pub struct Settled<'a> {
+    pub order: &'a Order,
+    pub status: OrderStatus,
+    pub traceparent: Option<&'a str>,
+}
+
+/// An order this batch could not settle yet: it goes to a retry queue.
+pub struct Deferred<'a> {
+    pub message: &'a OrderMessage,
+    /// Why, and the failure reason once its retries are used up.
+    pub reason: &'static str,
+}
+
+/// One batch, end to end; answers the orders to try again later. The order of steps is
+/// what makes a redo safe:
+/// 1. commit reservations (a released one means the order may not proceed);
+/// 2. charge the committed orders, in one round trip (a repeat answers the first outcome);
+/// 3. write every order in its final state, one transaction per shard, with its events;
+/// 4. orders that were already written (an earlier delivery, or a cancel) are not settled
+///    twice: a charge for an order cancelled meanwhile is refunded;
+/// 5. ledger, stock releases and notifications, each idempotent.
+pub async fn settle_batch<'a>(
+    state: &AppState,
+    messages: &'a [OrderMessage],
+) -> Result<Vec<Deferred<'a>>, OrdersError> {
+    let commits = commit_reservations(state, messages).await?;
+    let mut rows = Vec::with_capacity(messages.len());
+    let mut to_charge = vec![];
+    let mut deferred = vec![];
+    for (message, outcome) in messages.iter().zip(commits) {
+        match outcome {
+            CommitOutcome::Committed => to_charge.push(message),
+            CommitOutcome::Released => rows.push(final_row(
+                message,
+                OrderStatus::Failed,
+                Some("reservation_released"),
+            )),
+            CommitOutcome::SoldOut => {
+                rows.push(final_row(message, OrderStatus::Failed, Some("sold_out")))
+            }
+            // Stock not restored yet after a Redis loss: come back after a delay.
+            CommitOutcome::NotLoaded => deferred.push(Deferred {
+                message,
+                reason: "stock_unavailable",
+            }),
+        }
+    }
+    let charges: Vec<Charge<'_>> = to_charge
+        .iter()
+        .map(|m| Charge {
+            order: &m.order,
+            attempt: m.attempt,
+        })
+        .collect();
+    let results = state.orders.payments.charge_batch(&charges).await;
+    let mut charged = BTreeSet::new();
+    for (message, result) in to_charge.into_iter().zip(results) {
+        match result {
+            Ok(ChargeOutcome::Approved) => {
+                charged.insert(message.order.id);
+                rows.push(final_row(message, OrderStatus::Paid, None));
+            }
+            Ok(ChargeOutcome::Declined) => rows.push(final_row(
+                message,
+                OrderStatus::Failed,
+                Some("payment_declined"),
+            )),
+            Err(e) => {
+                tracing::warn!(order = %message.order.id, attempt = message.attempt, error = %e, "charge failed");
+                deferred.push(Deferred {
+                    message,
+                    reason: "payment_unavailable",
+                });
+            }
+        }
+    }
+
+    let inserted = store::insert_batch(&state.db, &rows).await?;
+    let (fresh, written_before): (Vec<&NewOrder<'_>>, Vec<&NewOrder<'_>>) = rows
+        .iter()
+        .partition(|row| inserted.contains(&row.order.id));
+    let mut settled: Vec<Settled<'_>> = Vec::with_capacity(rows.len());
+    for row in fresh {
+        metrics::record_settled(row.order, row.status, row.kind);
+        settled.push(row.into());
+    }
+    // Rare: a redelivery, or a cancel that got there first.
+    let owners: Vec<store::OrderOwner> = written_before.iter().map(|r| r.order.into()).collect();
+    let existing = store::statuses(&state.db, &owners).await?;
+    for row in written_before {
+        match existing.get(&row.order.id) {
+            Some(status) if *status == row.status => settled.push(row.into()),
+            _ if charged.contains(&row.order.id) => refund(state, row.order.id).await,
+            _ => {}
+        }
+    }
+    finish(state, &settled).await?;
+    Ok(deferred)
+}
+
+/// What follows a final state: the stock moves of paid orders into the ledger, units of
+/// failed orders back in the sale, the buyer told.
+pub async fn finish(state: &AppState, settled: &[Settled<'_>]) -> Result<(), OrdersError> {
+    let shards_sold_on: BTreeSet<usize> = settled
+        .iter()
+        .filter(|s| s.status == OrderStatus::Paid)
+        .map(|s| shard_index(s.order.user_id, state.db.shard_count()))
+        .collect();
+    apply_stock_moves(state, &shards_sold_on).await?;
+    let failed: Vec<&Order> = settled
+        .iter()
+        .filter(|s| s.status == OrderStatus::Failed)
+        .map(|s| s.order)
+        .collect();
+    release_stock(state, &failed).await?;
+    notify(state, settled).await
+}
+
+/// Stock moves applied per round trip.
+const MOVES_PER_PASS: i64 = 1000;
+
+/// Moves the stock moves recorded in `shards` (in the transactions that changed orders)
+/// into the global ledger and the on-hand counts. Whoever gets there first applies a move;
+/// a move is never applied twice.
+pub async fn apply_stock_moves(
+    state: &AppState,
+    shards: &BTreeSet<usize>,
+) -> Result<(), OrdersError> {
+    for shard in shards.iter().copied() {
+        loop {
+            let moves = store::pending_moves(&state.db, shard, MOVES_PER_PASS).await?;
+            if moves.is_empty() {
+                break;
+            }
+            products::apply_stock_moves(state, &moves).await?;
+            store::clear_moves(&state.db, shard, &moves).await?;
+            if (moves.len() as i64) < MOVES_PER_PASS {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl<'a> From<&NewOrder<'a>> for Settled<'a> {
+    fn from(row: &NewOrder<'a>) -> Self {
+        Settled {
+            order: row.order,
+            status: row.status,
+            traceparent: row.traceparent,
+        }
+    }
+}
+
+/// Commits the reservations of every item of every order (one Redis call per product);
+/// an order proceeds only if all its items were committed.
+async fn commit_reservations(
+    state: &AppState,
+    messages: &[OrderMessage],
+) -> Result<Vec<CommitOutcome>, OrdersError> {
+    let mut units = vec![];
+    let mut owner_of_line = vec![];
+    for (index, message) in messages.iter().enumerate() {
+        for item in &message.order.items {
+            units.push(ReservedUnits {
+                order: message.order.id,
+                product: item.product_id,
+                buyer: message.order.user_id,
+                units: u32::try_from(item.quantity).unwrap_or(0),
+            });
+            owner_of_line.push(index);
+        }
+    }
+    let per_line = products::commit(state, &units).await?;
+    let mut per_order = vec![CommitOutcome::Committed; messages.len()];
+    for (index, outcome) in owner_of_line.into_iter().zip(per_line) {
+        if outcome != CommitOutcome::Committed {
+            per_order[index] = outcome;
+        }
+    }
+    Ok(per_order)
+}
+
+pub fn final_row<'a>(
+    message: &'a OrderMessage,
+    status: OrderStatus,
+    failure_reason: Option<&'static str>,
+) -> NewOrder<'a> {
+    NewOrder {
+        order: &message.order,
+        kind: message.kind,
+        status,
+        failure_reason,
+        traceparent: message.traceparent.as_deref(),
+    }
+}
+
+/// Gives every item's reserved units of `orders` back to the sale in Redis (the shelf in
+/// PostgreSQL follows the order's status). The reservation state machine makes a repeat
+/// a no-op.
+pub async fn release_stock(state: &AppState, orders: &[&Order]) -> Result<(), OrdersError> {
+    let releases = orders.iter().flat_map(|order| {
+        order
+            .items
+            .iter()
+            .map(|item| products::release(state, item.product_id, order.id))
+    });
+    for released in join_all(releases).await {
+        released?;
+    }
+    Ok(())
+}
+
+pub async fn refund(state: &AppState, order: Uuid) {
+    if let Err(e) = state.orders.payments.refund(order).await {
+        tracing::error!(%order, error = %e, "refund failed; needs manual follow-up");
+    }
+}
+
+fn notification(settled: &Settled<'_>) -> Notification {
+    let (order, status) = (settled.order, settled.status);
+    let (subject, body) = match status {
+        OrderStatus::Paid => (
+            "Your order is confirmed",
+            format!("Order {} is paid: {}.", order.id, order.total_amount),
+        ),
+        OrderStatus::Cancelled => (
+            "Your order was cancelled",
+            format!("Order {} was cancelled.", order.id),
+        ),
+        _ => (
+            "Your order could not be completed",
+            format!("Order {} failed; you were not charged.", order.id),
+        ),
+    };
+    let mut notification = Notification::new(
+        order.user_id,
+        Channel::Email,
+        Priority::High,
+        Some(subject.to_owned()),
+        body,
+    );
+    // A redone batch builds the same key, so the buyer hears about each change once.
+    notification.dedupe_key = format!("order:{}:{}", order.id, status.as_str());
+    notification.traceparent = settled.traceparent.map(str::to_owned);
+    notification
+}
+
+/// Enqueues order-lifecycle notifications (high priority) as one message.
+pub async fn notify(state: &AppState, settled: &[Settled<'_>]) -> Result<(), OrdersError> {
+    let batch = settled.iter().map(notification).collect();
+    notifications::enqueue(state, Priority::High, batch).await?;
+    Ok(())
+}
+
+/// Applies the stock moves of the shard holding `order`.
+pub async fn apply_stock_moves_of(state: &AppState, order: &Order) -> Result<(), OrdersError> {
+    let shard = shard_index(order.user_id, state.db.shard_count());
+    apply_stock_moves(state, &BTreeSet::from([shard])).await
+}

@@ -1,0 +1,23 @@
+-- reserved -> committed for each order in ARGV (one call per product per worker batch).
+-- Answers, per order: committed | already | released | missing.
+local reservations_key, pending_key = KEYS[1], KEYS[2]
+local out = {}
+for i = 1, #ARGV do
+  local order = ARGV[i]
+  local rec = redis.call('HGET', reservations_key, order)
+  if not rec then
+    out[i] = 'missing'
+  else
+    local state = string.sub(rec, 1, 1)
+    if state == 'x' then
+      out[i] = 'released'
+    elseif state == 'c' then
+      out[i] = 'already'
+    else
+      redis.call('HSET', reservations_key, order, 'c' .. string.sub(rec, 2))
+      redis.call('ZREM', pending_key, order)
+      out[i] = 'committed'
+    end
+  end
+end
+return out

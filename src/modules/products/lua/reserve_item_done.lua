@@ -1,0 +1,1 @@
+return {'ok', unit_price}

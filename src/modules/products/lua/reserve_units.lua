@@ -1,0 +1,15 @@
+-- Sale kind and window, per-user limit, stock check and decrement, reservation record.
+if redis.call('EXISTS', epoch_key) == 0 then return {'not_loaded'} end
+local stock = redis.call('GET', stock_key)
+if not stock then return {'not_loaded'} end
+local sale = redis.call('HMGET', sale_key, 'start', 'end', 'limit', 'price', 'kind')
+if not sale[1] or sale[5] ~= sale_kind then return {'not_active'} end
+if now_ms < tonumber(sale[1]) or now_ms >= tonumber(sale[2]) then return {'not_active'} end
+local bought = tonumber(redis.call('HGET', buyers_key, user) or '0')
+if bought + units > tonumber(sale[3]) then return {'limit'} end
+if tonumber(stock) < units then return {'sold_out'} end
+redis.call('DECRBY', stock_key, units)
+redis.call('HINCRBY', buyers_key, user, units)
+redis.call('HSET', reservations_key, order, 'r:' .. user .. ':' .. units)
+redis.call('ZADD', pending_key, now_ms, order)
+local unit_price = sale[4]
