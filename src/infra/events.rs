@@ -13,7 +13,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bool, Nullable, Text, Uuid as SqlUuid};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use futures_util::future::join_all;
 use rdkafka::config::ClientConfig;
@@ -48,18 +48,8 @@ pub struct OrderEvent {
     pub traceparent: Option<String>,
 }
 
-diesel::table! {
-    outbox (id) {
-        id -> BigInt,
-        event_id -> diesel::sql_types::Uuid,
-        aggregate_id -> diesel::sql_types::Uuid,
-        event_type -> Text,
-        payload -> Jsonb,
-        traceparent -> Nullable<Text>,
-    }
-}
-
-/// Appends events in the caller's transaction, in one statement.
+/// Appends events in the caller's transaction, in one statement whose text does not grow
+/// with the batch (columns as arrays, `unnest`ed): PostgreSQL parses and plans it in no time.
 pub async fn append(
     conn: &mut AsyncPgConnection,
     events: &[OrderEvent],
@@ -67,24 +57,36 @@ pub async fn append(
     if events.is_empty() {
         return Ok(());
     }
-    let mut rows = Vec::with_capacity(events.len());
+    let mut payloads = Vec::with_capacity(events.len());
     for event in events {
-        let payload = serde_json::to_value(event)
-            .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
-        rows.push((
-            outbox::event_id.eq(event.id),
-            outbox::aggregate_id.eq(event.order_id),
-            outbox::event_type.eq(&event.event_type),
-            outbox::payload.eq(payload),
-            outbox::traceparent.eq(event.traceparent.as_deref()),
-        ));
+        payloads.push(
+            serde_json::to_string(event)
+                .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?,
+        );
     }
-    diesel::insert_into(outbox::table)
-        .values(&rows)
-        .on_conflict(outbox::event_id)
-        .do_nothing()
-        .execute(conn)
-        .await?;
+    diesel::sql_query(
+        "INSERT INTO outbox (event_id, aggregate_id, event_type, payload, traceparent) \
+         SELECT id, aggregate, kind, payload::json, traceparent \
+         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[]) \
+              AS e(id, aggregate, kind, payload, traceparent)",
+    )
+    .bind::<Array<SqlUuid>, _>(events.iter().map(|e| e.id).collect::<Vec<_>>())
+    .bind::<Array<SqlUuid>, _>(events.iter().map(|e| e.order_id).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(
+        events
+            .iter()
+            .map(|e| e.event_type.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind::<Array<Text>, _>(payloads)
+    .bind::<Array<Nullable<Text>>, _>(
+        events
+            .iter()
+            .map(|e| e.traceparent.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -243,15 +245,19 @@ impl Relay {
     }
 }
 
-/// Unsent events across every shard (the outbox backlog).
+/// Unsent events across every shard (the outbox backlog), from the span of unsent ids: two
+/// index lookups per shard whatever the backlog, where a count would read every unsent row
+/// at each scrape. Ids a rolled-back transaction took make it an upper bound.
 pub async fn backlog(db: &Databases) -> Result<i64, DbError> {
     let mut total = 0;
     for shard in db.shards() {
         let mut conn = shard.write_conn().await?;
-        total += diesel::sql_query("SELECT count(*) AS n FROM outbox WHERE sent_at IS NULL")
-            .get_result::<Count>(&mut conn)
-            .await?
-            .n;
+        total += diesel::sql_query(
+            "SELECT coalesce(max(id) - min(id) + 1, 0) AS n FROM outbox WHERE sent_at IS NULL",
+        )
+        .get_result::<Count>(&mut conn)
+        .await?
+        .n;
     }
     Ok(total)
 }

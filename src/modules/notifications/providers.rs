@@ -53,6 +53,9 @@ pub struct Simulator {
     channel: Channel,
     settings: ProviderSettings,
     limiter: DefaultDirectRateLimiter,
+    /// Senders queue here for the limiter one at a time: a batch of sends all polling it
+    /// would each arm a timer per permit handed out, a herd of wake-ups per send.
+    turn: tokio::sync::Mutex<()>,
     /// Ids already delivered (the provider-side idempotency window).
     delivered: moka::sync::Cache<Uuid, ()>,
     /// Failed attempts per id, for `fail_first_attempts`.
@@ -76,6 +79,7 @@ impl Simulator {
             channel,
             settings: settings.clone(),
             limiter: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+            turn: tokio::sync::Mutex::new(()),
             delivered: idempotency_window(),
             attempts: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
@@ -115,7 +119,10 @@ impl Provider for Simulator {
 impl Simulator {
     async fn deliver(&self, notification: &Notification) -> Result<(), SendError> {
         // The provider's own limit: a real one answers 429 above it, so wait our turn.
-        self.limiter.until_ready().await;
+        if self.limiter.check().is_err() {
+            let _turn = self.turn.lock().await;
+            self.limiter.until_ready().await;
+        }
         if self.settings.latency_ms > 0 {
             tokio::time::sleep(Duration::from_millis(self.settings.latency_ms)).await;
         }

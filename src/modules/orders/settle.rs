@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 
-use futures_util::future::join_all;
+use futures_util::future::{join_all, try_join_all};
 use uuid::Uuid;
 
 use super::error::OrdersError;
@@ -19,7 +19,7 @@ use super::store::{self, NewOrder};
 use crate::app::AppState;
 use crate::infra::db::shard_index;
 use crate::modules::notifications::{self, Channel, Notification, Priority};
-use crate::modules::products::{self, CommitOutcome, ReservedUnits};
+use crate::modules::products::{self, CommitOutcome, ReservedUnits, StockMove};
 
 /// An order in a final state, and the trace its notification joins.
 pub struct Settled<'a> {
@@ -144,26 +144,36 @@ pub async fn finish(state: &AppState, settled: &[Settled<'_>]) -> Result<(), Ord
 const MOVES_PER_PASS: i64 = 1000;
 
 /// Moves the stock moves recorded in `shards` (in the transactions that changed orders)
-/// into the global ledger and the on-hand counts. Whoever gets there first applies a move;
-/// a move is never applied twice.
+/// into the global ledger and the on-hand counts, in one transaction. Whoever gets there
+/// first applies a move; a move is never applied twice.
 pub async fn apply_stock_moves(
     state: &AppState,
     shards: &BTreeSet<usize>,
 ) -> Result<(), OrdersError> {
-    for shard in shards.iter().copied() {
-        loop {
-            let moves = store::pending_moves(&state.db, shard, MOVES_PER_PASS).await?;
-            if moves.is_empty() {
-                break;
-            }
-            products::apply_stock_moves(state, &moves).await?;
-            store::clear_moves(&state.db, shard, &moves).await?;
-            if (moves.len() as i64) < MOVES_PER_PASS {
-                break;
-            }
+    loop {
+        let pending = try_join_all(
+            shards
+                .iter()
+                .map(|shard| store::pending_moves(&state.db, *shard, MOVES_PER_PASS)),
+        )
+        .await?;
+        let moves: Vec<StockMove> = pending.iter().flatten().copied().collect();
+        if moves.is_empty() {
+            return Ok(());
+        }
+        products::apply_stock_moves(state, &moves).await?;
+        try_join_all(
+            shards
+                .iter()
+                .zip(&pending)
+                .filter(|(_, moves)| !moves.is_empty())
+                .map(|(shard, moves)| store::clear_moves(&state.db, *shard, moves)),
+        )
+        .await?;
+        if pending.iter().all(|m| (m.len() as i64) < MOVES_PER_PASS) {
+            return Ok(());
         }
     }
-    Ok(())
 }
 
 impl<'a> From<&NewOrder<'a>> for Settled<'a> {

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use bigdecimal::BigDecimal;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
+use diesel::sql_types::{Array, Integer, Nullable, Numeric, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use futures_util::future::try_join_all;
 use uuid::Uuid;
 
 use super::error::OrdersError;
@@ -118,14 +120,14 @@ fn events_of_new(new: &NewOrder<'_>) -> Vec<OrderEvent> {
     events
 }
 
-/// Writes orders into their shards, one transaction per shard, with their events and the
-/// stock their paid orders took (one move per product); orders that exist are left as they
-/// are (a redelivered message inserts nothing). Answers the ids it inserted.
+/// Writes orders into their shards, one transaction per shard (the shards at once), with
+/// their events and the stock their paid orders took (one move per product); orders that
+/// exist are left as they are (a redelivered message inserts nothing). Answers the ids it
+/// inserted.
 pub async fn insert_batch(
     db: &Databases,
     batch: &[NewOrder<'_>],
 ) -> Result<BTreeSet<Uuid>, OrdersError> {
-    let mut inserted = BTreeSet::new();
     let mut by_shard: BTreeMap<usize, Vec<&NewOrder<'_>>> = BTreeMap::new();
     for new in batch {
         by_shard
@@ -133,69 +135,109 @@ pub async fn insert_batch(
             .or_default()
             .push(new);
     }
-    for (shard, orders_in_shard) in by_shard {
-        let mut pooled = db.shards()[shard].write_conn().await?;
-        let conn: &mut AsyncPgConnection = &mut pooled;
-        let rows: Vec<_> = orders_in_shard
+    let written = try_join_all(
+        by_shard
+            .into_iter()
+            .map(|(shard, orders)| insert_into_shard(db, shard, orders)),
+    )
+    .await?;
+    Ok(written.into_iter().flatten().collect())
+}
+
+#[derive(QueryableByName)]
+struct Inserted {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: Uuid,
+}
+
+async fn insert_into_shard(
+    db: &Databases,
+    shard: usize,
+    batch: Vec<&NewOrder<'_>>,
+) -> Result<Vec<Uuid>, OrdersError> {
+    let mut pooled = db.shards()[shard].write_conn().await?;
+    let conn: &mut AsyncPgConnection = &mut pooled;
+    conn.transaction(async |conn| {
+        let fresh = insert_orders(conn, &batch).await?;
+        insert_items(conn, &batch).await?;
+        let written: Vec<&&NewOrder<'_>> = batch
             .iter()
-            .map(|n| {
-                (
-                    orders::id.eq(n.order.id),
-                    orders::user_id.eq(n.order.user_id),
-                    orders::status.eq(n.status.as_str()),
-                    orders::kind.eq(n.kind.as_str()),
-                    orders::total_amount.eq(&n.order.total_amount),
-                    orders::payment_method.eq(&n.order.payment_method),
-                    orders::shipping_address.eq(&n.order.shipping_address),
-                    orders::failure_reason.eq(n.failure_reason),
-                    orders::created_at.eq(n.order.created_at),
-                )
-            })
+            .filter(|n| fresh.contains(&n.order.id))
             .collect();
-        let items: Vec<_> = orders_in_shard
+        let events: Vec<OrderEvent> = written.iter().flat_map(|n| events_of_new(n)).collect();
+        events::append(conn, &events).await?;
+        let sold = written
             .iter()
-            .flat_map(|n| {
-                n.order.items.iter().map(|item| {
-                    (
-                        order_items::order_id.eq(n.order.id),
-                        order_items::product_id.eq(item.product_id),
-                        order_items::quantity.eq(item.quantity),
-                        order_items::price.eq(&item.price),
-                    )
-                })
-            })
-            .collect();
-        let fresh = conn
-            .transaction(async |conn| {
-                let fresh: Vec<Uuid> = diesel::insert_into(orders::table)
-                    .values(&rows)
-                    .on_conflict_do_nothing()
-                    .returning(orders::id)
-                    .get_results(conn)
-                    .await?;
-                diesel::insert_into(order_items::table)
-                    .values(&items)
-                    .on_conflict_do_nothing()
-                    .execute(conn)
-                    .await?;
-                let written: Vec<&&NewOrder<'_>> = orders_in_shard
-                    .iter()
-                    .filter(|n| fresh.contains(&n.order.id))
-                    .collect();
-                let events: Vec<OrderEvent> =
-                    written.iter().flat_map(|n| events_of_new(n)).collect();
-                events::append(conn, &events).await?;
-                let sold = written
-                    .iter()
-                    .filter(|n| n.status == OrderStatus::Paid)
-                    .map(|n| n.order);
-                record_moves(conn, &units_by_product(sold, -1)).await?;
-                Ok::<_, OrdersError>(fresh)
-            })
-            .await?;
-        inserted.extend(fresh);
-    }
-    Ok(inserted)
+            .filter(|n| n.status == OrderStatus::Paid)
+            .map(|n| n.order);
+        record_moves(conn, &units_by_product(sold, -1)).await?;
+        Ok::<_, OrdersError>(fresh)
+    })
+    .await
+}
+
+/// One statement per batch whose text does not grow with it (columns as arrays): parsing
+/// and planning a multi-row VALUES list cost PostgreSQL more than the rows themselves.
+async fn insert_orders(
+    conn: &mut AsyncPgConnection,
+    batch: &[&NewOrder<'_>],
+) -> Result<Vec<Uuid>, OrdersError> {
+    let inserted: Vec<Inserted> = diesel::sql_query(
+        "INSERT INTO orders (id, user_id, status, kind, total_amount, payment_method, \
+                             shipping_address, failure_reason, created_at) \
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::numeric[], \
+                              $6::text[], $7::text[], $8::text[], $9::timestamptz[]) \
+         ON CONFLICT DO NOTHING RETURNING id",
+    )
+    .bind::<Array<SqlUuid>, _>(batch.iter().map(|n| n.order.id).collect::<Vec<_>>())
+    .bind::<Array<SqlUuid>, _>(batch.iter().map(|n| n.order.user_id).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(batch.iter().map(|n| n.status.as_str()).collect::<Vec<_>>())
+    .bind::<Array<Text>, _>(batch.iter().map(|n| n.kind.as_str()).collect::<Vec<_>>())
+    .bind::<Array<Numeric>, _>(
+        batch
+            .iter()
+            .map(|n| &n.order.total_amount)
+            .collect::<Vec<_>>(),
+    )
+    .bind::<Array<Text>, _>(
+        batch
+            .iter()
+            .map(|n| n.order.payment_method.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind::<Array<Nullable<Text>>, _>(
+        batch
+            .iter()
+            .map(|n| n.order.shipping_address.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind::<Array<Nullable<Text>>, _>(batch.iter().map(|n| n.failure_reason).collect::<Vec<_>>())
+    .bind::<Array<Timestamptz>, _>(batch.iter().map(|n| n.order.created_at).collect::<Vec<_>>())
+    .load(conn)
+    .await?;
+    Ok(inserted.into_iter().map(|row| row.id).collect())
+}
+
+async fn insert_items(
+    conn: &mut AsyncPgConnection,
+    batch: &[&NewOrder<'_>],
+) -> Result<(), OrdersError> {
+    let items: Vec<(Uuid, &OrderItem)> = batch
+        .iter()
+        .flat_map(|n| n.order.items.iter().map(|item| (n.order.id, item)))
+        .collect();
+    diesel::sql_query(
+        "INSERT INTO order_items (order_id, product_id, quantity, price) \
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::numeric[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind::<Array<SqlUuid>, _>(items.iter().map(|(order, _)| *order).collect::<Vec<_>>())
+    .bind::<Array<SqlUuid>, _>(items.iter().map(|(_, i)| i.product_id).collect::<Vec<_>>())
+    .bind::<Array<Integer>, _>(items.iter().map(|(_, i)| i.quantity).collect::<Vec<_>>())
+    .bind::<Array<Numeric>, _>(items.iter().map(|(_, i)| &i.price).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// An order and the user who owns it (whose shard holds it).

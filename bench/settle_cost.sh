@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Where the CPU of the order path goes, per component, on this machine.
+#
+#   bench/settle_cost.sh open RATE SECS     serve --role all, open-loop order_load at RATE/s for
+#                                           SECS; CPU from load start until every order settled
+#   bench/settle_cost.sh drain ORDERS       serve --role api takes about ORDERS orders (closed
+#                                           loop) with no worker running; then an order-worker
+#                                           drains them: the settle path alone (queue, worker,
+#                                           payment, PostgreSQL, ack; the notifications it
+#                                           enqueues wait for a notify-worker)
+#
+# Prints the cores each component used and core-µs per order. Release binaries are taken from
+# $CARGO_TARGET_DIR (build them with `cargo build --release -p flashsale -p flashsale-bench
+# --bins`); FLASHSALE_BIN and ORDER_LOAD_BIN override them. Every process it starts is stopped at
+# the end, and the order queues are purged, so nothing is left for the next run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target="${CARGO_TARGET_DIR:-$HOME/.cache/flashsale-target}/release"
+bin="${FLASHSALE_BIN:-$target/flashsale}"
+load="${ORDER_LOAD_BIN:-$target/order_load}"
+mode="${1:?open|drain}"
+export FLASHSALE__LOG__FILTER=warn
+
+started=()
+cleanup() {
+  for pid in "${started[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for q in $(rabbitmqctl -q list_queues name 2>/dev/null | grep '^flashsale\.' || true); do
+    rabbitmqctl -q purge_queue "$q" >/dev/null 2>&1 || true
+  done
+}
+trap cleanup EXIT
+
+# Clock ticks (user + system) of every process whose command name matches.
+ticks() {
+  local total=0 pid stat
+  for pid in $(pgrep -x "$1" || true); do
+    stat=$(cut -d' ' -f14,15 "/proc/$pid/stat" 2>/dev/null) || continue
+    total=$((total + ${stat% *} + ${stat#* }))
+  done
+  echo "$total"
+}
+components=(flashsale postgres redis-server beam.smp order_load)
+snapshot() { for c in "${components[@]}"; do ticks "$c"; done; }
+
+wait_http() {
+  for _ in $(seq 1 100); do curl -fs "$1" >/dev/null && return 0; sleep 0.2; done
+  echo "no answer from $1" >&2; exit 1
+}
+
+report() { # before-ticks after-ticks seconds orders
+  local -a before=($1) after=($2)
+  local hz secs=$3 orders=$4 i total=0
+  hz=$(getconf CLK_TCK)
+  printf '%-13s %8s %12s\n' component cores core-us/order
+  for i in "${!components[@]}"; do
+    local used=$(( ${after[$i]} - ${before[$i]} ))
+    total=$((total + used))
+    awk -v c="${components[$i]}" -v t="$used" -v hz="$hz" -v s="$secs" -v n="$orders" \
+      'BEGIN { printf "%-13s %8.2f %12.1f\n", c, t / hz / s, t / hz * 1e6 / n }'
+  done
+  awk -v t="$total" -v hz="$hz" -v s="$secs" -v n="$orders" \
+    'BEGIN { printf "%-13s %8.2f %12.1f   (%d orders in %.1f s)\n", "total", t / hz / s, t / hz * 1e6 / n, n, s }'
+}
+
+case "$mode" in
+open)
+  rate="${2:?rate}" secs="${3:?seconds}"
+  "$bin" migrate >/dev/null
+  "$bin" serve --role all & started+=($!)
+  wait_http http://127.0.0.1:8080/ready
+  before=$(snapshot); t0=$(date +%s.%N)
+  "$load" --config-dir config --env development --stock $((rate * secs * 2)) \
+    --duration-secs "$secs" --connections 256 --rate "$rate" | tee /tmp/settle_cost.out
+  after=$(snapshot); t1=$(date +%s.%N)
+  settled=$(grep -o 'paid [0-9]*' /tmp/settle_cost.out | awk '{print $2}')
+  report "$before" "$after" "$(echo "$t1 - $t0" | bc)" "$settled"
+  ;;
+drain)
+  orders="${2:?orders}"
+  "$bin" migrate >/dev/null
+  "$bin" serve --role api & started+=($!)
+  wait_http http://127.0.0.1:8080/ready
+  # Closed loop until about ORDERS were accepted, without waiting for a worker.
+  secs=$(( orders / 8000 + 1 ))
+  "$load" --config-dir config --env development --stock $((orders * 4)) \
+    --duration-secs "$secs" --connections 256 --drain-timeout-secs 0 | tee /tmp/settle_cost.out
+  accepted=$(grep -o '^accepted [0-9]*' /tmp/settle_cost.out | awk '{print $2}')
+  kill "${started[0]}"; wait "${started[0]}" 2>/dev/null || true; started=()
+  before=$(snapshot); t0=$(date +%s.%N)
+  FLASHSALE__HTTP__OPS_PORT=9091 "$bin" serve --role order-worker & started+=($!)
+  wait_http http://127.0.0.1:9091/health
+  settled=0
+  while [ "$settled" -lt "$accepted" ]; do
+    sleep 0.2
+    settled=$(curl -fs http://127.0.0.1:9091/metrics |
+      awk '/^orders_total\{/ && /status="(paid|failed)"/ { s += $2 } END { printf "%d", s }')
+  done
+  after=$(snapshot); t1=$(date +%s.%N)
+  echo "settled $settled of $accepted"
+  report "$before" "$after" "$(echo "$t1 - $t0" | bc)" "$settled"
+  ;;
+*) echo "usage: $0 open RATE SECS | drain ORDERS" >&2; exit 2 ;;
+esac
