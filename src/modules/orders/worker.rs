@@ -3,8 +3,8 @@
 //!
 //! - A dependency that is down (database, Redis, broker) stalls the batch in hand, which is
 //!   tried again with backoff until it is back; nothing is failed for an outage.
-//! - A batch that fails for any other reason is split and settled order by order; an order
-//!   that still fails on its own is given up on: `failed` with its reason, units released,
+//! - A batch that fails for any other reason is split in halves, down to single orders; an
+//!   order that still fails on its own is given up on: `failed` with its reason, units released,
 //!   any charge refunded, the buyer told, a copy on the dead-letter queue.
 //! - An order that cannot be settled yet (payment gateway failing, stock being restored)
 //!   goes to a retry queue; once its retries are used up it is given up on the same way.
@@ -151,25 +151,48 @@ async fn settle_isolated(state: &AppState, messages: &[OrderMessage]) -> Result<
         Err(e) if e.is_outage() => return Err(e),
         Err(e) => e,
     };
-    tracing::warn!(error = %failure, orders = messages.len(), "order batch failed; settling its orders one by one");
+    tracing::warn!(error = %failure, orders = messages.len(), "order batch failed; splitting it");
     metrics::count_split_batch();
-    for message in messages {
-        let alone = std::slice::from_ref(message);
-        // Twice: a fault that merely coincided with this order must not fail it.
-        let mut outcome = settle_through_outages(state, alone).await;
-        if outcome.as_ref().is_err_and(|e| !e.is_outage()) {
-            outcome = settle_through_outages(state, alone).await;
+    settle_halves(state, messages).await
+}
+
+/// Settles a failed batch in halves, and those that fail in halves again, down to single
+/// orders: one bad order among a thousand costs about twenty small batches, not a thousand.
+fn settle_halves<'a>(
+    state: &'a AppState,
+    messages: &'a [OrderMessage],
+) -> futures_util::future::BoxFuture<'a, Result<(), OrdersError>> {
+    Box::pin(async move {
+        if let [message] = messages {
+            return settle_alone(state, message).await;
         }
-        match outcome {
-            Ok(()) => {}
-            Err(e) if e.is_outage() => return Err(e),
-            Err(e) => {
-                tracing::error!(order = %message.order.id, error = %e, "order cannot be settled on its own");
-                give_up(state, message, "unprocessable").await?;
+        let (first, second) = messages.split_at(messages.len() / 2);
+        for half in [first, second] {
+            match settle_through_outages(state, half).await {
+                Ok(()) => {}
+                Err(e) if e.is_outage() => return Err(e),
+                Err(_) => settle_halves(state, half).await?,
             }
         }
+        Ok(())
+    })
+}
+
+/// One order on its own; if it still fails (twice, so a fault that merely coincided with
+/// it does not fail it), it is given up on.
+async fn settle_alone(state: &AppState, message: &OrderMessage) -> Result<(), OrdersError> {
+    let alone = std::slice::from_ref(message);
+    let mut outcome = settle_through_outages(state, alone).await;
+    if outcome.as_ref().is_err_and(|e| !e.is_outage()) {
+        outcome = settle_through_outages(state, alone).await;
     }
-    Ok(())
+    match outcome {
+        Err(e) if !e.is_outage() => {
+            tracing::error!(order = %message.order.id, error = %e, "order cannot be settled on its own");
+            give_up(state, message, "unprocessable").await
+        }
+        other => other,
+    }
 }
 
 /// Settles `messages` and sends on what must wait; while a dependency is down, tries
