@@ -209,8 +209,9 @@ async fn high_priority_goes_first_under_a_backlog_without_starving_low() {
             n.batch_size = 50;
             n.low_share = 5;
             n.normal_share = 10;
-            // The first batch waits for every consumer to fill its buffer.
-            n.batch_linger_ms = 1_000;
+            // The first batch waits for every consumer to fill its buffer, however slowly a
+            // machine busy with other tests starts them.
+            n.batch_linger_ms = 3_000;
         })
         .spawn()
         .await;
