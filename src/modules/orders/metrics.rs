@@ -29,8 +29,8 @@ pub fn record_settled(order: &Order, status: OrderStatus, kind: OrderKind) {
     }
 }
 
-/// `order_batches_split_total`: batches that failed as a whole and were settled order by
-/// order.
+/// `order_batches_split_total`: batches (or halves of them) that failed as a whole and
+/// were split.
 pub fn count_split_batch() {
     metrics::counter!("order_batches_split_total").increment(1);
 }

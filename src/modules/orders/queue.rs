@@ -89,13 +89,14 @@ pub async fn declare(
         .await;
     match declared {
         Ok(_) => channel.close(200, "declared".into()).await,
-        // A queue declared by an older version, without the delivery limit: arguments of
-        // an existing queue cannot change, so it keeps working as it is (the refusal closed
-        // this channel only).
+        // A queue declared with other arguments (by a version without the delivery limit):
+        // arguments of an existing queue cannot change, so it keeps working as it is (the
+        // refusal closed this channel only).
         Err(e) if is_precondition_failed(&e) => {
             tracing::warn!(
                 queue = %names.orders,
-                "the order queue exists without a delivery limit; set one with a broker policy \
+                "the order queue exists with other arguments, likely without a delivery limit; \
+                 set one with a broker policy \
                  (rabbitmqctl set_policy --apply-to queues order-delivery-limit '^{}$' \
                  '{{\"delivery-limit\": {}}}')",
                 names.orders,

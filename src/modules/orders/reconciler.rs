@@ -104,7 +104,7 @@ pub async fn reconcile_once(state: &AppState) -> Result<Repairs, OrdersError> {
             if persisted.contains_key(&order) {
                 continue;
             }
-            if let products::ReleaseOutcome::Released { .. } =
+            if let products::ReleaseOutcome::Released =
                 products::release(state, product.id, order).await?
             {
                 tracing::warn!(%order, product = %product.id, "released a reservation whose order never arrived");

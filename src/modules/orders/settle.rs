@@ -2,7 +2,7 @@
 //! (units released, refunds, the buyer told), shared with cancel.
 //!
 //! Every step is idempotent (reservation state machine, payment idempotent by order id,
-//! ON CONFLICT DO NOTHING, ledger unique per order and product, notification dedupe keys),
+//! ON CONFLICT DO NOTHING, stock moves keyed by their source row, notification dedupe keys),
 //! so a batch redone after a crash at any point creates nothing twice and charges nobody
 //! twice.
 

@@ -47,7 +47,6 @@ diesel::table! {
         id -> Int8,
         product_id -> Uuid,
         delta -> Int4,
-        reason -> Text,
     }
 }
 
@@ -454,7 +453,6 @@ async fn record_moves(
             (
                 ledger_pending::product_id.eq(product),
                 ledger_pending::delta.eq(delta),
-                ledger_pending::reason.eq(if *delta < 0 { "sold" } else { "released" }),
             )
         })
         .collect();

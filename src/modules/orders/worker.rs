@@ -143,22 +143,11 @@ fn batch_span(messages: &[OrderMessage]) -> tracing::Span {
     span
 }
 
-/// Settles a batch so that no order holds another back. Fails only when stopping while a
-/// dependency is down.
-async fn settle_isolated(state: &AppState, messages: &[OrderMessage]) -> Result<(), OrdersError> {
-    let failure = match settle_through_outages(state, messages).await {
-        Ok(()) => return Ok(()),
-        Err(e) if e.is_outage() => return Err(e),
-        Err(e) => e,
-    };
-    tracing::warn!(error = %failure, orders = messages.len(), "order batch failed; splitting it");
-    metrics::count_split_batch();
-    settle_halves(state, messages).await
-}
-
-/// Settles a failed batch in halves, and those that fail in halves again, down to single
-/// orders: one bad order among a thousand costs about twenty small batches, not a thousand.
-fn settle_halves<'a>(
+/// Settles a batch so that no order holds another back: a batch that fails for anything
+/// but an outage is split in halves, and failing halves again, down to single orders; one
+/// bad order among a thousand costs about twenty small batches, not a thousand. Fails only
+/// when stopping while a dependency is down.
+fn settle_isolated<'a>(
     state: &'a AppState,
     messages: &'a [OrderMessage],
 ) -> futures_util::future::BoxFuture<'a, Result<(), OrdersError>> {
@@ -166,15 +155,16 @@ fn settle_halves<'a>(
         if let [message] = messages {
             return settle_alone(state, message).await;
         }
-        let (first, second) = messages.split_at(messages.len() / 2);
-        for half in [first, second] {
-            match settle_through_outages(state, half).await {
-                Ok(()) => {}
-                Err(e) if e.is_outage() => return Err(e),
-                Err(_) => settle_halves(state, half).await?,
+        match settle_through_outages(state, messages).await {
+            Err(e) if !e.is_outage() => {
+                tracing::warn!(error = %e, orders = messages.len(), "order batch failed; splitting it");
+                metrics::count_split_batch();
+                let (first, second) = messages.split_at(messages.len() / 2);
+                settle_isolated(state, first).await?;
+                settle_isolated(state, second).await
             }
+            other => other,
         }
-        Ok(())
     })
 }
 
@@ -267,7 +257,7 @@ async fn give_up(
         tracing::error!(order = %order.id, error = %e, "releasing the units of a failed order");
     }
     let row = settle::final_row(message, OrderStatus::Failed, Some(reason));
-    match store::insert_batch(&state.db, &[row]).await {
+    match store::insert_batch(&state.db, std::slice::from_ref(&row)).await {
         Ok(inserted) if inserted.contains(&order.id) => {}
         Ok(_) => {
             let traceparent = message.traceparent.as_deref();
@@ -288,12 +278,7 @@ async fn give_up(
     }
     settle::apply_stock_moves_of(state, order).await?;
     metrics::record_settled(order, OrderStatus::Failed, message.kind);
-    let failed = Settled {
-        order,
-        status: OrderStatus::Failed,
-        traceparent: message.traceparent.as_deref(),
-    };
-    settle::notify(state, &[failed]).await?;
+    settle::notify(state, &[Settled::from(&row)]).await?;
     let dead = OrderMessage {
         failure_reason: Some(reason.to_owned()),
         ..message.clone()

@@ -196,10 +196,8 @@ pub enum CommitOutcome {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReleaseOutcome {
-    /// Units given back; `was_committed` tells whether the order had been persisted.
-    Released {
-        was_committed: bool,
-    },
+    /// Units given back (the shelf in PostgreSQL follows the order's status).
+    Released,
     AlreadyReleased,
     Unknown,
 }
@@ -354,12 +352,7 @@ impl StockScripts {
             .invoke_async(&mut redis.conn())
             .await?;
         Ok(match outcome.as_str() {
-            "r" => ReleaseOutcome::Released {
-                was_committed: false,
-            },
-            "c" => ReleaseOutcome::Released {
-                was_committed: true,
-            },
+            "r" | "c" => ReleaseOutcome::Released,
             "already" => ReleaseOutcome::AlreadyReleased,
             _ => ReleaseOutcome::Unknown,
         })
