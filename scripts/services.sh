@@ -33,12 +33,20 @@ if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
   wait_for PostgreSQL pg_isready -h 127.0.0.1 -p 5432 -q
 fi
 
+# Redis keeps an append-only file (fsync every second), so a restart keeps the sales it held.
+# Correctness does not depend on it: a sale Redis lost is rebuilt from PostgreSQL.
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   log "starting Redis"
   mkdir -p /var/lib/redis /var/log/redis
-  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" \
+    --appendonly yes --appendfsync everysec \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log
   wait_for Redis redis-cli -h 127.0.0.1 -p 6379 ping
+fi
+if [ "$(redis-cli -h 127.0.0.1 -p 6379 config get appendonly | tail -n 1)" != "yes" ]; then
+  log "turning on Redis's append-only file"
+  redis-cli -h 127.0.0.1 -p 6379 config set appendfsync everysec >/dev/null
+  redis-cli -h 127.0.0.1 -p 6379 config set appendonly yes >/dev/null
 fi
 
 amqp_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }

@@ -9,6 +9,7 @@ use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -88,13 +89,16 @@ pub fn http_server(state: AppState, listener: TcpListener) -> std::io::Result<Se
     let http = state.settings.http.clone();
     let data = web::Data::new(state);
     let openapi = ops::openapi();
+    let in_flight = middleware::InFlightLimit(Arc::new(Semaphore::new(http.max_in_flight)));
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .app_data(in_flight.clone())
             .app_data(extract::json_config(http.body_limit_bytes))
             .app_data(web::PayloadConfig::new(http.body_limit_bytes))
             .app_data(extract::path_config())
             .app_data(extract::query_config())
+            .wrap(from_fn(middleware::limit_in_flight))
             .wrap(from_fn(middleware::request_context))
             .configure(ops::configure)
             .configure(auth::configure)

@@ -35,6 +35,8 @@ pub struct HttpSettings {
     pub port: u16,
     pub workers: usize,
     pub body_limit_bytes: usize,
+    /// Requests one process serves at once; beyond it, 503 + Retry-After at once.
+    pub max_in_flight: usize,
     pub trusted_proxies: Vec<IpAddr>,
     /// On SIGTERM: how long in-flight requests and batches get before the process exits.
     pub shutdown_grace_secs: u64,
@@ -53,6 +55,8 @@ pub struct DatabaseSettings {
     pub migrate_on_start: bool,
     pub pool_max_size: u32,
     pub pool_timeout_ms: u64,
+    /// PostgreSQL cancels any statement running longer (statement_timeout).
+    pub statement_timeout_ms: u64,
     pub read_your_writes_secs: u64,
     pub global: DatabaseNode,
     pub shards: Vec<DatabaseNode>,
@@ -83,6 +87,8 @@ pub struct AmqpSettings {
     /// Queues are named `<queue_prefix>orders`, `<queue_prefix>notifications.high` etc.
     /// (tests isolate by prefix).
     pub queue_prefix: String,
+    /// A publish not confirmed within this long fails (the order is refused with 503).
+    pub confirm_timeout_ms: u64,
     /// Deletes queues unused for this long (tests; unset in production).
     #[serde(default)]
     pub queue_expires_ms: Option<u32>,
@@ -153,13 +159,19 @@ pub struct SalesSettings {
     pub preload_secs: i64,
     /// How often the worker role loads due sales.
     pub scheduler_interval_secs: u64,
+    /// How often the invariant auditor checks every live sale (one replica per interval).
+    pub audit_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OrdersSettings {
     pub flash_sale_attempts_per_minute: u32,
+    /// How long an Idempotency-Key's answer is kept for replays.
     pub idempotency_ttl_secs: u64,
+    /// How long a key stays `in progress` when its request never finishes (a process that
+    /// died mid-request, a lost Redis reply): retries get 409 only this long.
+    pub in_flight_ttl_secs: u64,
     pub max_quantity: u32,
     /// "quorum" (replicated, survives a node loss) or "classic".
     pub queue_type: String,
@@ -175,6 +187,8 @@ pub struct OrdersSettings {
     /// the backstop for a message that kills its worker every time.
     pub delivery_limit: u32,
     /// A reservation whose order has not reached PostgreSQL after this long is released.
+    /// How long an order whose sale Redis lost waits for the rebuild before it fails.
+    pub stock_restore_wait_secs: i64,
     pub reservation_timeout_secs: i64,
     pub reconcile_interval_secs: u64,
     pub payment: PaymentSettings,
@@ -190,6 +204,8 @@ pub struct PaymentSettings {
     /// Consecutive failures that open the circuit.
     pub breaker_failures: u32,
     pub breaker_open_ms: u64,
+    /// A gateway call not answered within this long fails (and counts towards the breaker).
+    pub timeout_ms: u64,
 }
 
 /// Span export; logs are `[log]`.
@@ -333,6 +349,9 @@ impl Settings {
         if self.database.pool_max_size == 0 {
             return invalid("database.pool_max_size", "must be at least 1");
         }
+        if self.http.max_in_flight == 0 {
+            return invalid("http.max_in_flight", "must be at least 1");
+        }
         if self.http.body_limit_bytes == 0 {
             return invalid("http.body_limit_bytes", "must be at least 1");
         }
@@ -353,6 +372,13 @@ impl Settings {
             return invalid(
                 "catalog.local_ttl_ms",
                 "must be at most 5000 (the consistency window)",
+            );
+        }
+        if self.orders.in_flight_ttl_secs * 1000 <= self.amqp.confirm_timeout_ms {
+            return invalid(
+                "orders.in_flight_ttl_secs",
+                "must outlast amqp.confirm_timeout_ms, or a retry could place a second order \
+                 while the first waits for its confirm",
             );
         }
         if self.orders.retry_delays_ms.is_empty() {

@@ -94,6 +94,7 @@ pub async fn serve(state: AppState, role: Role) -> Result<(), StartupError> {
     };
     if role.runs_order_worker() {
         tokio::spawn(orders::run_reconciler(state.clone()));
+        tokio::spawn(products::run_auditor(state.clone()));
         tokio::spawn(events::run_relay(
             state.db.clone(),
             state.settings.kafka.clone(),

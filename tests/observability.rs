@@ -177,7 +177,23 @@ async fn metrics_show_a_flash_sale_and_dashboards_read_only_exported_metrics() {
         ) == Some(8.0)
     })
     .await;
+    // One audit pass: the books of this healthy sale balance.
+    flashsale::modules::products::audit_once(&app.state)
+        .await
+        .expect("audit");
     let samples = scrape(&app.address).await;
+    assert_eq!(
+        value(
+            &samples,
+            "inventory_invariant_violations",
+            &[("product_id", &product_label)]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&samples, "inventory_audit_runs_total", &[]),
+        Some(1.0)
+    );
     let orders = |status| {
         value(
             &samples,

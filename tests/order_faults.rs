@@ -7,11 +7,12 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{unique_email, TestApp};
-use flashsale::modules::orders::reconcile_once;
-use flashsale::modules::products::{self, ReserveRequest};
+use common::{assert_problem, unique_email, TestApp};
+use flashsale::modules::orders::{self, reconcile_once};
+use flashsale::modules::products;
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 /// Places one order per fresh user; returns (status, order, token) per request.
@@ -120,23 +121,22 @@ async fn lose_sale_in_redis(app: &TestApp, product: Uuid) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_losing_the_sale_means_503_until_the_reconciler_rebuilds_it() {
-    // The background reconciler stays out of the way; the test runs its pass by hand.
-    let app = Arc::new(
-        TestApp::builder()
-            .configure(|s| s.orders.reconcile_interval_secs = 3600)
-            .spawn()
-            .await,
-    );
-    let worker = app.spawn_worker().await;
+async fn redis_losing_a_sale_mid_flight_rebuilds_it_from_the_orders() {
+    let app = TestApp::spawn_with(|s| s.orders.reconcile_interval_secs = 1).await;
     let admin = app.register_admin(&unique_email("admin")).await;
     let product = app.flash_sale_product(&admin.access, 20, "1.00").await;
-    let results = buy_many(&app, product, 5, 5).await;
-    for (_, order, token) in &results {
+    // Three buyers' orders are paid; three more are accepted and still in flight (no worker
+    // runs) when Redis loses the sale.
+    let consumer = app.spawn_consumer().await;
+    let settled = buy_many(&app, product, 3, 3).await;
+    for (_, order, token) in &settled {
         assert_eq!(app.wait_settled(token, order.unwrap()).await, "paid");
     }
-
+    consumer.kill().await;
+    let in_flight = buy_many(&app, product, 3, 3).await;
+    assert!(in_flight.iter().all(|r| r.0 == 201));
     lose_sale_in_redis(&app, product).await;
+
     let buyer = app.mint_token(Uuid::now_v7());
     let res = app.buy(&buyer, product, "during-loss", &json!({})).await;
     assert_eq!(
@@ -146,20 +146,137 @@ async fn redis_losing_the_sale_means_503_until_the_reconciler_rebuilds_it() {
     );
     assert!(res.headers().contains_key("retry-after"));
 
-    let repairs = reconcile_once(&worker.state).await.unwrap();
-    assert_eq!(repairs.rebuilt, 1, "{repairs:?}");
-    assert_eq!(app.remaining(product).await, 15);
-    // The per-user allowance was rebuilt too: an earlier buyer is still at the limit.
-    let (_, _, earlier) = &results[0];
-    assert_eq!(
-        app.buy(earlier, product, "again", &json!({}))
-            .await
-            .status(),
-        409
-    );
+    // The worker and the reconciler come back: the sale is rebuilt from the orders, the
+    // orders in flight are paid, and only then does it open again.
+    let _worker = app.spawn_worker().await;
+    common::until("the sale to open again", || async {
+        let state = products::sale_state(&app.state, product).await.unwrap();
+        state == products::SaleState::Open
+    })
+    .await;
     let res = app.buy(&buyer, product, "after-rebuild", &json!({})).await;
     assert_eq!(res.status(), 201);
-    assert_eq!(app.remaining(product).await, 14);
+    for (_, order, token) in settled.iter().chain(&in_flight) {
+        assert_eq!(app.wait_settled(token, order.unwrap()).await, "paid");
+        // Every earlier buyer is still at the limit, whether paid before or after the loss.
+        let res = app.buy(token, product, "again", &json!({})).await;
+        assert_problem(res, 409, "purchase_limit").await;
+    }
+    assert_eq!(app.remaining(product).await, 13, "20 - 6 earlier - 1 after");
+    app.wait_inventory(product, 13).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_auditor_reports_units_conjured_into_a_sale_within_two_intervals() {
+    let app = TestApp::spawn_with(|s| s.sales.audit_interval_secs = 1).await;
+    let _worker = app.spawn_worker().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 30, "1.00").await;
+    let results = buy_many(&app, product, 4, 4).await;
+    for (_, order, token) in &results {
+        assert_eq!(app.wait_settled(token, order.unwrap()).await, "paid");
+    }
+    let healthy = products::audit_once(&app.state).await.unwrap();
+    let sale = healthy.iter().find(|f| f.product == product).unwrap();
+    assert_eq!(sale.violations(), 0, "{sale:?}");
+
+    let _auditor = app.spawn_auditor().await;
+    redis::cmd("INCRBY")
+        .arg(app.sale_key(product, "stock"))
+        .arg(5)
+        .query_async::<i64>(&mut app.state.redis.conn())
+        .await
+        .unwrap();
+    let conjured_at = Instant::now();
+    let gauge = format!("inventory_invariant_violations{{product_id=\"{product}\"}} 5");
+    common::until("the auditor to report 5 units", || async {
+        let metrics = app.get("/metrics", None).await.text().await.unwrap();
+        metrics.contains(&gauge)
+    })
+    .await;
+    assert!(conjured_at.elapsed() < Duration::from_secs(2) + Duration::from_millis(500));
+    let metrics = app.get("/metrics", None).await.text().await.unwrap();
+    assert!(metrics.contains("inventory_audit_runs_total"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_request_holds_its_key_for_seconds_not_a_day() {
+    let app = Arc::new(
+        TestApp::builder()
+            .configure(|s| {
+                s.orders.in_flight_ttl_secs = 1;
+                s.amqp.confirm_timeout_ms = 500;
+                s.orders.reservation_timeout_secs = 0;
+            })
+            .spawn()
+            .await,
+    );
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
+    let user = Uuid::now_v7();
+    let token = app.mint_token(user);
+    // An API pod reserved for this request and died before publishing it. The body digest
+    // is the one the flash-sale route computes for `{}`.
+    let body_hash = hex(&Sha256::digest(format!("{product}|1|card|None").as_bytes()));
+    let key_digest = orders::idempotency_digest(Some("retry-me")).unwrap();
+    app.reserve_unpublished(product, user, Uuid::now_v7(), &body_hash, &key_digest)
+        .await;
+    let res = app.buy(&token, product, "retry-me", &json!({})).await;
+    assert_problem(res, 409, "request_in_progress").await;
+
+    // Seconds later the retry goes through, and the reconciler frees the dead request's unit.
+    let marker = products::idempotency_key(&app.state, product, user, &key_digest);
+    let started = Instant::now();
+    common::until("the in-progress marker to expire", || async {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&marker)
+            .query_async(&mut app.state.redis.conn())
+            .await
+            .unwrap();
+        !exists
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let repairs = reconcile_once(&app.state).await.unwrap();
+    assert_eq!(repairs.released, 1, "{repairs:?}");
+    assert_eq!(app.remaining(product).await, 5);
+    // The buyer's allowance came back with the unit.
+    let res = app.buy(&token, product, "retry-me", &json!({})).await;
+    assert_eq!(res.status(), 201);
+    assert_eq!(app.remaining(product).await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_without_a_confirm_in_time_is_503_with_the_units_back() {
+    let app = TestApp::spawn_with(|s| s.amqp.confirm_timeout_ms = 0).await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
+    let token = app.mint_token(Uuid::now_v7());
+    let res = app.buy(&token, product, "slow-broker", &json!({})).await;
+    assert!(res.headers().contains_key("retry-after"));
+    assert_problem(res, 503, "service_unavailable").await;
+    assert_eq!(app.remaining(product).await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regular_reservations_whose_order_never_arrived_are_released() {
+    let app = TestApp::spawn_with(|s| s.orders.reservation_timeout_secs = 0).await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.regular_product(&admin.access, 4, "2.00").await;
+    let reserved =
+        products::reserve_regular(&app.state, product, Uuid::now_v7(), 3, Uuid::now_v7())
+            .await
+            .unwrap();
+    assert!(matches!(reserved, products::Reservation::Reserved { .. }));
+    assert_eq!(app.remaining(product).await, 1);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let repairs = reconcile_once(&app.state).await.unwrap();
+    assert_eq!(repairs.released, 1, "{repairs:?}");
+    assert_eq!(app.remaining(product).await, 4);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,32 +368,13 @@ async fn a_failing_gateway_opens_the_circuit_retries_then_dead_letters_with_stoc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservations_whose_order_never_arrived_are_released_once() {
-    let app = Arc::new(
-        TestApp::builder()
-            .configure(|s| s.orders.reservation_timeout_secs = 0)
-            .spawn()
-            .await,
-    );
+    let app = TestApp::spawn_with(|s| s.orders.reservation_timeout_secs = 0).await;
     let admin = app.register_admin(&unique_email("admin")).await;
     let product = app.flash_sale_product(&admin.access, 3, "1.00").await;
     // An API pod died between reserving and publishing: the units are held by nobody.
     for _ in 0..2 {
-        let reserved = products::reserve(
-            &app.state,
-            &ReserveRequest {
-                product,
-                user: Uuid::now_v7(),
-                quantity: 1,
-                order_id: Uuid::now_v7(),
-                body_hash: "h",
-                key_digest: "d",
-                idempotency_ttl_secs: 60,
-                attempts_per_minute: 10,
-            },
-        )
-        .await
-        .unwrap();
-        assert!(matches!(reserved, products::Reservation::Reserved { .. }));
+        app.reserve_unpublished(product, Uuid::now_v7(), Uuid::now_v7(), "h", "d")
+            .await;
     }
     assert_eq!(app.remaining(product).await, 1);
     tokio::time::sleep(Duration::from_millis(5)).await;

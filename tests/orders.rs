@@ -103,24 +103,67 @@ async fn larger_quantities_and_limits_never_oversell() {
     assert_eq!(app.remaining(product).await, 50 - units);
     app.wait_inventory(product, 50 - units).await;
 
-    // One user, limit 3: 2 then 2 again is over the limit; 1 more fits.
+    // One user, limit 3, on a sale with units to spare: 2 then 2 again is over the limit;
+    // 1 more fits, and then nothing more.
+    let product = app.flash_sale_product(&admin.access, 10, "5.00").await;
     let token = app.mint_token(Uuid::now_v7());
-    if app.remaining(product).await >= 3 {
-        assert_eq!(
-            app.buy(&token, product, "a", &json!({"quantity": 2}))
+    let buy = |key: &'static str, quantity: i64| {
+        let (app, token) = (app.clone(), token.clone());
+        async move {
+            app.buy(&token, product, key, &json!({"quantity": quantity}))
                 .await
-                .status(),
-            201
-        );
-        let res = app.buy(&token, product, "b", &json!({"quantity": 2})).await;
-        assert_problem(res, 409, "purchase_limit").await;
-        assert_eq!(
-            app.buy(&token, product, "c", &json!({"quantity": 1}))
-                .await
-                .status(),
-            201
-        );
-    }
+        }
+    };
+    assert_eq!(buy("a", 2).await.status(), 201);
+    assert_problem(buy("b", 2).await, 409, "purchase_limit").await;
+    assert_eq!(buy("c", 1).await.status(), 201);
+    assert_problem(buy("d", 1).await, 409, "purchase_limit").await;
+    assert_eq!(app.remaining(product).await, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sale_edits_reach_redis_at_once() {
+    let app = Arc::new(TestApp::spawn().await);
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 10, "5.00").await;
+    let path = format!("/products/{product}");
+    let buy = |key: &'static str| {
+        let app = app.clone();
+        async move {
+            let token = app.mint_token(Uuid::now_v7());
+            app.buy(&token, product, key, &json!({})).await
+        }
+    };
+    let now = chrono::Utc::now();
+    let edit = |body: Value| {
+        let (app, path, admin) = (app.clone(), path.clone(), admin.access.clone());
+        async move {
+            let res = app.patch_json(&path, &body, &admin).await;
+            assert_eq!(res.status(), 200, "{:?}", res.text().await);
+        }
+    };
+
+    // A new price is charged from the next order on.
+    edit(json!({"flash_sale_price": "3.50"})).await;
+    let order: Value = buy("price").await.json().await.unwrap();
+    assert_eq!(order["total_amount"], "3.50", "{order}");
+
+    // Ending the sale now stops it at once.
+    edit(json!({"flash_sale_end": now - chrono::Duration::seconds(1)})).await;
+    assert_problem(buy("ended").await, 409, "sale_not_active").await;
+
+    // Reopened, then postponed: not on until the new start.
+    edit(json!({"flash_sale_end": now + chrono::Duration::hours(1)})).await;
+    assert_eq!(buy("reopened").await.status(), 201);
+    edit(json!({"flash_sale_start": now + chrono::Duration::minutes(30)})).await;
+    assert_problem(buy("postponed").await, 409, "sale_not_active").await;
+
+    // Switched off: the flash-sale path is closed.
+    edit(json!({"flash_sale_start": now - chrono::Duration::minutes(1)})).await;
+    assert_eq!(buy("on-again").await.status(), 201);
+    edit(json!({"is_flash_sale": false})).await;
+    assert_problem(buy("off").await, 409, "sale_not_active").await;
+    assert_eq!(app.remaining(product).await, 7, "units taken only by 201s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,11 +8,14 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
 
+use std::time::Duration;
+
 use crate::config::AmqpSettings;
 
 #[derive(Clone)]
 pub struct Amqp {
     conn: std::sync::Arc<Connection>,
+    confirm_timeout: Duration,
 }
 
 impl Amqp {
@@ -25,6 +28,7 @@ impl Amqp {
         let conn = Connection::connect(&settings.url, props).await?;
         Ok(Self {
             conn: std::sync::Arc::new(conn),
+            confirm_timeout: Duration::from_millis(settings.confirm_timeout_ms),
         })
     }
 
@@ -92,6 +96,8 @@ pub enum PublishError {
     Refused(String),
     #[error("publisher confirms are off")]
     NoConfirms,
+    #[error("{0}: no confirm within the timeout")]
+    TimedOut(String),
 }
 
 /// Publishes with confirms: persistent, mandatory, and only `Ok` once the broker has taken
@@ -99,6 +105,7 @@ pub enum PublishError {
 /// confirms are pipelined rather than waited for one by one.
 pub struct Publisher {
     channel: Channel,
+    confirm_timeout: Duration,
 }
 
 impl Publisher {
@@ -107,7 +114,10 @@ impl Publisher {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        Ok(Self { channel })
+        Ok(Self {
+            channel,
+            confirm_timeout: amqp.confirm_timeout,
+        })
     }
 
     pub fn channel(&self) -> &Channel {
@@ -119,8 +129,24 @@ impl Publisher {
             .await
     }
 
-    /// Publishes with message headers (the W3C trace context rides in them).
+    /// Publishes with message headers (the W3C trace context rides in them). A confirm that
+    /// does not come within the timeout is a failure: the message may still arrive, and its
+    /// consumer must find the order's reservation released (the caller gives it back).
     pub async fn publish_with(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        headers: FieldTable,
+    ) -> Result<(), PublishError> {
+        tokio::time::timeout(
+            self.confirm_timeout,
+            self.publish_confirmed(queue, payload, headers),
+        )
+        .await
+        .map_err(|_| PublishError::TimedOut(queue.to_owned()))?
+    }
+
+    async fn publish_confirmed(
         &self,
         queue: &str,
         payload: &[u8],

@@ -11,7 +11,9 @@ use diesel_async::pooled_connection::bb8::{Pool, PooledConnection, RunError};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 
 use crate::infra::metrics::QueryTimer;
-use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{
+    AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection,
+};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use uuid::Uuid;
 
@@ -22,6 +24,9 @@ pub type PgConn<'a> = PooledConnection<'a, AsyncPgConnection>;
 
 pub const GLOBAL_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/global");
 pub const SHARD_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/shard");
+
+/// How PostgreSQL words a statement cancelled by `statement_timeout`.
+const STATEMENT_TIMED_OUT: &str = "canceling statement due to statement timeout";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -40,9 +45,15 @@ pub enum DbError {
 }
 
 impl DbError {
-    /// True when the database could not be reached in time (a 503, not a bug).
+    /// True when the database could not be reached or answer in time (a 503, not a bug).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, DbError::Pool(_) | DbError::Connection(_))
+        match self {
+            DbError::Pool(_) | DbError::Connection(_) => true,
+            DbError::Query(diesel::result::Error::DatabaseError(_, info)) => {
+                info.message().starts_with(STATEMENT_TIMED_OUT)
+            }
+            _ => false,
+        }
     }
 }
 
@@ -128,10 +139,16 @@ impl NodePools {
 async fn build_pool(url: &str, name: &str, settings: &DatabaseSettings) -> Result<PgPool, DbError> {
     let mut config = ManagerConfig::<AsyncPgConnection>::default();
     let name = name.to_owned();
+    // No statement may hold a connection (and the request behind it) longer than this.
+    let set_timeout = format!("SET statement_timeout = {}", settings.statement_timeout_ms);
     config.custom_setup = Box::new(move |url| {
         let name = name.clone();
+        let set_timeout = set_timeout.clone();
         Box::pin(async move {
             let mut conn = AsyncPgConnection::establish(url).await?;
+            conn.batch_execute(&set_timeout)
+                .await
+                .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
             conn.set_instrumentation(QueryTimer::new(&name));
             Ok(conn)
         })

@@ -37,6 +37,21 @@ impl Redis {
         format!("{}{}", self.prefix, suffix)
     }
 
+    /// Takes the lease `name` for `ms` milliseconds unless another process holds it: how one
+    /// replica of many does a periodic job per interval. False also when Redis is down.
+    pub async fn take_lease(&self, name: &str, ms: u64) -> bool {
+        let lease = self.key(format_args!("{name}:lease"));
+        let taken: redis::RedisResult<Option<String>> = redis::cmd("SET")
+            .arg(lease)
+            .arg(uuid::Uuid::new_v4().to_string())
+            .arg("NX")
+            .arg("PX")
+            .arg(ms.max(1))
+            .query_async(&mut self.conn())
+            .await;
+        matches!(taken, Ok(Some(_)))
+    }
+
     pub async fn ping(&self) -> redis::RedisResult<()> {
         redis::cmd("PING")
             .query_async::<String>(&mut self.conn())

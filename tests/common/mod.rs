@@ -5,6 +5,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::QueryableByName;
@@ -182,6 +183,11 @@ impl TestApp {
             lagging_replicas: false,
             tweaks: vec![],
         }
+    }
+
+    /// A shared app whose settings `tweak` changed.
+    pub async fn spawn_with(tweak: impl FnOnce(&mut Settings) + 'static) -> Arc<TestApp> {
+        Arc::new(Self::builder().configure(tweak).spawn().await)
     }
 
     pub async fn spawn() -> TestApp {
@@ -414,6 +420,15 @@ impl TestApp {
         .await
     }
 
+    /// The invariant auditor, on its own.
+    pub async fn spawn_auditor(&self) -> Worker {
+        self.spawn_role(|state: AppState| async move {
+            flashsale::modules::products::run_auditor(state).await;
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .await
+    }
+
     /// Only the order consumer, without the reconciler (tests that must not be repaired).
     pub async fn spawn_consumer(&self) -> Worker {
         self.spawn_role(flashsale::modules::orders::run_worker)
@@ -519,23 +534,56 @@ impl TestApp {
     }
 
     /// Remaining units as the flash-sale list reports them.
+    /// The sale's counter as Redis holds it. Unlike the listing's `remaining` (clamped at
+    /// 0), an oversold counter reads negative here.
     pub async fn remaining(&self, product: Uuid) -> i64 {
-        let list: Value = self
-            .get("/products/flash-sale?limit=100", None)
+        let counter: Option<i64> = redis::cmd("GET")
+            .arg(self.sale_key(product, "stock"))
+            .query_async(&mut self.state.redis.conn())
             .await
-            .json()
-            .await
-            .expect("list");
-        list["items"]
-            .as_array()
-            .expect("items")
-            .iter()
-            .find(|i| i["id"] == product.to_string())
-            .map(|i| i["remaining"].as_i64().expect("remaining"))
-            .expect("product listed")
+            .expect("read the counter");
+        counter.expect("the sale is loaded in Redis")
     }
 
-    /// On-hand inventory in PostgreSQL.
+    /// Reserves one unit for `user` as the flash-sale route would, and publishes nothing (an
+    /// API that died mid-request); asserts the unit was reserved.
+    pub async fn reserve_unpublished(
+        &self,
+        product: Uuid,
+        user: Uuid,
+        order: Uuid,
+        body_hash: &str,
+        key_digest: &str,
+    ) {
+        use flashsale::modules::products::{self, Reservation, ReserveRequest};
+        let reserved = products::reserve(
+            &self.state,
+            &ReserveRequest {
+                product,
+                user,
+                quantity: 1,
+                order_id: order,
+                body_hash,
+                key_digest,
+                in_flight_ttl_secs: self.state.settings.orders.in_flight_ttl_secs,
+                attempts_per_minute: 1_000,
+            },
+        )
+        .await
+        .expect("reserve");
+        assert!(
+            matches!(reserved, Reservation::Reserved { .. }),
+            "{reserved:?}"
+        );
+    }
+
+    /// The Redis key `name` of a product's sale.
+    pub fn sale_key(&self, product: Uuid, name: &str) -> String {
+        self.state
+            .redis
+            .key(format_args!("{{p:{}}}:{name}", product.simple()))
+    }
+
     pub async fn inventory(&self, product: Uuid) -> i64 {
         let sql = format!("SELECT inventory::bigint AS n FROM products WHERE id = '{product}'");
         self.count(&mut self.global_conn().await, &sql).await

@@ -2,8 +2,11 @@
 //! open loop at a target rate, an HDR histogram of latencies, status counts, then waits for
 //! the worker to drain and checks that nothing was oversold.
 //!
-//! Tokens are minted with the configured signing key (login speed is measured on its own);
-//! every request is a new user, so the per-user limits never interfere.
+//! Tokens are minted with the configured signing key (login speed is measured on its own).
+//! Every request is a new user, so the per-user limits never interfere, unless `--buyers N`
+//! draws them from N buyers (round robin; then the limit is under test too). With
+//! `--reuse-keys` each buyer sends one Idempotency-Key every time (duplicate and concurrent
+//! retries of one key).
 //!
 //!     order_load --config-dir config --env development --stock 200000 --duration-secs 30 \
 //!                --connections 256 [--rate 6000] [--path /orders/flash-sale/{product}]
@@ -53,6 +56,61 @@ struct Args {
     /// Seconds to wait for the worker to settle every accepted order.
     #[arg(long, default_value_t = 180)]
     drain_timeout_secs: u64,
+    /// Requests come from this many buyers, in turn (default: a new buyer per request).
+    #[arg(long)]
+    buyers: Option<usize>,
+    /// Each buyer sends the same Idempotency-Key with every request (needs --buyers).
+    #[arg(long, requires = "buyers")]
+    reuse_keys: bool,
+}
+
+/// Who sends the next request, and with which Idempotency-Key.
+struct Senders {
+    keys: Arc<TokenKeys>,
+    /// (token, idempotency key) per buyer, when the load comes from a fixed set of buyers.
+    buyers: Vec<(String, String)>,
+    reuse_keys: bool,
+    next: std::sync::atomic::AtomicUsize,
+    /// Order ids answered 201 (a replay answers an id already here).
+    accepted: std::sync::Mutex<std::collections::HashSet<Uuid>>,
+}
+
+impl Senders {
+    fn new(keys: Arc<TokenKeys>, args: &Args) -> Self {
+        let buyers = (0..args.buyers.unwrap_or(0))
+            .map(|_| {
+                let token = keys
+                    .issue(Uuid::now_v7(), Role::Customer, Uuid::new_v4())
+                    .expect("buyer token");
+                (token, Uuid::new_v4().to_string())
+            })
+            .collect();
+        Self {
+            keys,
+            buyers,
+            reuse_keys: args.reuse_keys,
+            next: Default::default(),
+            accepted: Default::default(),
+        }
+    }
+
+    fn next(&self) -> Option<(String, String)> {
+        if self.buyers.is_empty() {
+            let token = self
+                .keys
+                .issue(Uuid::now_v7(), Role::Customer, Uuid::new_v4())
+                .ok()?;
+            return Some((token, Uuid::new_v4().to_string()));
+        }
+        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (token, key) = &self.buyers[turn % self.buyers.len()];
+        let key = if self.reuse_keys {
+            key.clone()
+        } else {
+            Uuid::new_v4().to_string()
+        };
+        Some((token.clone(), key))
+    }
 }
 
 #[tokio::main]
@@ -81,12 +139,13 @@ async fn main() {
     );
 
     let started = Instant::now();
-    let total = run_load(&args, &client, &url, &keys).await;
+    let senders = Arc::new(Senders::new(keys.clone(), &args));
+    let total = run_load(&args, &client, &url, &senders).await;
     let elapsed = started.elapsed();
-    let accepted = total.count(201);
+    let accepted = senders.accepted.lock().map_or(0, |ids| ids.len() as u64);
     println!("load: {}", total.report(elapsed));
     println!(
-        "accepted {accepted} = {:.0} orders/s",
+        "accepted {accepted} orders (distinct) = {:.0} orders/s",
         accepted as f64 / elapsed.as_secs_f64()
     );
 
@@ -158,21 +217,28 @@ async fn create_product(client: &reqwest::Client, args: &Args, keys: &TokenKeys)
     product["id"].as_str().expect("id").parse().expect("uuid")
 }
 
-async fn one_order(client: &reqwest::Client, url: &str, keys: &TokenKeys) -> Option<u16> {
-    let token = keys
-        .issue(Uuid::now_v7(), Role::Customer, Uuid::new_v4())
-        .ok()?;
+async fn one_order(client: &reqwest::Client, url: &str, senders: &Senders) -> Option<u16> {
+    let (token, key) = senders.next()?;
     let res = client
         .post(url)
         .bearer_auth(token)
-        .header("idempotency-key", Uuid::new_v4().to_string())
+        .header("idempotency-key", key)
         .json(&json!({"quantity": 1}))
         .send()
         .await
         .ok()?;
     let status = res.status().as_u16();
     // Read the body so the connection goes back to the pool.
-    res.bytes().await.ok()?;
+    let body = res.bytes().await.ok()?;
+    if status == 201 {
+        let order = serde_json::from_slice::<Value>(&body).ok()?["id"]
+            .as_str()?
+            .parse()
+            .ok()?;
+        if let Ok(mut accepted) = senders.accepted.lock() {
+            accepted.insert(order);
+        }
+    }
     Some(status)
 }
 
@@ -180,7 +246,7 @@ async fn run_load(
     args: &Args,
     client: &reqwest::Client,
     url: &str,
-    keys: &Arc<TokenKeys>,
+    senders: &Arc<Senders>,
 ) -> Recorder {
     let end = Instant::now() + Duration::from_secs(args.duration_secs);
     let (tx, rx) = async_channel(args.connections);
@@ -205,7 +271,8 @@ async fn run_load(
     }
     let open_loop = args.rate.is_some();
     let workers = (0..args.connections).map(|_| {
-        let (client, url, keys, rx) = (client.clone(), url.to_owned(), keys.clone(), rx.clone());
+        let (client, url, senders, rx) =
+            (client.clone(), url.to_owned(), senders.clone(), rx.clone());
         tokio::spawn(async move {
             let mut recorder = Recorder::default();
             loop {
@@ -220,7 +287,7 @@ async fn run_load(
                     }
                     Instant::now()
                 };
-                let status = one_order(&client, &url, &keys).await;
+                let status = one_order(&client, &url, &senders).await;
                 recorder.record(scheduled.elapsed(), status);
             }
             recorder

@@ -2,14 +2,18 @@
 //! carries it, the W3C trace context continued or started, and one structured access-log
 //! line per request.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use actix_web::body::MessageBody;
+use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
+use actix_web::ResponseError;
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
+use crate::infra::http::problem::Problem;
 use crate::infra::telemetry;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -57,6 +61,39 @@ pub async fn request_context(
     Ok(res)
 }
 
+/// The requests this process serves at once (`http.max_in_flight`), shared by every
+/// actix worker.
+#[derive(Clone)]
+pub struct InFlightLimit(pub Arc<Semaphore>);
+
+/// Paths a probe or a scraper calls: never refused, or an overloaded pod would be restarted
+/// or go dark just when it is watched most.
+const ALWAYS_SERVED: [&str; 3] = ["/health", "/ready", "/metrics"];
+
+/// Refuses a request beyond the in-flight limit with 503 + Retry-After at once, so an
+/// overload waits in clients rather than in this process's memory and queues.
+pub async fn limit_in_flight(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let permit = match req.app_data::<InFlightLimit>() {
+        Some(limit) if !ALWAYS_SERVED.contains(&req.path()) => {
+            match limit.0.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    metrics::counter!("http_requests_shed_total").increment(1);
+                    let refused = Problem::overloaded().error_response();
+                    return Ok(req.into_response(refused));
+                }
+            }
+        }
+        _ => None,
+    };
+    let res = next.call(req).await?.map_into_boxed_body();
+    drop(permit);
+    Ok(res)
+}
+
 /// `http_requests_total{method, route, status}` and `http_request_duration_seconds{method,
 /// route}`. The route is the matched pattern (`/orders/{id}`), so ids never become labels.
 fn record_request<B>(res: &ServiceResponse<B>, seconds: f64) {
@@ -74,4 +111,38 @@ fn record_request<B>(res: &ServiceResponse<B>, seconds: f64) {
     .increment(1);
     metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route)
         .record(seconds);
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::{http::StatusCode, middleware::from_fn, test, web, App};
+
+    use super::*;
+
+    #[actix_web::test]
+    async fn requests_beyond_the_limit_are_refused_at_once_but_probes_are_served() {
+        let limit = InFlightLimit(Arc::new(Semaphore::new(1)));
+        let app = test::init_service(
+            App::new()
+                .app_data(limit.clone())
+                .wrap(from_fn(limit_in_flight))
+                .route("/orders", web::get().to(|| async { "ok" }))
+                .route("/health", web::get().to(|| async { "ok" })),
+        )
+        .await;
+        let get = |path: &str| test::TestRequest::get().uri(path).to_request();
+
+        // One request is in flight: the next is refused, the probe is not.
+        let busy = limit.0.clone().try_acquire_owned().expect("a free slot");
+        let refused = test::call_service(&app, get("/orders")).await;
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(refused.headers().contains_key("retry-after"));
+        let probe = test::call_service(&app, get("/health")).await;
+        assert_eq!(probe.status(), StatusCode::OK);
+
+        drop(busy);
+        let served = test::call_service(&app, get("/orders")).await;
+        assert_eq!(served.status(), StatusCode::OK);
+        assert_eq!(limit.0.available_permits(), 1, "the slot is given back");
+    }
 }

@@ -100,6 +100,16 @@ impl Problem {
         .with_retry_after(2)
     }
 
+    /// This process has as many requests in flight as it takes (`http.max_in_flight`).
+    pub fn overloaded() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many requests in flight; retry later",
+        )
+        .with_retry_after(1)
+    }
+
     /// A bug or an unexpected failure. `cause` is logged, not returned.
     pub fn internal(cause: &dyn fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");

@@ -2,6 +2,9 @@
 //! its acceptance record (in Redis, keyed by order id) makes it readable until the worker
 //! persisted it, and its answer is stored for replays of the Idempotency-Key.
 
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
 use uuid::Uuid;
 
 use super::error::OrdersError;
@@ -26,7 +29,14 @@ pub async fn accept(
         return Err(e);
     }
     let answer = idempotency::answer(&message.order, body_hash)?;
-    record(state, &message, idempotency_key, &answer).await?;
+    // Accepted now: a blip must not turn it into an error the client would retry.
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(20))
+        .with_max_times(3);
+    (|| record(state, &message, idempotency_key, &answer))
+        .retry(policy)
+        .sleep(tokio::time::sleep)
+        .await?;
     metrics::count_order(OrderStatus::Pending, message.kind);
     Ok(Placed {
         order: message.order,
@@ -49,7 +59,7 @@ pub async fn give_back(
 }
 
 /// Makes the accepted order readable (status) and stores the answer for replays of its
-/// idempotency key, in one round trip.
+/// idempotency key (replacing the short-lived `in progress` marker), in one round trip.
 async fn record(
     state: &AppState,
     message: &OrderMessage,
@@ -62,8 +72,8 @@ async fn record(
         .cmd("SET")
         .arg(idempotency_key)
         .arg(answer)
-        .arg("XX")
-        .arg("KEEPTTL")
+        .arg("EX")
+        .arg(state.settings.orders.idempotency_ttl_secs)
         .ignore()
         .query_async::<()>(&mut state.redis.conn())
         .await?;

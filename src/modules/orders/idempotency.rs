@@ -82,7 +82,7 @@ pub async fn begin_regular(
             &state.redis,
             key,
             body_hash,
-            state.settings.orders.idempotency_ttl_secs,
+            state.settings.orders.in_flight_ttl_secs,
         )
         .await?)
 }

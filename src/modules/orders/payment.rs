@@ -231,6 +231,8 @@ pub struct Payments {
     gateway: std::sync::Arc<dyn PaymentGateway>,
     breaker: Breaker,
     events: BreakerEvents,
+    /// A gateway call not answered within this long counts as a transient failure.
+    timeout: Duration,
 }
 
 impl Payments {
@@ -248,6 +250,7 @@ impl Payments {
                 .instrument(events.clone())
                 .build(),
             events,
+            timeout: Duration::from_millis(settings.timeout_ms),
         }
     }
 
@@ -263,7 +266,10 @@ impl Payments {
                 .map(|_| Err(PaymentError::CircuitOpen))
                 .collect();
         }
-        let results = match self.gateway.charge_batch(charges).await {
+        let answered = tokio::time::timeout(self.timeout, self.gateway.charge_batch(charges))
+            .await
+            .unwrap_or_else(|_| Err(PaymentError::Transient("no answer in time".into())));
+        let results = match answered {
             Ok(results) => results,
             Err(e) => charges
                 .iter()
@@ -280,7 +286,9 @@ impl Payments {
     }
 
     pub async fn refund(&self, order: Uuid) -> Result<(), PaymentError> {
-        self.gateway.refund(order).await
+        tokio::time::timeout(self.timeout, self.gateway.refund(order))
+            .await
+            .unwrap_or_else(|_| Err(PaymentError::Transient("no answer in time".into())))
     }
 
     pub fn circuit_open(&self) -> bool {

@@ -67,7 +67,7 @@ pub async fn place_flash_sale_order(
             order_id,
             body_hash: &body_hash,
             key_digest,
-            idempotency_ttl_secs: settings.idempotency_ttl_secs,
+            in_flight_ttl_secs: settings.in_flight_ttl_secs,
             attempts_per_minute: settings.flash_sale_attempts_per_minute,
         },
     )

@@ -2,9 +2,12 @@
 //!
 //! - A reservation whose order never reached PostgreSQL within the timeout is released
 //!   (the worker that later finds it released marks the order failed).
-//! - A sale whose counters Redis lost (no epoch) is rebuilt from PostgreSQL once the order
-//!   queue has drained, so no accepted-but-unpersisted order is missing from the count;
-//!   until then the flash-sale path answers 503.
+//! - A sale that was loaded and lost its counters (no epoch) is rebuilt from PostgreSQL a
+//!   pass after it was found lost (so a batch that committed just before the loss is on the
+//!   books), and stays closed until the orders in flight at the loss have settled: the order
+//!   queues drained, or `orders.stock_restore_wait_secs` passed. Orders in flight take their
+//!   units at commit, within the purchase limit. Until it opens the flash-sale path
+//!   answers 503.
 //!
 //! One reconciler acts per interval, whatever the number of replicas (a Redis lease).
 
@@ -25,9 +28,14 @@ use crate::modules::products;
 pub struct Repairs {
     pub released: usize,
     pub rebuilt: usize,
-    /// Sales whose rebuild waits for the order queue to drain.
+    pub reopened: usize,
+    /// Lost sales waiting for their rebuild, or rebuilt ones for the orders in flight.
     pub waiting: usize,
 }
+
+/// How long a lost sale waits before its rebuild: a batch that committed in Redis just
+/// before the loss has persisted its orders and stock moves by then.
+const REBUILD_AFTER_MS: i64 = 1_000;
 
 /// Runs the reconciler and the flash-sale scheduler until the process stops.
 pub async fn run(state: AppState) {
@@ -44,7 +52,12 @@ pub async fn run(state: AppState) {
             Ok(loaded) => tracing::info!(loaded, "flash sales loaded"),
             Err(e) => tracing::warn!(error = %e, "loading due flash sales failed"),
         }
-        if !take_lease(&state).await {
+        let lease_ms = state.settings.orders.reconcile_interval_secs * 1000;
+        if !state
+            .redis
+            .take_lease("reconciler", lease_ms.saturating_sub(100))
+            .await
+        {
             continue;
         }
         match reconcile_once(&state).await {
@@ -58,19 +71,6 @@ pub async fn run(state: AppState) {
     }
 }
 
-async fn take_lease(state: &AppState) -> bool {
-    let lease_ms = state.settings.orders.reconcile_interval_secs * 1000;
-    let taken: redis::RedisResult<Option<String>> = redis::cmd("SET")
-        .arg(state.redis.key("reconciler:lease"))
-        .arg(uuid::Uuid::new_v4().to_string())
-        .arg("NX")
-        .arg("PX")
-        .arg(lease_ms.saturating_sub(100).max(1))
-        .query_async(&mut state.redis.conn())
-        .await;
-    matches!(taken, Ok(Some(_)))
-}
-
 /// One pass over every sale that is loaded or due.
 pub async fn reconcile_once(state: &AppState) -> Result<Repairs, OrdersError> {
     let mut repairs = Repairs::default();
@@ -79,41 +79,95 @@ pub async fn reconcile_once(state: &AppState) -> Result<Repairs, OrdersError> {
     settle::apply_stock_moves(state, &every_shard).await?;
     let timeout = chrono::Duration::seconds(state.settings.orders.reservation_timeout_secs);
     for product in products::due_sales(state).await? {
-        if !products::sale_is_loaded(state, product.id).await? {
-            if order_queues_drained(state).await? {
-                let buyers = store::live_units_by_buyer(&state.db, product.id).await?;
-                let stock = products::rebuild_sale(state, product.id, &buyers).await?;
-                tracing::warn!(product = %product.id, stock, "flash-sale counters rebuilt after Redis lost them");
-                repairs.rebuilt += 1;
-            } else {
-                repairs.waiting += 1;
-            }
-            continue;
-        }
-        let stale = products::stale_reservations(state, product.id, timeout).await?;
-        let owners: Vec<store::OrderOwner> = stale
-            .iter()
-            .map(|s| store::OrderOwner {
-                order: s.order,
-                user: s.buyer,
-            })
-            .collect();
-        let persisted = store::statuses(&state.db, &owners).await?;
-        for stale in stale {
-            let order = stale.order;
-            if persisted.contains_key(&order) {
+        match products::sale_state(state, product.id).await? {
+            products::SaleState::Open => {}
+            products::SaleState::Missing => {
+                // Never loaded: the loader's (not this pass's) to load afresh.
+                if products::was_loaded(state, &product).await? {
+                    rebuild_lost(state, product.id, &mut repairs).await?;
+                }
                 continue;
             }
-            if let products::ReleaseOutcome::Released =
-                products::release(state, product.id, order).await?
-            {
-                tracing::warn!(%order, product = %product.id, "released a reservation whose order never arrived");
-                abandon(state, order).await?;
-                repairs.released += 1;
+            products::SaleState::Recovering => {
+                reopen_when_settled(state, product.id, &mut repairs).await?;
+                continue;
             }
         }
+        repairs.released += release_stale(state, product.id, timeout).await?;
+    }
+    for product in products::regular_stock(state).await? {
+        repairs.released += release_stale(state, product, timeout).await?;
     }
     Ok(repairs)
+}
+
+/// Releases the reservations of `product` older than `timeout` whose order never reached
+/// PostgreSQL (an API that died before publishing, a message dead-lettered by the broker).
+async fn release_stale(
+    state: &AppState,
+    product: uuid::Uuid,
+    timeout: chrono::Duration,
+) -> Result<usize, OrdersError> {
+    let stale = products::stale_reservations(state, product, timeout).await?;
+    let owners: Vec<store::OrderOwner> = stale
+        .iter()
+        .map(|s| store::OrderOwner {
+            order: s.order,
+            user: s.buyer,
+        })
+        .collect();
+    let persisted = store::statuses(&state.db, &owners).await?;
+    let mut released = 0;
+    for stale in stale {
+        let order = stale.order;
+        if persisted.contains_key(&order) {
+            continue;
+        }
+        if let products::ReleaseOutcome::Released = products::release(state, product, order).await?
+        {
+            tracing::warn!(%order, %product, "released a reservation whose order never arrived");
+            abandon(state, order).await?;
+            released += 1;
+        }
+    }
+    Ok(released)
+}
+
+async fn rebuild_lost(
+    state: &AppState,
+    product: uuid::Uuid,
+    repairs: &mut Repairs,
+) -> Result<(), OrdersError> {
+    let lost_for = products::mark_lost(state, product).await?;
+    if lost_for.num_milliseconds() < REBUILD_AFTER_MS {
+        repairs.waiting += 1;
+        return Ok(());
+    }
+    let buyers = store::live_units_by_buyer(&state.db, product).await?;
+    let stock = products::rebuild_sale(state, product, &buyers).await?;
+    tracing::warn!(%product, stock, buyers = buyers.len(), "flash-sale counters rebuilt after Redis lost them");
+    repairs.rebuilt += 1;
+    Ok(())
+}
+
+/// Opens a rebuilt sale once every order in flight at the loss has had its chance to take
+/// its units: the order queues drained, or as long ago as such an order waits for the
+/// rebuild (late commits hold the limit either way).
+async fn reopen_when_settled(
+    state: &AppState,
+    product: uuid::Uuid,
+    repairs: &mut Repairs,
+) -> Result<(), OrdersError> {
+    let patience = chrono::Duration::seconds(state.settings.orders.stock_restore_wait_secs);
+    let waited_out = products::mark_lost(state, product).await? > patience;
+    if waited_out || order_queues_drained(state).await? {
+        products::reopen_sale(state, product).await?;
+        tracing::warn!(%product, "rebuilt flash sale open again");
+        repairs.reopened += 1;
+    } else {
+        repairs.waiting += 1;
+    }
+    Ok(())
 }
 
 /// An order whose message never reached the worker (the broker dead-lettered it after its
@@ -161,4 +215,6 @@ fn record_repairs(repairs: &Repairs) {
         .increment(repairs.released as u64);
     metrics::counter!("reconciler_repairs_total", "kind" => "rebuilt")
         .increment(repairs.rebuilt as u64);
+    metrics::counter!("reconciler_repairs_total", "kind" => "reopened")
+        .increment(repairs.reopened as u64);
 }

@@ -31,8 +31,26 @@ pub struct Settled<'a> {
 /// An order this batch could not settle yet: it goes to a retry queue.
 pub struct Deferred<'a> {
     pub message: &'a OrderMessage,
-    /// Why, and the failure reason once its retries are used up.
-    pub reason: &'static str,
+    pub reason: DeferReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeferReason {
+    /// Redis lost the sale and the reconciler has not restored it yet: the order waits for
+    /// that (up to `orders.stock_restore_wait_secs`), however many retries it takes.
+    StockRestoring,
+    /// The payment gateway failed or its circuit is open: the retry schedule applies.
+    PaymentUnavailable,
+}
+
+impl DeferReason {
+    /// The failure reason of an order that waited in vain.
+    pub fn failure_reason(self) -> &'static str {
+        match self {
+            DeferReason::StockRestoring => "stock_unavailable",
+            DeferReason::PaymentUnavailable => "payment_unavailable",
+        }
+    }
 }
 
 /// One batch, end to end; answers the orders to try again later. The order of steps is
@@ -62,10 +80,15 @@ pub async fn settle_batch<'a>(
             CommitOutcome::SoldOut => {
                 rows.push(final_row(message, OrderStatus::Failed, Some("sold_out")))
             }
+            CommitOutcome::OverLimit => rows.push(final_row(
+                message,
+                OrderStatus::Failed,
+                Some("purchase_limit"),
+            )),
             // Stock not restored yet after a Redis loss: come back after a delay.
             CommitOutcome::NotLoaded => deferred.push(Deferred {
                 message,
-                reason: "stock_unavailable",
+                reason: DeferReason::StockRestoring,
             }),
         }
     }
@@ -93,7 +116,7 @@ pub async fn settle_batch<'a>(
                 tracing::warn!(order = %message.order.id, attempt = message.attempt, error = %e, "charge failed");
                 deferred.push(Deferred {
                     message,
-                    reason: "payment_unavailable",
+                    reason: DeferReason::PaymentUnavailable,
                 });
             }
         }

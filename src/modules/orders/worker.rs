@@ -21,7 +21,7 @@ use super::acceptance;
 use super::error::OrdersError;
 use super::metrics;
 use super::model::{OrderEnvelope, OrderMessage, OrderStatus};
-use super::settle::{self, Settled};
+use super::settle::{self, DeferReason, Deferred, Settled};
 use super::store;
 use crate::app::AppState;
 use crate::infra::telemetry;
@@ -205,17 +205,29 @@ async fn settle_through_outages(
 
 async fn settle_and_defer(state: &AppState, messages: &[OrderMessage]) -> Result<(), OrdersError> {
     for deferred in settle::settle_batch(state, messages).await? {
-        if !retry_later(state, deferred.message).await? {
-            give_up(state, deferred.message, deferred.reason).await?;
+        if !retry_later(state, &deferred).await? {
+            give_up(state, deferred.message, deferred.reason.failure_reason()).await?;
         }
     }
     Ok(())
 }
 
-/// Sends the order to the next retry queue; false when its retries are used up.
-async fn retry_later(state: &AppState, message: &OrderMessage) -> Result<bool, OrdersError> {
+/// Sends the order to the next retry queue; false when its retries are used up. An order
+/// waiting for its sale's stock to be restored keeps retrying at the longest delay until
+/// `orders.stock_restore_wait_secs` after it was placed: a rebuild takes two reconciler
+/// passes, longer than the retry schedule may be.
+async fn retry_later(state: &AppState, deferred: &Deferred<'_>) -> Result<bool, OrdersError> {
+    let message = deferred.message;
     let queues = &state.orders.queues;
-    let Some((queue, _delay)) = queues.retries.get(message.attempt as usize) else {
+    let mut step = message.attempt as usize;
+    if deferred.reason == DeferReason::StockRestoring {
+        let waited = chrono::Utc::now() - message.order.created_at;
+        let patience = chrono::Duration::seconds(state.settings.orders.stock_restore_wait_secs);
+        if waited < patience {
+            step = step.min(queues.retries.len().saturating_sub(1));
+        }
+    }
+    let Some((queue, _delay)) = queues.retries.get(step) else {
         return Ok(false);
     };
     let next = OrderMessage {

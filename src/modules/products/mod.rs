@@ -1,6 +1,7 @@
 //! Products: the catalogue (global database) and flash-sale stock (Redis). Orders reserve,
 //! commit and release units only through the functions here.
 
+mod auditor;
 mod cache;
 mod error;
 mod handlers;
@@ -14,11 +15,12 @@ use std::sync::Arc;
 use chrono::{Duration, Utc};
 use uuid::Uuid;
 
+pub use auditor::{audit_once, run as run_auditor, SaleFindings};
 pub use error::ProductsError;
 pub use model::{FlashSaleItem, NewProduct, Product, ProductPatch};
 pub use stock::{
-    CommitOutcome, ReleaseOutcome, Reservation, ReserveRequest, ReservedUnits, SaleKind, SaleTerms,
-    StaleReservation,
+    CommitOutcome, ReleaseOutcome, Reservation, ReserveRequest, ReservedUnits, SaleKind, SaleState,
+    SaleTerms, StaleReservation,
 };
 pub use store::StockMove;
 
@@ -192,56 +194,71 @@ fn regular_terms(product: &Product) -> SaleTerms {
     }
 }
 
-/// Brings Redis in line with a product's sale after a write: loads it when it starts
-/// within the preload window (so it is buyable as soon as the write returns); hands the
-/// units to regular orders when it was unscheduled (the flash-sale path then answers
-/// `sale_not_active` at once).
+/// Brings Redis in line with a product's sale after a write. A sale in Redis gets the new
+/// terms in one step (window, price, limit; an ended or postponed sale stops selling at
+/// once); one not there yet is loaded when it starts within the preload window (buyable as
+/// soon as the write returns). An unscheduled sale hands its units to regular orders (the
+/// flash-sale path then answers `sale_not_active`).
 async fn sync_sale(state: &AppState, product: &Product) -> Result<(), ProductsError> {
     let now = Utc::now();
     let preload = Duration::seconds(state.products.settings.preload_secs);
+    let stock = &state.products.stock;
+    let in_redis = stock.state(&state.redis, product.id).await? != SaleState::Missing;
     match terms(state, product) {
-        Some(terms) if terms.end > now && terms.start - preload <= now => {
-            state
-                .products
-                .stock
+        Some(terms) if in_redis => {
+            // A moved start is the same sale: were it lost later, it is rebuilt.
+            store::record_load(&state.db, product.id, terms.start).await?;
+            stock
                 .load(&state.redis, product.id, product.inventory, &terms)
                 .await?;
         }
-        Some(_) => {}
-        None => {
-            if state
-                .products
-                .stock
-                .is_loaded(&state.redis, product.id)
-                .await?
-            {
-                let terms = regular_terms(product);
-                state
-                    .products
-                    .stock
-                    .load(&state.redis, product.id, product.inventory, &terms)
-                    .await?;
-            }
+        Some(terms) if terms.end > now && terms.start - preload <= now => {
+            load_first_time(state, product, &terms).await?;
         }
+        Some(_) => {}
+        None if in_redis => {
+            let terms = regular_terms(product);
+            stock
+                .load(&state.redis, product.id, product.inventory, &terms)
+                .await?;
+        }
+        None => {}
     }
     Ok(())
 }
 
-/// Loads every sale that starts within the preload window; idempotent, so several worker
-/// replicas may run it at once. Answers how many counters it loaded.
+/// Loads a sale's counter the first time it is due. A sale loaded before and missing from
+/// Redis now was lost: the reconciler rebuilds it from the orders, never from the shelf
+/// count alone (that would forget its buyers). Answers whether it loaded.
+async fn load_first_time(
+    state: &AppState,
+    product: &Product,
+    terms: &SaleTerms,
+) -> Result<bool, ProductsError> {
+    if !store::record_load(&state.db, product.id, terms.start).await? {
+        return Ok(false);
+    }
+    state
+        .products
+        .stock
+        .load(&state.redis, product.id, product.inventory, terms)
+        .await
+        .map_err(Into::into)
+}
+
+/// Loads every due sale not in Redis yet; idempotent, so several worker replicas may run
+/// it at once. Answers how many counters it loaded.
 pub async fn load_due_sales(state: &AppState) -> Result<usize, ProductsError> {
     let mut loaded = 0;
     for product in due_sales(state).await? {
-        if let Some(terms) = terms(state, &product) {
-            if state
-                .products
-                .stock
-                .load(&state.redis, product.id, product.inventory, &terms)
-                .await?
-            {
-                tracing::info!(product = %product.id, stock = product.inventory, "flash-sale stock loaded");
-                loaded += 1;
-            }
+        let Some(terms) = terms(state, &product) else {
+            continue;
+        };
+        if sale_state(state, product.id).await? == SaleState::Missing
+            && load_first_time(state, &product, &terms).await?
+        {
+            tracing::info!(product = %product.id, stock = product.inventory, "flash-sale stock loaded");
+            loaded += 1;
         }
     }
     Ok(loaded)
@@ -368,12 +385,38 @@ pub async fn apply_stock_moves(state: &AppState, moves: &[StockMove]) -> Result<
     written(state, &changed).await
 }
 
-pub async fn sale_is_loaded(state: &AppState, product: Uuid) -> Result<bool, ProductsError> {
-    Ok(state
+pub async fn sale_state(state: &AppState, product: Uuid) -> Result<SaleState, ProductsError> {
+    Ok(state.products.stock.state(&state.redis, product).await?)
+}
+
+/// Whether a product's current sale was loaded into Redis (so missing keys mean a loss).
+pub async fn was_loaded(state: &AppState, product: &Product) -> Result<bool, ProductsError> {
+    match product.sale_window() {
+        Some((start, _)) => store::was_loaded(&state.db, product.id, start).await,
+        None => Ok(false),
+    }
+}
+
+/// Notes a sale found lost; answers how long ago it was first found.
+pub async fn mark_lost(state: &AppState, product: Uuid) -> Result<Duration, ProductsError> {
+    let first_ms = state
         .products
         .stock
-        .is_loaded(&state.redis, product)
-        .await?)
+        .mark_lost(&state.redis, product)
+        .await?;
+    Ok(Duration::milliseconds(
+        Utc::now().timestamp_millis() - first_ms,
+    ))
+}
+
+/// Opens a rebuilt sale to buyers again.
+pub async fn reopen_sale(state: &AppState, product: Uuid) -> Result<(), ProductsError> {
+    Ok(state.products.stock.reopen(&state.redis, product).await?)
+}
+
+/// Per loaded sale among `products`: how far the on-hand count is off the ledger.
+async fn books_off(state: &AppState, products: &[Uuid]) -> Result<Vec<(Uuid, i64)>, ProductsError> {
+    store::books_off(&state.db, products).await
 }
 
 pub async fn stale_reservations(
@@ -389,9 +432,15 @@ pub async fn stale_reservations(
         .await?)
 }
 
+/// Products whose regular-order stock is in Redis (their reservations are reconciled too).
+pub async fn regular_stock(state: &AppState) -> Result<Vec<Uuid>, ProductsError> {
+    Ok(state.products.stock.regular_stock(&state.redis).await?)
+}
+
 /// Rebuilds a sale's counters from PostgreSQL after Redis lost them: the stock is the
-/// on-hand inventory (persisted orders are already off it) and `buyers` the units each
-/// user holds in live orders.
+/// on-hand inventory (persisted orders are already off it; the caller applied every
+/// recorded stock move first) and `buyers` the units each user holds in live orders. The
+/// sale stays closed until `reopen_sale`; orders in flight take their units at commit.
 pub async fn rebuild_sale(
     state: &AppState,
     product: Uuid,
@@ -432,7 +481,8 @@ pub async fn reserve_regular(
     }
     // After a Redis loss this starts again from PostgreSQL's on-hand count; an order
     // accepted before the loss then takes its units at commit if they are still there
-    // (the worker's late commit), so nothing is oversold.
+    // (the worker's late commit), so nothing is oversold. Regular stock has no buyers'
+    // allowance to forget, so it needs no closed rebuild.
     stock
         .load(
             &state.redis,
@@ -441,6 +491,7 @@ pub async fn reserve_regular(
             &regular_terms(&found),
         )
         .await?;
+    stock.track_regular(&state.redis, product).await?;
     Ok(stock
         .reserve_item(&state.redis, product, user, quantity, order)
         .await?)

@@ -8,7 +8,8 @@
 //!
 //! The counter `stock` is the units neither reserved nor sold. It exists only while the
 //! `epoch` key does: a missing epoch means Redis lost the sale (a restart), and the order
-//! path answers 503 until the reconciler rebuilt the counters from PostgreSQL. A missing
+//! path answers 503 until the reconciler rebuilt the counters from PostgreSQL and the orders
+//! in flight at the loss have settled (the sale is `recovering` meanwhile). A missing
 //! counter is never read as 0 or as unlimited.
 
 use chrono::{DateTime, Utc};
@@ -16,6 +17,12 @@ use redis::Script;
 use uuid::Uuid;
 
 use crate::infra::redis::{IdempotencyStart, Redis};
+
+/// Regular stock stays in Redis this long after its last load (see `regular_terms`).
+pub const REGULAR_TTL_SECS: i64 = 366 * 86_400;
+
+/// A lost-sale note outlives any rebuild; it only has to span two reconciler passes.
+const LOST_MARK_TTL_SECS: u64 = 3_600;
 
 /// Each script names its KEYS and ARGV at the top; the shared fragments read those names.
 const RESERVE_FLASH: &str = concat!(
@@ -40,6 +47,8 @@ pub struct StockScripts {
     load: Script,
     adjust: Script,
     rebuild: Script,
+    reopen: Script,
+    audit: Script,
 }
 
 impl Default for StockScripts {
@@ -53,6 +62,8 @@ impl Default for StockScripts {
             load: Script::new(include_str!("lua/load.lua")),
             adjust: Script::new(include_str!("lua/adjust.lua")),
             rebuild: Script::new(include_str!("lua/rebuild.lua")),
+            reopen: Script::new(include_str!("lua/reopen.lua")),
+            audit: Script::new(include_str!("lua/audit.lua")),
         }
     }
 }
@@ -66,6 +77,8 @@ struct SaleKeys {
     buyers: String,
     reservations: String,
     pending: String,
+    /// When the reconciler first found the sale lost (it rebuilds a pass later).
+    lost: String,
 }
 
 impl SaleKeys {
@@ -80,6 +93,7 @@ impl SaleKeys {
             buyers: key("buyers"),
             reservations: key("res"),
             pending: key("pending"),
+            lost: key("lost"),
         }
     }
 
@@ -192,6 +206,28 @@ pub enum CommitOutcome {
     NotLoaded,
     /// Redis lost the reservation and the rebuilt counter has no units left for it.
     SoldOut,
+    /// Redis lost the reservation, and the buyer bought up to the limit since the rebuild.
+    OverLimit,
+}
+
+/// Where a sale stands in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaleState {
+    /// No counters: never loaded, or lost.
+    Missing,
+    /// Rebuilt after a loss; closed until the orders in flight then have settled.
+    Recovering,
+    Open,
+}
+
+/// The auditor's look at one sale in Redis, taken atomically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaleAudit {
+    pub state: SaleState,
+    /// available + reserved + committed - the units the sale holds: 0 when healthy.
+    pub units_off: i64,
+    /// Buyers holding more units than the limit.
+    pub over_limit: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,7 +260,8 @@ pub struct ReserveRequest<'a> {
     pub order_id: Uuid,
     pub body_hash: &'a str,
     pub key_digest: &'a str,
-    pub idempotency_ttl_secs: u64,
+    /// How long the key stays `in progress` if the request never finishes.
+    pub in_flight_ttl_secs: u64,
     pub attempts_per_minute: u32,
 }
 
@@ -246,7 +283,7 @@ impl StockScripts {
             .arg(now.timestamp_millis())
             .arg(SaleKind::Flash.as_str())
             .arg(req.body_hash)
-            .arg(req.idempotency_ttl_secs)
+            .arg(req.in_flight_ttl_secs)
             .arg(req.attempts_per_minute)
             .invoke_async(&mut redis.conn())
             .await?;
@@ -323,6 +360,7 @@ impl StockScripts {
             .key(&keys.epoch)
             .key(&keys.reservations)
             .key(&keys.buyers)
+            .key(&keys.sale)
             .arg(reserved.order.to_string())
             .arg(reserved.buyer.simple().to_string())
             .arg(reserved.units)
@@ -331,6 +369,7 @@ impl StockScripts {
         Ok(match late.as_str() {
             "committed" => CommitOutcome::Committed,
             "sold_out" => CommitOutcome::SoldOut,
+            "limit" => CommitOutcome::OverLimit,
             _ => CommitOutcome::NotLoaded,
         })
     }
@@ -397,6 +436,7 @@ impl StockScripts {
             .adjust
             .key(&keys.stock)
             .key(&keys.epoch)
+            .key(&keys.sale)
             .arg(delta)
             .invoke_async(&mut redis.conn())
             .await?;
@@ -407,15 +447,106 @@ impl StockScripts {
         })
     }
 
-    /// Whether the sale's counters are present (the epoch exists).
-    pub async fn is_loaded(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<bool> {
+    /// Whether the sale's counters are present (the epoch exists), and open.
+    pub async fn state(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<SaleState> {
         let keys = SaleKeys::new(redis, product);
-        let (epoch, stock): (i64, i64) = redis::pipe()
+        let (epoch, stock, recovering): (i64, i64, i64) = redis::pipe()
             .exists(&keys.epoch)
             .exists(&keys.stock)
+            .hexists(&keys.sale, "recovering")
             .query_async(&mut redis.conn())
             .await?;
-        Ok(epoch == 1 && stock == 1)
+        Ok(match (epoch == 1 && stock == 1, recovering == 1) {
+            (false, _) => SaleState::Missing,
+            (true, true) => SaleState::Recovering,
+            (true, false) => SaleState::Open,
+        })
+    }
+
+    /// Notes a product whose regular stock is in Redis, for the reconciler.
+    pub async fn track_regular(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<()> {
+        let set = redis.key("stock:regular");
+        redis::pipe()
+            .sadd(&set, product.simple().to_string())
+            .ignore()
+            .expire(&set, REGULAR_TTL_SECS)
+            .ignore()
+            .query_async(&mut redis.conn())
+            .await
+    }
+
+    /// Products whose regular stock is in Redis; forgets those whose keys expired.
+    pub async fn regular_stock(&self, redis: &Redis) -> redis::RedisResult<Vec<Uuid>> {
+        let set = redis.key("stock:regular");
+        let members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&set)
+            .query_async(&mut redis.conn())
+            .await?;
+        let mut tracked = Vec::with_capacity(members.len());
+        for product in members.iter().filter_map(|m| Uuid::try_parse(m).ok()) {
+            if self.state(redis, product).await? == SaleState::Missing {
+                redis::cmd("SREM")
+                    .arg(&set)
+                    .arg(product.simple().to_string())
+                    .query_async::<()>(&mut redis.conn())
+                    .await?;
+            } else {
+                tracked.push(product);
+            }
+        }
+        Ok(tracked)
+    }
+
+    /// Notes that the sale was found lost (once); answers when it was first found, in ms.
+    pub async fn mark_lost(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<i64> {
+        let keys = SaleKeys::new(redis, product);
+        let now_ms = Utc::now().timestamp_millis();
+        let (_, first): ((), i64) = redis::pipe()
+            .cmd("SET")
+            .arg(&keys.lost)
+            .arg(now_ms)
+            .arg("NX")
+            .arg("EX")
+            .arg(LOST_MARK_TTL_SECS)
+            .get(&keys.lost)
+            .query_async(&mut redis.conn())
+            .await?;
+        Ok(first)
+    }
+
+    /// Opens a rebuilt sale.
+    pub async fn reopen(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<()> {
+        let keys = SaleKeys::new(redis, product);
+        self.reopen
+            .key(&keys.sale)
+            .key(&keys.lost)
+            .invoke_async::<i64>(&mut redis.conn())
+            .await
+            .map(drop)
+    }
+
+    /// Checks the sale's own books (one script, so nothing moves while it counts).
+    pub async fn audit(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<SaleAudit> {
+        let keys = SaleKeys::new(redis, product);
+        let (state, units_off, over_limit): (String, i64, i64) = self
+            .audit
+            .key(&keys.stock)
+            .key(&keys.epoch)
+            .key(&keys.sale)
+            .key(&keys.buyers)
+            .key(&keys.reservations)
+            .invoke_async(&mut redis.conn())
+            .await?;
+        let state = match state.as_str() {
+            "open" => SaleState::Open,
+            "recovering" => SaleState::Recovering,
+            _ => SaleState::Missing,
+        };
+        Ok(SaleAudit {
+            state,
+            units_off,
+            over_limit,
+        })
     }
 
     /// Live remaining units of several products (None where not loaded).
@@ -471,7 +602,8 @@ impl StockScripts {
         Ok(stale)
     }
 
-    /// Replaces the counters from PostgreSQL's truth after a Redis loss.
+    /// Replaces the counters from PostgreSQL's truth after a Redis loss; the sale stays
+    /// closed until `reopen`.
     pub async fn rebuild(
         &self,
         redis: &Redis,
@@ -484,6 +616,7 @@ impl StockScripts {
         let mut invocation = self.rebuild.key(&keys.stock);
         invocation
             .key(&keys.epoch)
+            .key(&keys.sale)
             .key(&keys.buyers)
             .arg(stock)
             .arg(Uuid::now_v7().to_string());

@@ -31,6 +31,16 @@ diesel::table! {
 }
 
 diesel::table! {
+    stock_loads (product_id) {
+        product_id -> Uuid,
+        sale_start -> Timestamptz,
+        loaded_at -> Timestamptz,
+        loaded_inventory -> Int4,
+        ledger_mark -> Int8,
+    }
+}
+
+diesel::table! {
     inventory_ledger (id) {
         id -> Int8,
         order_id -> Nullable<Uuid>,
@@ -208,6 +218,18 @@ pub async fn set_inventory(
         if let Err(available) = stock.adjust(redis, id, delta).await? {
             return Err(ProductsError::BelowReserved(i64::from(current) - available));
         }
+        let adjusted = diesel::insert_into(inventory_ledger::table)
+            .values((
+                inventory_ledger::product_id.eq(id),
+                inventory_ledger::delta.eq(inventory - current),
+                inventory_ledger::reason.eq("adjusted"),
+            ))
+            .execute(conn)
+            .await;
+        if let Err(e) = adjusted {
+            stock.adjust(redis, id, -delta).await?.ok();
+            return Err(e.into());
+        }
         let updated = diesel::update(products::table.find(id))
             .set((
                 products::inventory.eq(inventory),
@@ -287,4 +309,82 @@ pub async fn apply_moves(
         Ok::<_, ProductsError>(changed)
     })
     .await
+}
+
+/// Records that the sale starting at `sale_start` was loaded into Redis, with the on-hand
+/// count and the ledger position of that moment (one statement, so both come from one
+/// snapshot). Answers false when that sale was loaded before: then Redis holding nothing
+/// means Redis lost it.
+pub async fn record_load(
+    db: &Databases,
+    product: Uuid,
+    sale_start: DateTime<Utc>,
+) -> Result<bool, ProductsError> {
+    let mut conn = db.global().write_conn().await?;
+    let recorded = diesel::sql_query(
+        "INSERT INTO stock_loads (product_id, sale_start, loaded_inventory, ledger_mark) \
+         SELECT id, $2, inventory, \
+                COALESCE((SELECT max(id) FROM inventory_ledger WHERE product_id = $1), 0) \
+         FROM products WHERE id = $1 \
+         ON CONFLICT (product_id) DO UPDATE \
+         SET sale_start = EXCLUDED.sale_start, loaded_at = now(), \
+             loaded_inventory = EXCLUDED.loaded_inventory, ledger_mark = EXCLUDED.ledger_mark \
+         WHERE stock_loads.sale_start <> EXCLUDED.sale_start",
+    )
+    .bind::<diesel::sql_types::Uuid, _>(product)
+    .bind::<diesel::sql_types::Timestamptz, _>(sale_start)
+    .execute(&mut conn)
+    .await?;
+    Ok(recorded == 1)
+}
+
+/// Whether the sale starting at `sale_start` was loaded into Redis.
+pub async fn was_loaded(
+    db: &Databases,
+    product: Uuid,
+    sale_start: DateTime<Utc>,
+) -> Result<bool, ProductsError> {
+    let mut conn = db.global().read_conn(ReadFrom::Primary).await?;
+    let found: Option<Uuid> = stock_loads::table
+        .find(product)
+        .filter(stock_loads::sale_start.eq(sale_start))
+        .select(stock_loads::product_id)
+        .first(&mut conn)
+        .await
+        .optional()?;
+    Ok(found.is_some())
+}
+
+#[derive(QueryableByName)]
+struct BooksOff {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    product_id: Uuid,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    units_off: i64,
+}
+
+/// Per loaded sale among `products`: the on-hand count minus (the count at load plus every
+/// ledger row since): 0 when the count agrees with the ledger.
+pub async fn books_off(
+    db: &Databases,
+    products: &[Uuid],
+) -> Result<Vec<(Uuid, i64)>, ProductsError> {
+    let mut conn = db.global().read_conn(ReadFrom::Primary).await?;
+    let rows: Vec<BooksOff> = diesel::sql_query(
+        "SELECT l.product_id, \
+                p.inventory::BIGINT - l.loaded_inventory - COALESCE(SUM(e.delta), 0)::BIGINT \
+                  AS units_off \
+         FROM stock_loads l \
+         JOIN products p ON p.id = l.product_id \
+         LEFT JOIN inventory_ledger e ON e.product_id = l.product_id AND e.id > l.ledger_mark \
+         WHERE l.product_id = ANY($1) \
+         GROUP BY l.product_id, p.inventory, l.loaded_inventory",
+    )
+    .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(products)
+    .load(&mut conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.product_id, r.units_off))
+        .collect())
 }

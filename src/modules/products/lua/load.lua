@@ -1,5 +1,7 @@
--- Loads a sale: the window and limit always, the counter only on the first load (a later
--- load must not reset units already reserved). Answers 1 when it loaded the counter.
+-- Loads a sale: the window, price and limit always (one HSET, so an edit lands at once), the
+-- counter only on the first load (a later load must not reset units already reserved).
+-- `units` is what the sale holds in all: available + reserved + committed (the auditor's sum).
+-- Answers 1 when it loaded the counter.
 local stock_key, epoch_key, sale_key, buyers_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local reservations_key, pending_key = KEYS[5], KEYS[6]
 local inventory, epoch, start_ms, end_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -8,6 +10,7 @@ redis.call('HSET', sale_key, 'start', start_ms, 'end', end_ms, 'limit', per_user
 local loaded = 0
 if redis.call('SET', epoch_key, epoch, 'NX') then
   redis.call('SET', stock_key, inventory)
+  redis.call('HSET', sale_key, 'units', inventory)
   loaded = 1
 end
 for _, key in ipairs({stock_key, epoch_key, sale_key, buyers_key, reservations_key, pending_key}) do
