@@ -613,13 +613,8 @@ impl StockScripts {
         terms: &SaleTerms,
     ) -> redis::RedisResult<()> {
         let keys = SaleKeys::new(redis, product);
-        let mut invocation = self.rebuild.key(&keys.stock);
-        invocation
-            .key(&keys.epoch)
-            .key(&keys.sale)
-            .key(&keys.buyers)
-            .arg(stock)
-            .arg(Uuid::now_v7().to_string());
+        let mut invocation = keys.invoke(&self.rebuild);
+        invocation.arg(stock).arg(Uuid::now_v7().to_string());
         for (user, units) in buyers {
             invocation.arg(user.simple().to_string()).arg(units);
         }

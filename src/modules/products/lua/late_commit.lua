@@ -5,8 +5,10 @@
 local stock_key, epoch_key, reservations_key, buyers_key, sale_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local order, user, units = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('EXISTS', epoch_key) == 0 then return 'not_loaded' end
+local stock = redis.call('GET', stock_key)
+if not stock then return 'not_loaded' end
 if redis.call('HGET', reservations_key, order) then return 'committed' end
-if tonumber(redis.call('GET', stock_key) or '0') < units then return 'sold_out' end
+if tonumber(stock) < units then return 'sold_out' end
 local limit = tonumber(redis.call('HGET', sale_key, 'limit') or '0')
 if tonumber(redis.call('HGET', buyers_key, user) or '0') + units > limit then return 'limit' end
 redis.call('DECRBY', stock_key, units)

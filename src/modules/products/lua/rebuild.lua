@@ -1,10 +1,13 @@
 -- Replaces the counters after a Redis loss: stock, buyers (ARGV pairs user, units), epoch.
--- The sale stays closed (`recovering`) until the orders in flight at the loss have settled:
--- they take their units at commit (late_commit.lua), within the limit.
+-- Reservation records a partial loss left behind go too: the rebuilt stock already counts
+-- their units (on hand, or sold and off the shelf). The sale stays closed (`recovering`)
+-- until the orders in flight at the loss have settled: they take their units at commit
+-- (late_commit.lua), within the limit.
 local stock_key, epoch_key, sale_key, buyers_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local reservations_key, pending_key = KEYS[5], KEYS[6]
 local stock, epoch = ARGV[1], ARGV[2]
 redis.call('SET', stock_key, stock)
-redis.call('DEL', buyers_key)
+redis.call('DEL', buyers_key, reservations_key, pending_key)
 for i = 3, #ARGV, 2 do redis.call('HSET', buyers_key, ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', sale_key, 'units', stock, 'recovering', 1)
 redis.call('SET', epoch_key, epoch)
