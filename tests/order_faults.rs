@@ -446,3 +446,45 @@ async fn the_broker_connection_recovers_by_itself_after_the_broker_drops_it() {
     }
     assert_eq!(app.remaining(product).await, 48);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_never_answers_in_time_fails_the_charge_not_the_worker() {
+    let app = TestApp::spawn_with(|s| {
+        s.orders.payment.latency_ms = 2_000;
+        s.orders.payment.timeout_ms = 20;
+    })
+    .await;
+    let _worker = app.spawn_worker().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
+    let (_, order, token) = buy_many(&app, product, 1, 1).await.remove(0);
+    // Every charge times out: the retries run out quickly, not after 2 s each.
+    let started = Instant::now();
+    assert_eq!(app.wait_settled(&token, order.unwrap()).await, "failed");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(app.remaining(product).await, 5, "the unit went back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pooled_connection_carries_the_statement_timeout() {
+    use diesel_async::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        statement_timeout: String,
+    }
+    let app = TestApp::spawn_with(|s| s.database.statement_timeout_ms = 1234).await;
+    let pools = std::iter::once(app.state.db.global()).chain(app.state.db.shards());
+    for pool in pools {
+        let mut conn = pool.write_conn().await.unwrap();
+        let shown: Setting = diesel::sql_query("SHOW statement_timeout")
+            .get_result(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(shown.statement_timeout, "1234ms");
+    }
+}
