@@ -192,6 +192,7 @@ pub struct OrdersSettings {
     pub reservation_timeout_secs: i64,
     pub reconcile_interval_secs: u64,
     pub payment: PaymentSettings,
+    pub admission: AdmissionSettings,
 }
 
 /// The payment gateway simulator and the circuit breaker in front of it.
@@ -206,6 +207,27 @@ pub struct PaymentSettings {
     pub breaker_open_ms: u64,
     /// A gateway call not answered within this long fails (and counts towards the breaker).
     pub timeout_ms: u64,
+}
+
+/// Admission control and the waiting room of the flash-sale path.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionSettings {
+    pub enabled: bool,
+    /// Beyond the allowed backlog: a ticket in the sale's waiting room (202), or 503 when off.
+    pub waiting_room: bool,
+    /// The backlog allowed is this many seconds of settling at the measured rate.
+    pub max_settle_secs: f64,
+    /// ...and never less than this many orders (an idle system learns its rate from them).
+    pub min_backlog: i64,
+    /// How often each API pod samples the backlog; the room's horizon moves at most this often.
+    pub sample_ms: u64,
+    /// How long a pod answers `sold_out` from memory after it learned a sale sold out.
+    pub sold_out_cache_ms: u64,
+    /// Tickets admitted beyond the units left, for admitted buyers who fail or go away.
+    pub stock_slack: i64,
+    /// The longest Retry-After a ticket is given.
+    pub max_retry_after_ms: u64,
 }
 
 /// Span export; logs are `[log]`.

@@ -86,6 +86,7 @@ pub async fn serve(state: AppState, role: Role) -> Result<(), StartupError> {
         tracing::info!(address = %listener.local_addr()?, "api listening");
         tokio::spawn(app::api_upkeep(state.clone()));
         tokio::spawn(products::run_indexer(state.clone()));
+        tokio::spawn(orders::run_admission(state.clone()));
         app::http_server(state.clone(), listener)?
     } else {
         let listener = TcpListener::bind((http.host.as_str(), http.ops_port))?;

@@ -40,6 +40,7 @@ async fn every_route_is_in_the_openapi_document_and_docs_are_served() {
         ("/products/{id}/inventory", "put"),
         ("/orders", "post"),
         ("/orders/flash-sale/{product_id}", "post"),
+        ("/orders/flash-sale/{product_id}/queue", "get"),
         ("/orders/user/{user_id}", "get"),
         ("/orders/{id}", "get"),
         ("/orders/{id}/status", "get"),

@@ -96,6 +96,7 @@ impl TestAppBuilder {
         let server = app::http_server(state.clone(), listener).expect("server starts");
         tokio::spawn(server);
         tokio::spawn(flashsale::modules::products::run_indexer(state.clone()));
+        tokio::spawn(flashsale::modules::orders::run_admission(state.clone()));
         TestApp {
             address,
             client: reqwest::Client::new(),

@@ -66,8 +66,9 @@ async fn record(
     idempotency_key: &str,
     answer: &str,
 ) -> Result<(), OrdersError> {
-    redis::pipe()
-        .add_command(store_record(state, message)?)
+    let mut pipe = redis::pipe();
+    state.orders.admission.count_accepted(&mut pipe);
+    pipe.add_command(store_record(state, message)?)
         .ignore()
         .cmd("SET")
         .arg(idempotency_key)

@@ -34,6 +34,8 @@ pub enum OrdersError {
     RateLimited { retry_after_secs: u64 },
     #[error("flash-sale stock is being restored")]
     StockUnavailable,
+    #[error("more orders are waiting to be settled than the platform settles in time")]
+    Overloaded { retry_after_secs: u64 },
     #[error("order queue: {0}")]
     Queue(String),
     #[error("corrupt order data: {0}")]
@@ -129,6 +131,10 @@ impl From<OrdersError> for Problem {
                 Problem::rate_limited(retry_after_secs)
             }
             OrdersError::StockUnavailable | OrdersError::Queue(_) => Problem::unavailable(&detail),
+            OrdersError::Overloaded { retry_after_secs } => {
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", detail)
+                    .with_retry_after(retry_after_secs)
+            }
             OrdersError::Corrupt(_) => Problem::internal(&detail),
             OrdersError::Products(e) => e.into(),
             OrdersError::Db(e) => e.into(),

@@ -2,6 +2,7 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use uuid::Uuid;
 
+use super::admission::Ticket;
 use super::model::{CreateOrderRequest, FlashSaleOrderRequest, Order, OrderStatusView};
 use crate::app::AppState;
 use crate::infra::http::extract::parse_optional_json;
@@ -18,6 +19,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 "/flash-sale/{product_id}",
                 web::post().to(place_flash_sale_order),
             )
+            .route(
+                "/flash-sale/{product_id}/queue",
+                web::get().to(waiting_room_place),
+            )
             .route("/user/{user_id}", web::get().to(list_user_orders))
             .route("/{id}", web::get().to(get_order))
             .route("/{id}/status", web::get().to(get_order_status))
@@ -29,6 +34,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 #[openapi(paths(
     place_order,
     place_flash_sale_order,
+    waiting_room_place,
     list_user_orders,
     get_order,
     get_order_status,
@@ -41,10 +47,11 @@ pub struct OrdersApi;
            ("Idempotency-Key" = String, Header, description = "1 to 255 visible ASCII characters; scoped per user and product")),
     request_body(content = Option<FlashSaleOrderRequest>),
     responses((status = 201, body = Order, description = "accepted; the worker settles it to paid or failed"),
+              (status = 202, body = Ticket, description = "the platform is settling as many orders as it can: a place in this sale's waiting room (one per buyer, in order of first arrival). Retry the same request with the same Idempotency-Key after Retry-After / retry_after_ms; it is admitted once the room's horizon reaches the ticket. The room never admits more buyers than units are left, and answers 409 sold_out to everyone once the stock is gone"),
               (status = 400, body = ProblemBody, description = "idempotency_key_required"),
-              (status = 409, body = ProblemBody, description = "sold_out, sale_not_active, purchase_limit, request_in_progress"),
+              (status = 409, body = ProblemBody, description = "sold_out (answered from memory for a moment once a sale sold out, also to a retry of a request that was accepted: its order is listed under /orders/user/{user_id}), sale_not_active, purchase_limit, request_in_progress"),
               (status = 422, body = ProblemBody, description = "validation_failed, idempotency_key_reused, total_too_large (the order's total is larger than an order can hold)"),
-              (status = 429, body = ProblemBody), (status = 503, body = ProblemBody)))]
+              (status = 429, body = ProblemBody), (status = 503, body = ProblemBody, description = "overloaded (waiting room off), service_unavailable")))]
 async fn place_flash_sale_order(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -54,10 +61,34 @@ async fn place_flash_sale_order(
 ) -> Result<HttpResponse, Problem> {
     let key_digest = idempotency_digest(&req)?;
     let request: FlashSaleOrderRequest = parse_optional_json(&body)?.unwrap_or_default();
-    let placed =
+    let answer =
         super::place_flash_sale_order(&state, &caller, product.into_inner(), &key_digest, &request)
             .await?;
-    Ok(created(placed))
+    Ok(match answer {
+        super::FlashSaleAnswer::Placed(placed) => created(placed),
+        super::FlashSaleAnswer::Waiting(ticket) => HttpResponse::Accepted()
+            .insert_header((header::RETRY_AFTER, ticket.retry_after_ms.div_ceil(1000)))
+            .json(ticket),
+    })
+}
+
+#[utoipa::path(get, path = "/orders/flash-sale/{product_id}/queue", tag = "orders", security(("bearer" = [])),
+    params(("product_id" = Uuid, Path, description = "product on sale")),
+    responses((status = 200, body = Ticket, description = "the caller's place in the sale's waiting room (position 0: admitted, retry the order now)"),
+              (status = 401, body = ProblemBody),
+              (status = 404, body = ProblemBody, description = "the caller holds no ticket for this sale")))]
+async fn waiting_room_place(
+    state: web::Data<AppState>,
+    caller: AuthUser,
+    product: web::Path<Uuid>,
+) -> Result<HttpResponse, Problem> {
+    let ticket = state
+        .orders
+        .admission
+        .ticket(&state, product.into_inner(), caller.user_id)
+        .await?
+        .ok_or(Problem::not_found("ticket"))?;
+    Ok(HttpResponse::Ok().json(ticket))
 }
 
 fn idempotency_digest(req: &HttpRequest) -> Result<String, Problem> {

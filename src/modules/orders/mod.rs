@@ -2,12 +2,14 @@
 //! the order-worker that persists, charges and settles, the reconciler, and the read and
 //! cancel routes.
 //!
-//! One file per concern: `placement` (validation and reservation), `idempotency` (both
+//! One file per concern: `placement` (validation and reservation), `admission` (admission
+//! control and the waiting room of the flash-sale path), `idempotency` (both
 //! routes' keys and stored answers), `acceptance` (confirmed publish and the acceptance
 //! record), `worker` (consuming and failure isolation), `settle` (a batch end to end, and
 //! what every final state needs), `cancel`, `lookup` (reads), `metrics`.
 
 mod acceptance;
+mod admission;
 mod cancel;
 mod error;
 mod handlers;
@@ -25,6 +27,7 @@ mod worker;
 
 use std::sync::Arc;
 
+pub use admission::Ticket;
 pub use cancel::cancel_order;
 pub use error::OrdersError;
 pub use handlers::configure;
@@ -35,7 +38,7 @@ pub use model::{
     OrderMessage, OrderStatus,
 };
 pub use payment::{Charge, ChargeResults, PaymentGateway, PaymentSimulator, Payments};
-pub use placement::{place_flash_sale_order, place_order, Placed};
+pub use placement::{place_flash_sale_order, place_order, FlashSaleAnswer, Placed};
 pub use queue::QueueNames;
 pub use reconciler::{reconcile_once, Repairs};
 
@@ -43,6 +46,7 @@ use crate::app::AppState;
 use crate::config::Settings;
 use crate::infra::amqp::{Amqp, Publisher};
 use crate::infra::redis::{Idempotency, Redis};
+use admission::Admission;
 
 pub fn openapi() -> utoipa::openapi::OpenApi {
     <handlers::OrdersApi as utoipa::OpenApi>::openapi()
@@ -57,6 +61,7 @@ pub struct OrdersState {
     pub payments: Payments,
     /// The simulator itself, for fault drills (failure rate at run time).
     pub simulator: Arc<PaymentSimulator>,
+    pub admission: Admission,
 }
 
 impl OrdersState {
@@ -81,6 +86,7 @@ impl OrdersState {
             order_publisher,
             payments,
             simulator,
+            admission: Admission::new(&settings.admission, redis),
         })
     }
 }
@@ -88,6 +94,12 @@ impl OrdersState {
 /// The order-worker's consumer; runs until the connection closes or a broker error.
 pub async fn run_worker(state: AppState) -> Result<(), OrdersError> {
     worker::run(state).await
+}
+
+/// The API role's admission sampler (backlog and settle rate); runs for the life of the
+/// process.
+pub async fn run_admission(state: AppState) {
+    admission::run_sampler(state).await
 }
 
 /// The reconciler and sale scheduler of the worker role; runs for the life of the process.

@@ -5,6 +5,7 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use super::acceptance;
+use super::admission::{Entry, Ticket};
 use super::error::OrdersError;
 use super::idempotency;
 use super::model::{
@@ -34,15 +35,22 @@ impl Placed {
     }
 }
 
-/// The flash-sale order path: per-user attempt limit, one atomic reservation, a confirmed
-/// publish, then the answer. A failed publish gives the units back and answers 503.
+/// The flash-sale route's answer: the order, or a place in the sale's waiting room.
+pub enum FlashSaleAnswer {
+    Placed(Placed),
+    Waiting(Ticket),
+}
+
+/// The flash-sale order path: admission (or a ticket in the waiting room), per-user attempt
+/// limit, one atomic reservation, a confirmed publish, then the answer. A failed publish
+/// gives the units back and answers 503.
 pub async fn place_flash_sale_order(
     state: &AppState,
     caller: &AuthUser,
     product: Uuid,
     key_digest: &str,
     request: &FlashSaleOrderRequest,
-) -> Result<Placed, OrdersError> {
+) -> Result<FlashSaleAnswer, OrdersError> {
     let settings = &state.settings.orders;
     let quantity = request.quantity.unwrap_or(1);
     let (payment_method, shipping_address) = check_order_terms(
@@ -57,6 +65,18 @@ pub async fn place_flash_sale_order(
     let body_hash = idempotency::body_digest(&format!(
         "{product}|{quantity}|{payment_method}|{shipping_address:?}"
     ));
+    let admission = &state.orders.admission;
+    if admission.known_sold_out(product) {
+        return Err(OrdersError::SoldOut);
+    }
+    match admission
+        .enter(state, product, caller.user_id, key_digest)
+        .await?
+    {
+        Entry::Go => {}
+        Entry::Wait(ticket) => return Ok(FlashSaleAnswer::Waiting(ticket)),
+        Entry::SoldOut => return Err(OrdersError::SoldOut),
+    }
     let order_id = Uuid::now_v7();
     let reservation = products::reserve(
         state,
@@ -74,13 +94,18 @@ pub async fn place_flash_sale_order(
     .await?;
     let unit_price = match reservation {
         Reservation::Reserved { unit_price } => unit_price,
-        Reservation::Replay(stored) => return Placed::replayed(&stored),
+        Reservation::Replay(stored) => {
+            return Placed::replayed(&stored).map(FlashSaleAnswer::Placed)
+        }
         Reservation::InProgress => return Err(OrdersError::RequestInProgress),
         Reservation::KeyReusedWithOtherBody => return Err(OrdersError::IdempotencyKeyReused),
         Reservation::NotLoaded => return Err(not_loaded_reason(&listed)),
         Reservation::NotActive => return Err(OrdersError::SaleNotActive),
         Reservation::PurchaseLimit => return Err(OrdersError::PurchaseLimit),
-        Reservation::SoldOut => return Err(OrdersError::SoldOut),
+        Reservation::SoldOut => {
+            admission.note_sold_out(product);
+            return Err(OrdersError::SoldOut);
+        }
         Reservation::RateLimited { retry_after_secs } => {
             return Err(OrdersError::RateLimited { retry_after_secs })
         }
@@ -105,7 +130,9 @@ pub async fn place_flash_sale_order(
         failure_reason: None,
     };
     let idempotency_key = products::idempotency_key(state, product, caller.user_id, key_digest);
-    acceptance::accept(state, message, &idempotency_key, &body_hash).await
+    acceptance::accept(state, message, &idempotency_key, &body_hash)
+        .await
+        .map(FlashSaleAnswer::Placed)
 }
 
 /// `POST /orders`: several items of regular (not flash-sale) products. Each item is

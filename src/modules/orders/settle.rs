@@ -127,6 +127,7 @@ pub async fn settle_batch<'a>(
         .iter()
         .partition(|row| inserted.contains(&row.order.id));
     let mut settled: Vec<Settled<'_>> = Vec::with_capacity(rows.len());
+    let settled_now = fresh.len();
     for row in fresh {
         metrics::record_settled(row.order, row.status, row.kind);
         settled.push(row.into());
@@ -142,7 +143,20 @@ pub async fn settle_batch<'a>(
         }
     }
     finish(state, &settled).await?;
+    count_settled(state, settled_now).await;
     Ok(deferred)
+}
+
+/// Orders that left the backlog, for admission control; a miss only skews its estimate.
+pub async fn count_settled(state: &AppState, orders: usize) {
+    let counted = state
+        .orders
+        .admission
+        .count_settled(&state.redis, orders)
+        .await;
+    if let Err(e) = counted {
+        tracing::warn!(error = %e, orders, "counting settled orders for admission control");
+    }
 }
 
 /// What follows a final state: the stock moves of paid orders into the ledger, units of

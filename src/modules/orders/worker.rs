@@ -290,6 +290,7 @@ async fn give_up(
     }
     settle::apply_stock_moves_of(state, order).await?;
     metrics::record_settled(order, OrderStatus::Failed, message.kind);
+    settle::count_settled(state, 1).await;
     settle::notify(state, &[Settled::from(&row)]).await?;
     let dead = OrderMessage {
         failure_reason: Some(reason.to_owned()),

@@ -19,8 +19,8 @@ pub use auditor::{audit_once, run as run_auditor, SaleFindings};
 pub use error::ProductsError;
 pub use model::{FlashSaleItem, NewProduct, Product, ProductPatch};
 pub use stock::{
-    CommitOutcome, ReleaseOutcome, Reservation, ReserveRequest, ReservedUnits, SaleKind, SaleState,
-    SaleTerms, StaleReservation,
+    CommitOutcome, ReleaseOutcome, Reservation, ReserveRequest, ReservedUnits, RoomAnswer,
+    RoomRequest, SaleKind, SaleState, SaleTerms, StaleReservation,
 };
 pub use store::StockMove;
 
@@ -429,6 +429,31 @@ pub async fn stale_reservations(
         .products
         .stock
         .stale_reservations(&state.redis, product, cutoff)
+        .await?)
+}
+
+/// Takes a buyer through a sale's waiting room.
+pub async fn enter_room(
+    state: &AppState,
+    request: &RoomRequest<'_>,
+) -> Result<RoomAnswer, ProductsError> {
+    Ok(state
+        .products
+        .stock
+        .enter_room(&state.redis, request)
+        .await?)
+}
+
+/// A buyer's (ticket, position) in a sale's waiting room, if they hold one.
+pub async fn room_ticket(
+    state: &AppState,
+    product: Uuid,
+    buyer: Uuid,
+) -> Result<Option<(u64, u64)>, ProductsError> {
+    Ok(state
+        .products
+        .stock
+        .room_ticket(&state.redis, product, buyer)
         .await?)
 }
 

@@ -21,6 +21,9 @@ use crate::infra::redis::{IdempotencyStart, Redis};
 /// Regular stock stays in Redis this long after its last load (see `regular_terms`).
 pub const REGULAR_TTL_SECS: i64 = 366 * 86_400;
 
+/// A waiting room outlives any sale's crowd.
+const ROOM_TTL_SECS: u64 = 86_400;
+
 /// A lost-sale note outlives any rebuild; it only has to span two reconciler passes.
 const LOST_MARK_TTL_SECS: u64 = 3_600;
 
@@ -49,6 +52,7 @@ pub struct StockScripts {
     rebuild: Script,
     reopen: Script,
     audit: Script,
+    room: Script,
 }
 
 impl Default for StockScripts {
@@ -64,6 +68,7 @@ impl Default for StockScripts {
             rebuild: Script::new(include_str!("lua/rebuild.lua")),
             reopen: Script::new(include_str!("lua/reopen.lua")),
             audit: Script::new(include_str!("lua/audit.lua")),
+            room: Script::new(include_str!("lua/room.lua")),
         }
     }
 }
@@ -79,6 +84,8 @@ struct SaleKeys {
     pending: String,
     /// When the reconciler first found the sale lost (it rebuilds a pass later).
     lost: String,
+    /// The waiting room: tickets, the admitted horizon.
+    room: String,
 }
 
 impl SaleKeys {
@@ -94,6 +101,7 @@ impl SaleKeys {
             reservations: key("res"),
             pending: key("pending"),
             lost: key("lost"),
+            room: key("room"),
         }
     }
 
@@ -208,6 +216,35 @@ pub enum CommitOutcome {
     SoldOut,
     /// Redis lost the reservation, and the buyer bought up to the limit since the rebuild.
     OverLimit,
+}
+
+/// A buyer at a sale's waiting room.
+pub struct RoomRequest<'a> {
+    pub product: Uuid,
+    pub buyer: Uuid,
+    pub key_digest: &'a str,
+    /// Orders the admission controller lets in now (0 or less: none).
+    pub capacity: i64,
+    /// The horizon moves at most once per tick, across every pod.
+    pub tick_ms: u64,
+    /// Tickets admitted beyond the units left (some admitted buyers fail or go away).
+    pub slack: i64,
+}
+
+/// The room's answer to a buyer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomAnswer {
+    /// No one waits and there is capacity: go on to reserve.
+    Pass,
+    /// The buyer's ticket is within the admitted horizon: go on to reserve.
+    Admitted,
+    /// The Idempotency-Key already has an answer: the reservation replays it.
+    Replay,
+    SoldOut,
+    Waiting {
+        ticket: u64,
+        position: u64,
+    },
 }
 
 /// Where a sale stands in Redis.
@@ -461,6 +498,59 @@ impl StockScripts {
             (true, true) => SaleState::Recovering,
             (true, false) => SaleState::Open,
         })
+    }
+
+    /// Takes a buyer through the sale's waiting room (one script, so every pod sees one
+    /// order of arrival).
+    pub async fn enter_room(
+        &self,
+        redis: &Redis,
+        req: &RoomRequest<'_>,
+    ) -> redis::RedisResult<RoomAnswer> {
+        let keys = SaleKeys::new(redis, req.product);
+        let reply: Vec<String> = self
+            .room
+            .key(&keys.stock)
+            .key(&keys.room)
+            .key(keys.idempotency(req.buyer, req.key_digest))
+            .arg(req.buyer.simple().to_string())
+            .arg(req.key_digest)
+            .arg(Utc::now().timestamp_millis())
+            .arg(req.capacity)
+            .arg(req.tick_ms)
+            .arg(req.slack)
+            .arg(ROOM_TTL_SECS)
+            .invoke_async(&mut redis.conn())
+            .await?;
+        let number = |i: usize| reply.get(i).and_then(|n| n.parse().ok()).unwrap_or(0);
+        Ok(match reply.first().map(String::as_str) {
+            Some("admitted") => RoomAnswer::Admitted,
+            Some("replay") => RoomAnswer::Replay,
+            Some("sold_out") => RoomAnswer::SoldOut,
+            Some("waiting") => RoomAnswer::Waiting {
+                ticket: number(1),
+                position: number(2),
+            },
+            _ => RoomAnswer::Pass,
+        })
+    }
+
+    /// A buyer's ticket in the sale's room and how far the horizon is from it: (ticket,
+    /// position, 0 once admitted).
+    pub async fn room_ticket(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+        buyer: Uuid,
+    ) -> redis::RedisResult<Option<(u64, u64)>> {
+        let keys = SaleKeys::new(redis, product);
+        let (ticket, admitted): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
+            .arg(&keys.room)
+            .arg(format!("t:{}", buyer.simple()))
+            .arg("admitted")
+            .query_async(&mut redis.conn())
+            .await?;
+        Ok(ticket.map(|t| (t, t.saturating_sub(admitted.unwrap_or(0)))))
     }
 
     /// Notes a product whose regular stock is in Redis, for the reconciler.

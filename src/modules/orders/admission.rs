@@ -1,0 +1,258 @@
+//! Admission control of the flash-sale path: accept only what the workers settle within
+//! `orders.admission.max_settle_secs`, and queue the rest fairly in the sale's waiting room.
+//!
+//! Every API pod samples two cluster-wide Redis counters each `sample_ms`: orders accepted
+//! and orders settled. The backlog is their difference, the settle rate the settled counter's
+//! growth (quick to rise, slow to fall, so a pause in arrivals does not read as slow
+//! workers). The backlog allowed is that rate times `max_settle_secs`, and at least
+//! `min_backlog` so an idle system admits a first wave and learns its rate: a limit that
+//! follows what the workers actually settle, not a fixed number. Between samples each pod
+//! spends its share of the room left.
+//!
+//! When nothing is left, a flash-sale attempt takes a ticket in the sale's waiting room (or
+//! 503 + Retry-After with the room off); the room admits tickets in order of arrival as
+//! capacity frees, never more than the units left can serve, and answers everyone `sold_out`
+//! once the stock is gone. A sale known sold out is answered from memory for a moment.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::error::OrdersError;
+use crate::app::AppState;
+use crate::config::AdmissionSettings;
+use crate::infra::redis::Redis;
+use crate::modules::products::{self, RoomAnswer, RoomRequest};
+
+/// A place in a sale's waiting room (`202 Accepted`): retry the same request, with the same
+/// Idempotency-Key, after `retry_after_ms`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Ticket {
+    /// Order of first arrival in this sale's room (one ticket per buyer).
+    pub ticket: u64,
+    /// Tickets ahead of this one that are not admitted yet (0: admitted, retry now).
+    pub position: u64,
+    pub retry_after_ms: u64,
+}
+
+/// What the flash-sale path does with an attempt.
+pub enum Entry {
+    Go,
+    Wait(Ticket),
+    SoldOut,
+}
+
+pub struct Admission {
+    settings: AdmissionSettings,
+    /// Orders this pod may still let in before the next sample (the allowed backlog minus
+    /// the backlog); unlimited until the first sample.
+    capacity: AtomicI64,
+    /// Settle rate in orders per 1000 s (an integer, so it can be atomic).
+    rate_milli: AtomicI64,
+    sold_out: moka::sync::Cache<Uuid, ()>,
+    /// Sales whose room this pod saw people waiting in: their attempts go through the room.
+    crowded: moka::sync::Cache<Uuid, ()>,
+    accepted_key: String,
+    settled_key: String,
+}
+
+/// The counters outlive any backlog; they are cluster-wide and only their difference counts.
+const COUNTER_TTL_SECS: i64 = 7 * 86_400;
+/// A sale stays "crowded" in a pod this long after it last saw someone wait.
+const CROWDED_FOR: Duration = Duration::from_secs(2);
+
+impl Admission {
+    pub fn new(settings: &AdmissionSettings, redis: &Redis) -> Self {
+        let cache = |ttl| moka::sync::Cache::builder().time_to_live(ttl).build();
+        Self {
+            settings: settings.clone(),
+            capacity: AtomicI64::new(i64::MAX),
+            rate_milli: AtomicI64::new(0),
+            sold_out: cache(Duration::from_millis(settings.sold_out_cache_ms)),
+            crowded: cache(CROWDED_FOR),
+            accepted_key: redis.key("admission:accepted"),
+            settled_key: redis.key("admission:settled"),
+        }
+    }
+
+    /// True while this pod knows the sale sold out (no Redis round trip).
+    pub fn known_sold_out(&self, product: Uuid) -> bool {
+        self.settings.enabled && self.sold_out.contains_key(&product)
+    }
+
+    pub fn note_sold_out(&self, product: Uuid) {
+        self.sold_out.insert(product, ());
+    }
+
+    /// Lets an attempt go on to its reservation, or gives it a ticket.
+    pub async fn enter(
+        &self,
+        state: &AppState,
+        product: Uuid,
+        buyer: Uuid,
+        key_digest: &str,
+    ) -> Result<Entry, OrdersError> {
+        if !self.settings.enabled {
+            return Ok(Entry::Go);
+        }
+        let crowded = self.crowded.contains_key(&product);
+        if !crowded && self.take_capacity() {
+            metrics::counter!("admission_admitted_total").increment(1);
+            return Ok(Entry::Go);
+        }
+        if !self.settings.waiting_room {
+            metrics::counter!("admission_shed_total").increment(1);
+            return Err(OrdersError::Overloaded {
+                retry_after_secs: 1,
+            });
+        }
+        let capacity = self.capacity.load(Ordering::Relaxed).max(0);
+        let answer = products::enter_room(
+            state,
+            &RoomRequest {
+                product,
+                buyer,
+                key_digest,
+                capacity,
+                tick_ms: self.settings.sample_ms,
+                slack: self.settings.stock_slack,
+            },
+        )
+        .await?;
+        Ok(match answer {
+            RoomAnswer::Pass | RoomAnswer::Admitted | RoomAnswer::Replay => {
+                if answer != RoomAnswer::Replay {
+                    self.capacity.fetch_sub(1, Ordering::Relaxed);
+                }
+                metrics::counter!("admission_admitted_total").increment(1);
+                Entry::Go
+            }
+            RoomAnswer::SoldOut => {
+                self.note_sold_out(product);
+                Entry::SoldOut
+            }
+            RoomAnswer::Waiting { ticket, position } => {
+                self.crowded.insert(product, ());
+                metrics::counter!("admission_queued_total").increment(1);
+                Entry::Wait(Ticket {
+                    ticket,
+                    position,
+                    retry_after_ms: self.retry_after_ms(position),
+                })
+            }
+        })
+    }
+
+    fn take_capacity(&self) -> bool {
+        self.capacity.fetch_sub(1, Ordering::Relaxed) > 0
+    }
+
+    /// About when the horizon reaches `position`, at the current settle rate.
+    fn retry_after_ms(&self, position: u64) -> u64 {
+        let per_sec = (self.rate_milli.load(Ordering::Relaxed) as f64 / 1000.0).max(1.0);
+        let eta_ms = position as f64 / per_sec * 1000.0;
+        (eta_ms as u64).clamp(
+            self.settings.sample_ms,
+            self.settings
+                .max_retry_after_ms
+                .max(self.settings.sample_ms),
+        )
+    }
+
+    /// The caller's place in a sale's room, if they hold a ticket.
+    pub async fn ticket(
+        &self,
+        state: &AppState,
+        product: Uuid,
+        buyer: Uuid,
+    ) -> Result<Option<Ticket>, OrdersError> {
+        Ok(products::room_ticket(state, product, buyer)
+            .await?
+            .map(|(ticket, position)| Ticket {
+                ticket,
+                position,
+                retry_after_ms: if position == 0 {
+                    0
+                } else {
+                    self.retry_after_ms(position)
+                },
+            }))
+    }
+
+    /// Counts an accepted order (into the pipeline that records it).
+    pub fn count_accepted(&self, pipe: &mut redis::Pipeline) {
+        pipe.incr(&self.accepted_key, 1)
+            .ignore()
+            .expire(&self.accepted_key, COUNTER_TTL_SECS)
+            .ignore();
+    }
+
+    /// Counts orders that reached a final state.
+    pub async fn count_settled(&self, redis: &Redis, orders: usize) -> redis::RedisResult<()> {
+        if orders == 0 {
+            return Ok(());
+        }
+        redis::pipe()
+            .incr(&self.settled_key, orders)
+            .ignore()
+            .expire(&self.settled_key, COUNTER_TTL_SECS)
+            .ignore()
+            .query_async(&mut redis.conn())
+            .await
+    }
+}
+
+/// The API role's sampler: every `sample_ms`, the backlog and the settle rate, and from them
+/// what this pod may let in; exported as `admission_backlog`, `admission_settle_rate` and
+/// `admission_horizon_seconds`.
+pub async fn run_sampler(state: AppState) {
+    let admission = &state.orders.admission;
+    let settings = &admission.settings;
+    let mut tick = tokio::time::interval(Duration::from_millis(settings.sample_ms));
+    let mut last: Option<(i64, Instant)> = None;
+    let mut rate = 0.0_f64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = state.shutdown.cancelled() => return,
+        }
+        let counters: redis::RedisResult<(Option<i64>, Option<i64>)> = redis::cmd("MGET")
+            .arg(&admission.accepted_key)
+            .arg(&admission.settled_key)
+            .query_async(&mut state.redis.conn())
+            .await;
+        let (accepted, settled) = match counters {
+            Ok((accepted, settled)) => (accepted.unwrap_or(0), settled.unwrap_or(0)),
+            Err(e) => {
+                tracing::warn!(error = %e, "admission sample failed; keeping the last limit");
+                continue;
+            }
+        };
+        let now = Instant::now();
+        if let Some((before, at)) = last {
+            let seconds = now.duration_since(at).as_secs_f64().max(1e-3);
+            let measured = (settled - before).max(0) as f64 / seconds;
+            rate = if measured > rate {
+                measured
+            } else {
+                0.9 * rate + 0.1 * measured
+            };
+        }
+        last = Some((settled, now));
+        let backlog = (accepted - settled).max(0);
+        let allowed = (rate * settings.max_settle_secs).max(settings.min_backlog as f64) as i64;
+        admission
+            .capacity
+            .store(allowed - backlog, Ordering::Relaxed);
+        admission
+            .rate_milli
+            .store((rate * 1000.0) as i64, Ordering::Relaxed);
+        metrics::gauge!("admission_backlog").set(backlog as f64);
+        metrics::gauge!("admission_allowed_backlog").set(allowed as f64);
+        metrics::gauge!("admission_settle_rate").set(rate);
+        metrics::gauge!("admission_horizon_seconds").set(backlog as f64 / rate.max(1.0));
+    }
+}

@@ -1,0 +1,43 @@
+-- The waiting room of one sale, fair across API pods: tickets in order of first arrival, one
+-- per buyer, and a horizon (`admitted`) that moves at most once per tick by the capacity the
+-- caller's admission controller grants, and never past what the stock can serve.
+-- Answers {'pass'} (no one waits and there is room), {'admitted'}, {'waiting', ticket,
+-- position}, {'sold_out'}, or {'replay'} (the key already has an answer: let the reservation
+-- script replay it).
+local stock_key, room_key, idem_key = KEYS[1], KEYS[2], KEYS[3]
+local buyer, key_digest, now_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local capacity, tick_ms, slack, ttl_secs = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local idem = redis.call('GET', idem_key)
+if idem and cjson.decode(idem).state ~= 'in_progress' then return {'replay'} end
+local stock = redis.call('GET', stock_key)
+-- Not loaded: the reservation script answers that.
+if not stock then return {'pass'} end
+stock = tonumber(stock)
+local room = redis.call('HMGET', room_key, 'seq', 'admitted', 'consumed', 'advanced_at')
+local seq, admitted = tonumber(room[1] or '0'), tonumber(room[2] or '0')
+local consumed, advanced_at = tonumber(room[3] or '0'), tonumber(room[4] or '0')
+if capacity > 0 and admitted < seq and now_ms - advanced_at >= tick_ms then
+  -- Admitted tickets not yet served never exceed the units left (plus a slack for failures).
+  local servable = consumed + stock + slack
+  admitted = math.max(admitted, math.min(seq, admitted + capacity, servable))
+  redis.call('HSET', room_key, 'admitted', admitted, 'advanced_at', now_ms)
+end
+local ticket_field = 't:' .. buyer
+local ticket = redis.call('HGET', room_key, ticket_field)
+if not ticket then
+  if stock == 0 then return {'sold_out'} end
+  if capacity > 0 and admitted >= seq then return {'pass'} end
+  seq = redis.call('HINCRBY', room_key, 'seq', 1)
+  ticket = seq
+  redis.call('HSET', room_key, ticket_field, seq, 'k:' .. buyer, key_digest)
+  redis.call('EXPIRE', room_key, ttl_secs)
+end
+ticket = tonumber(ticket)
+if ticket <= admitted then
+  if redis.call('HSETNX', room_key, 'c:' .. buyer, 1) == 1 then
+    redis.call('HINCRBY', room_key, 'consumed', 1)
+  end
+  return {'admitted'}
+end
+if stock == 0 then return {'sold_out'} end
+return {'waiting', tostring(ticket), tostring(ticket - admitted)}
