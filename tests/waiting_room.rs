@@ -192,3 +192,23 @@ async fn buyers_who_keep_coming_back_buy_every_unit_and_no_more() {
     assert_eq!(app.remaining(product).await, 0);
     app.wait_inventory(product, 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_known_sold_out_is_answered_from_memory() {
+    let app = TestApp::spawn_with(|s| s.orders.admission.sold_out_cache_ms = 60_000).await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 1, "1.00").await;
+    assert_eq!(Buyer::new(&app).attempt(&app, product, "k").await.0, 201);
+    let (status, body) = Buyer::new(&app).attempt(&app, product, "k").await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("sold_out")));
+
+    // Without its counter Redis would answer 503; the process remembers the sell-out.
+    redis::cmd("DEL")
+        .arg(app.sale_key(product, "stock"))
+        .arg(app.sale_key(product, "epoch"))
+        .query_async::<()>(&mut app.state.redis.conn())
+        .await
+        .unwrap();
+    let (status, body) = Buyer::new(&app).attempt(&app, product, "k").await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("sold_out")));
+}

@@ -6,7 +6,11 @@
 //! Every request is a new user, so the per-user limits never interfere, unless `--buyers N`
 //! draws them from N buyers (round robin; then the limit is under test too). With
 //! `--reuse-keys` each buyer sends one Idempotency-Key every time (duplicate and concurrent
-//! retries of one key).
+//! retries of one key). With `--follow-retry` each of the N buyers arrives once (at `--rate`
+//! per second, or all at once) and behaves as a real client: it waits Retry-After or the
+//! ticket's `retry_after_ms` and retries with its key until a final answer; the report says
+//! `sold X of Y`, how many buyers got no final answer, the time to a final answer, and how
+//! many buyers were served out of arrival order.
 //!
 //!     order_load --config-dir config --env development --stock 200000 --duration-secs 30 \
 //!                --connections 256 [--rate 6000] [--path /orders/flash-sale/{product}]
@@ -62,6 +66,16 @@ struct Args {
     /// Each buyer sends the same Idempotency-Key with every request (needs --buyers).
     #[arg(long, requires = "buyers")]
     reuse_keys: bool,
+    /// Each buyer arrives once and retries until a final answer (needs --buyers).
+    #[arg(long, requires = "buyers")]
+    follow_retry: bool,
+    /// With --follow-retry: a buyer still without a final answer this long after arriving
+    /// counts as unanswered.
+    #[arg(long, default_value_t = 120)]
+    answer_timeout_secs: u64,
+    /// Print one buyer's bearer token and exit (for wrk scripts, e.g. bench/wrk/sold_out.lua).
+    #[arg(long)]
+    mint_token: bool,
 }
 
 /// Who sends the next request, and with which Idempotency-Key.
@@ -118,6 +132,13 @@ async fn main() {
     let args = Args::parse();
     let settings = Settings::load_for(&args.config_dir, &args.env).expect("configuration loads");
     let keys = Arc::new(TokenKeys::new(&settings.auth).expect("signing keys"));
+    if args.mint_token {
+        let token = keys
+            .issue(Uuid::now_v7(), Role::Customer, Uuid::new_v4())
+            .expect("buyer token");
+        println!("{token}");
+        return;
+    }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.connections)
         .timeout(Duration::from_secs(30))
@@ -140,7 +161,11 @@ async fn main() {
 
     let started = Instant::now();
     let senders = Arc::new(Senders::new(keys.clone(), &args));
-    let total = run_load(&args, &client, &url, &senders).await;
+    let total = if args.follow_retry {
+        follow_buyers(&args, &client, &url, &senders).await
+    } else {
+        run_load(&args, &client, &url, &senders).await
+    };
     let elapsed = started.elapsed();
     let accepted = senders.accepted.lock().map_or(0, |ids| ids.len() as u64);
     println!("load: {}", total.report(elapsed));
@@ -219,6 +244,37 @@ async fn create_product(client: &reqwest::Client, args: &Args, keys: &TokenKeys)
 
 async fn one_order(client: &reqwest::Client, url: &str, senders: &Senders) -> Option<u16> {
     let (token, key) = senders.next()?;
+    send(client, url, &token, &key, senders)
+        .await
+        .map(|answer| answer.status)
+}
+
+/// What an attempt was told: its status, how long to wait before trying again, the
+/// problem's code.
+struct Answer {
+    status: u16,
+    wait: Option<Duration>,
+    code: Option<String>,
+}
+
+impl Answer {
+    /// 201, or a refusal that trying again will not change.
+    fn is_final(&self) -> bool {
+        match self.status {
+            202 | 429 | 503 => false,
+            409 => self.code.as_deref() != Some("request_in_progress"),
+            _ => true,
+        }
+    }
+}
+
+async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    key: &str,
+    senders: &Senders,
+) -> Option<Answer> {
     let res = client
         .post(url)
         .bearer_auth(token)
@@ -228,18 +284,115 @@ async fn one_order(client: &reqwest::Client, url: &str, senders: &Senders) -> Op
         .await
         .ok()?;
     let status = res.status().as_u16();
+    let retry_after = res
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .map(Duration::from_secs);
     // Read the body so the connection goes back to the pool.
-    let body = res.bytes().await.ok()?;
+    let body: Value = serde_json::from_slice(&res.bytes().await.ok()?).unwrap_or(Value::Null);
     if status == 201 {
-        let order = serde_json::from_slice::<Value>(&body).ok()?["id"]
-            .as_str()?
-            .parse()
-            .ok()?;
+        let order = body["id"].as_str()?.parse().ok()?;
         if let Ok(mut accepted) = senders.accepted.lock() {
             accepted.insert(order);
         }
     }
-    Some(status)
+    let wait = body["retry_after_ms"]
+        .as_u64()
+        .map(Duration::from_millis)
+        .or(retry_after);
+    let code = body["code"].as_str().map(str::to_owned);
+    Some(Answer { status, wait, code })
+}
+
+/// `--follow-retry`: every buyer arrives once and retries until a final answer.
+async fn follow_buyers(
+    args: &Args,
+    client: &reqwest::Client,
+    url: &str,
+    senders: &Arc<Senders>,
+) -> Recorder {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(args.connections));
+    let gap = args
+        .rate
+        .map(|rate| Duration::from_secs_f64(1.0 / rate as f64));
+    let timeout = Duration::from_secs(args.answer_timeout_secs);
+    let start = Instant::now();
+    let mut buyers = Vec::with_capacity(senders.buyers.len());
+    for (arrival, (token, key)) in senders.buyers.iter().cloned().enumerate() {
+        if let Some(gap) = gap {
+            let due = start + gap * arrival as u32;
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let (client, url, senders, in_flight) = (
+            client.clone(),
+            url.to_owned(),
+            senders.clone(),
+            in_flight.clone(),
+        );
+        buyers.push(tokio::spawn(async move {
+            let arrived = Instant::now();
+            let mut recorder = Recorder::default();
+            loop {
+                if arrived.elapsed() > timeout {
+                    return (arrival, None, arrived.elapsed(), recorder);
+                }
+                let sent = Instant::now();
+                let answer = {
+                    let _slot = in_flight.acquire().await.expect("semaphore open");
+                    send(&client, &url, &token, &key, &senders).await
+                };
+                recorder.record(sent.elapsed(), answer.as_ref().map(|a| a.status));
+                match answer {
+                    Some(answer) if answer.is_final() => {
+                        return (arrival, Some(answer), arrived.elapsed(), recorder)
+                    }
+                    Some(answer) => {
+                        let wait = answer.wait.unwrap_or(Duration::from_secs(1));
+                        tokio::time::sleep(wait.min(timeout)).await;
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }));
+    }
+    let mut total = Recorder::default();
+    let mut to_answer = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("histogram");
+    let (mut unanswered, mut outcomes) = (0, vec![]);
+    for buyer in futures_util::future::join_all(buyers).await {
+        let (arrival, answer, took, recorder) = buyer.expect("buyer task");
+        total.merge(&recorder);
+        match answer {
+            Some(answer) => {
+                to_answer.saturating_record((took.as_millis() as u64).max(1));
+                outcomes.push((arrival, answer.status, answer.code));
+            }
+            None => unanswered += 1,
+        }
+    }
+    // Served out of arrival order: sold to a buyer who arrived after one told sold_out.
+    let first_refused = outcomes
+        .iter()
+        .filter(|(_, status, code)| *status == 409 && code.as_deref() == Some("sold_out"))
+        .map(|(arrival, _, _)| *arrival)
+        .min();
+    let out_of_order = outcomes
+        .iter()
+        .filter(|(arrival, status, _)| {
+            *status == 201 && first_refused.is_some_and(|f| *arrival > f)
+        })
+        .count();
+    let sold = senders.accepted.lock().map_or(0, |ids| ids.len());
+    println!(
+        "sold {sold} of {} | unanswered {unanswered} of {} buyers | time to final answer ms p50 {} p95 {} p99 {} max {} | served out of arrival order {out_of_order}",
+        args.stock,
+        senders.buyers.len(),
+        to_answer.value_at_quantile(0.5),
+        to_answer.value_at_quantile(0.95),
+        to_answer.value_at_quantile(0.99),
+        to_answer.max(),
+    );
+    total
 }
 
 async fn run_load(

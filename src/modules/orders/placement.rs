@@ -59,16 +59,17 @@ pub async fn place_flash_sale_order(
         request.payment_method.as_deref(),
         request.shipping_address.as_deref(),
     )?;
+    // The cheapest answer first: after a sell-out, most of a crowd gets it.
+    let admission = &state.orders.admission;
+    if admission.known_sold_out(product) {
+        return Err(OrdersError::SoldOut);
+    }
     let listed = find_product(state, product).await?;
     let sale_price = listed.flash_sale_price.as_ref().unwrap_or(&listed.price);
     check_total(&[(sale_price, quantity)])?;
     let body_hash = idempotency::body_digest(&format!(
         "{product}|{quantity}|{payment_method}|{shipping_address:?}"
     ));
-    let admission = &state.orders.admission;
-    if admission.known_sold_out(product) {
-        return Err(OrdersError::SoldOut);
-    }
     match admission
         .enter(state, product, caller.user_id, key_digest)
         .await?
