@@ -109,6 +109,7 @@ pub fn http_server(state: AppState, listener: TcpListener) -> std::io::Result<Se
             .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", openapi.clone()))
             .default_service(web::to(extract::not_found))
     })
+    .keep_alive(Duration::from_secs(http.keep_alive_secs))
     .shutdown_timeout(http.shutdown_grace_secs)
     .disable_signals();
     if http.workers > 0 {

@@ -37,6 +37,9 @@ pub struct HttpSettings {
     pub body_limit_bytes: usize,
     /// Requests one process serves at once; beyond it, 503 + Retry-After at once.
     pub max_in_flight: usize,
+    /// An idle keep-alive connection stays open this long (shoppers in a waiting room poll
+    /// every few seconds; reconnecting each time costs more than the idle socket).
+    pub keep_alive_secs: u64,
     pub trusted_proxies: Vec<IpAddr>,
     /// On SIGTERM: how long in-flight requests and batches get before the process exits.
     pub shutdown_grace_secs: u64,

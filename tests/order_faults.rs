@@ -248,7 +248,12 @@ async fn an_unfinished_request_holds_its_key_for_seconds_not_a_day() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_without_a_confirm_in_time_is_503_with_the_units_back() {
-    let app = TestApp::spawn_with(|s| s.amqp.confirm_timeout_ms = 0).await;
+    // The batch lingers longer than the confirm may take.
+    let app = TestApp::spawn_with(|s| {
+        s.orders.publish_linger_ms = 300;
+        s.amqp.confirm_timeout_ms = 50;
+    })
+    .await;
     let admin = app.register_admin(&unique_email("admin")).await;
     let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
     let token = app.mint_token(Uuid::now_v7());

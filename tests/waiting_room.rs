@@ -23,13 +23,18 @@ async fn app_admitting(backlog: i64) -> Arc<TestApp> {
         admission.sold_out_cache_ms = 100;
     })
     .await;
-    let sampled = format!("admission_allowed_backlog {backlog}");
-    common::until("the first admission sample", || async {
+    wait_sampled(&app, &format!("admission_allowed_backlog {backlog}")).await;
+    app
+}
+
+/// Waits until an admission sample shows `line` (a pod's view is only as fresh as its last
+/// sample: orders it let in since are counted there, not yet in the backlog).
+async fn wait_sampled(app: &TestApp, line: &str) {
+    common::until(line, || async {
         let metrics = app.get("/metrics", None).await.text().await.unwrap();
-        metrics.contains(&sampled)
+        metrics.contains(line)
     })
     .await;
-    app
 }
 
 /// A buyer, and the answer to one attempt.
@@ -80,6 +85,7 @@ async fn a_full_backlog_hands_out_tickets_and_admits_them_in_order_of_arrival() 
     for buyer in &buyers[..2] {
         assert_eq!(buyer.attempt(&app, product, "k").await.0, 201);
     }
+    wait_sampled(&app, "admission_backlog 2").await;
     for (i, buyer) in buyers[2..].iter().enumerate() {
         let (status, ticket) = buyer.attempt(&app, product, "k").await;
         assert_eq!(status, 202, "{ticket}");
@@ -139,6 +145,7 @@ async fn the_room_answers_sold_out_to_every_waiter_and_reopens_when_a_unit_comes
     let (status, order) = first.attempt(&app, product, "k").await;
     assert_eq!(status, 201);
     assert_eq!(Buyer::new(&app).attempt(&app, product, "k").await.0, 201);
+    wait_sampled(&app, "admission_backlog 2").await;
     let (third, fourth) = (Buyer::new(&app), Buyer::new(&app));
     assert_eq!(third.attempt(&app, product, "k").await.0, 202);
     assert_eq!(fourth.attempt(&app, product, "k").await.0, 202);

@@ -120,6 +120,10 @@ impl Publisher {
         })
     }
 
+    pub fn confirm_timeout(&self) -> Duration {
+        self.confirm_timeout
+    }
+
     pub fn channel(&self) -> &Channel {
         &self.channel
     }

@@ -125,6 +125,8 @@ struct Waiting {
 /// concurrently, so confirms pipeline.
 pub struct OrderPublisher {
     waiting: mpsc::Sender<Waiting>,
+    /// From handing the order over to the broker's confirm, including the linger.
+    confirm_timeout: Duration,
 }
 
 impl OrderPublisher {
@@ -134,6 +136,7 @@ impl OrderPublisher {
         max_batch: usize,
         linger: Duration,
     ) -> Self {
+        let confirm_timeout = publisher.confirm_timeout();
         let (waiting, mut inbox) = mpsc::channel::<Waiting>(max_batch * 64);
         tokio::spawn(async move {
             while let Some(first) = inbox.recv().await {
@@ -152,20 +155,30 @@ impl OrderPublisher {
                 tokio::spawn(publish_batch(publisher.clone(), queue.clone(), batch));
             }
         });
-        Self { waiting }
+        Self {
+            waiting,
+            confirm_timeout,
+        }
     }
 
-    /// Returns once the broker has confirmed the message holding `message`.
+    /// Returns once the broker has confirmed the message holding `message`; fails when that
+    /// takes longer than the confirm timeout (the message may still arrive: its consumer
+    /// finds the units given back and fails the order).
     pub async fn publish(&self, message: OrderMessage) -> Result<(), OrdersError> {
-        let (confirmed, outcome) = oneshot::channel();
-        self.waiting
-            .send(Waiting { message, confirmed })
+        let confirmed = async {
+            let (confirmed, outcome) = oneshot::channel();
+            self.waiting
+                .send(Waiting { message, confirmed })
+                .await
+                .map_err(|_| OrdersError::Queue("order publisher stopped".into()))?;
+            outcome
+                .await
+                .map_err(|_| OrdersError::Queue("order publisher dropped the order".into()))?
+                .map_err(OrdersError::Queue)
+        };
+        tokio::time::timeout(self.confirm_timeout, confirmed)
             .await
-            .map_err(|_| OrdersError::Queue("order publisher stopped".into()))?;
-        outcome
-            .await
-            .map_err(|_| OrdersError::Queue("order publisher dropped the order".into()))?
-            .map_err(OrdersError::Queue)
+            .map_err(|_| OrdersError::Queue("no confirm within the timeout".into()))?
     }
 }
 
