@@ -1,7 +1,7 @@
 -- Flash-sale attempts against a sale that sold out: each API process answers 409 sold_out
 -- from memory. One buyer (raise rate_limit.user_per_minute for the server under test):
 --
---   TOKEN=$(order_load --mint-token) wrk -t2 -c64 -d10s -s bench/wrk/sold_out.lua \
+--   TOKEN=$(order_load --mint-tokens 1) wrk -t2 -c64 -d10s -s bench/wrk/sold_out.lua \
 --     http://127.0.0.1:8080/orders/flash-sale/<sold-out product id>
 wrk.method = "POST"
 wrk.body = "{}"

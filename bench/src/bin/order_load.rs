@@ -73,9 +73,10 @@ struct Args {
     /// counts as unanswered.
     #[arg(long, default_value_t = 120)]
     answer_timeout_secs: u64,
-    /// Print one buyer's bearer token and exit (for wrk scripts, e.g. bench/wrk/sold_out.lua).
+    /// Print this many buyers' bearer tokens, one per line, and exit (for the wrk scripts in
+    /// bench/wrk/).
     #[arg(long)]
-    mint_token: bool,
+    mint_tokens: Option<usize>,
 }
 
 /// Who sends the next request, and with which Idempotency-Key.
@@ -132,11 +133,13 @@ async fn main() {
     let args = Args::parse();
     let settings = Settings::load_for(&args.config_dir, &args.env).expect("configuration loads");
     let keys = Arc::new(TokenKeys::new(&settings.auth).expect("signing keys"));
-    if args.mint_token {
-        let token = keys
-            .issue(Uuid::now_v7(), Role::Customer, Uuid::new_v4())
-            .expect("buyer token");
-        println!("{token}");
+    if let Some(count) = args.mint_tokens {
+        for _ in 0..count {
+            let token = keys
+                .issue(Uuid::now_v7(), Role::Customer, Uuid::new_v4())
+                .expect("buyer token");
+            println!("{token}");
+        }
         return;
     }
     let client = reqwest::Client::builder()
