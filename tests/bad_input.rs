@@ -232,3 +232,54 @@ async fn unknown_routes_and_methods_answer_problem_bodies() {
         .unwrap();
     assert!(res.status().is_client_error(), "{}", res.status());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_that_take_json_refuse_other_content_types_even_with_an_optional_body() {
+    let app = TestApp::spawn().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
+    let token = app.mint_token(uuid::Uuid::now_v7());
+    let path = format!("/orders/flash-sale/{product}");
+    for (content_type, body) in [
+        ("text/plain", "{}"),
+        ("text/plain", ""),
+        ("application/xml", "<a/>"),
+    ] {
+        let res = app
+            .client
+            .post(app.url(&path))
+            .bearer_auth(&token)
+            .header(
+                "idempotency-key",
+                format!("k-{content_type}-{}", body.len()),
+            )
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(res, 415, "unsupported_media_type").await;
+    }
+    assert_eq!(app.remaining(product).await, 5, "nothing reserved");
+    let res = app
+        .client
+        .post(app.url("/auth/logout"))
+        .bearer_auth(&admin.access)
+        .header("content-type", "text/plain")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 415, "unsupported_media_type").await;
+    // JSON, or no body and no type, still works.
+    let res = app
+        .client
+        .post(app.url(&path))
+        .bearer_auth(&token)
+        .header("idempotency-key", "json")
+        .header("content-type", "application/json; charset=utf-8")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+}

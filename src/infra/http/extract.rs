@@ -53,9 +53,22 @@ pub async fn not_found() -> Result<actix_web::HttpResponse, Problem> {
 
 /// Parses an optional JSON body (empty means `None`) with the same errors as `web::Json`.
 pub fn parse_optional_json<T: serde::de::DeserializeOwned>(
+    req: &HttpRequest,
     body: &[u8],
 ) -> Result<Option<T>, Problem> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    let empty = body.iter().all(u8::is_ascii_whitespace);
+    // A body, or a declared type, must be JSON: text/plain is refused even when empty.
+    let declared = req.headers().get(actix_web::http::header::CONTENT_TYPE);
+    let is_json = declared
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<actix_web::mime::Mime>().ok())
+        .is_some_and(|m| {
+            m.subtype() == actix_web::mime::JSON || m.suffix() == Some(actix_web::mime::JSON)
+        });
+    if (declared.is_some() || !empty) && !is_json {
+        return Err(json_problem(&JsonPayloadError::ContentType));
+    }
+    if empty {
         return Ok(None);
     }
     serde_json::from_slice(body)

@@ -85,9 +85,10 @@ async fn refresh(
 async fn logout(
     state: web::Data<AppState>,
     caller: AuthUser,
+    req: HttpRequest,
     body: web::Bytes,
 ) -> Result<HttpResponse, Problem> {
-    let body: LogoutRequest = parse_optional_json(&body)?.unwrap_or_default();
+    let body: LogoutRequest = parse_optional_json(&req, &body)?.unwrap_or_default();
     super::logout(&state, &caller, body.refresh_token.as_deref()).await?;
     Ok(HttpResponse::NoContent().finish())
 }

@@ -60,7 +60,7 @@ async fn place_flash_sale_order(
     body: web::Bytes,
 ) -> Result<HttpResponse, Problem> {
     let key_digest = idempotency_digest(&req)?;
-    let request: FlashSaleOrderRequest = parse_optional_json(&body)?.unwrap_or_default();
+    let request: FlashSaleOrderRequest = parse_optional_json(&req, &body)?.unwrap_or_default();
     let answer =
         super::place_flash_sale_order(&state, &caller, product.into_inner(), &key_digest, &request)
             .await?;

@@ -48,10 +48,38 @@ struct ProductQuery {
     limit: Option<i64>,
     cursor: Option<String>,
     category_id: Option<Uuid>,
-    #[param(value_type = Option<String>)]
-    min_price: Option<BigDecimal>,
-    #[param(value_type = Option<String>)]
-    max_price: Option<BigDecimal>,
+    /// Decimal, at most 10 integer digits and 2 decimals.
+    min_price: Option<String>,
+    /// Decimal, at most 10 integer digits and 2 decimals.
+    max_price: Option<String>,
+}
+
+/// A price filter as a price column can hold it (NUMERIC(12,2)); anything else is refused
+/// before it costs a parse of a huge number or reaches the database.
+fn price_filter(name: &str, raw: Option<&str>) -> Result<Option<BigDecimal>, Problem> {
+    const MAX_CHARS: usize = 32;
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    let invalid = || {
+        Problem::new(
+            actix_web::http::StatusCode::BAD_REQUEST,
+            "validation_failed",
+            format!("{name} must be a non-negative decimal with at most 10 integer digits and 2 decimals"),
+        )
+    };
+    if raw.len() > MAX_CHARS {
+        return Err(invalid());
+    }
+    let price: BigDecimal = raw.parse().map_err(|_| invalid())?;
+    // Digits and scale only: comparing 1e131000 with anything would expand it.
+    let price = price.normalized();
+    let integer_digits = price.digits() as i64 - price.fractional_digit_count();
+    let fits = price.fractional_digit_count() <= 2 && integer_digits <= 10;
+    if !fits || price.sign() == bigdecimal::num_bigint::Sign::Minus {
+        return Err(invalid());
+    }
+    Ok(Some(price))
 }
 
 #[utoipa::path(get, path = "/products", tag = "products", params(ProductQuery),
@@ -66,14 +94,10 @@ async fn list_products(
         cursor: query.cursor,
     }
     .validate()?;
-    let negative = |p: &Option<BigDecimal>| p.as_ref().is_some_and(|p| p < &BigDecimal::from(0));
-    if negative(&query.min_price) || negative(&query.max_price) {
-        return Err(Problem::bad_request("prices must not be negative"));
-    }
     let filter = store::ProductFilter {
         category_id: query.category_id,
-        min_price: query.min_price,
-        max_price: query.max_price,
+        min_price: price_filter("min_price", query.min_price.as_deref())?,
+        max_price: price_filter("max_price", query.max_price.as_deref())?,
     };
     let rows = store::list(&state.db, &filter, page).await?;
     Ok(web::Json(Page::from_rows(rows, page, |p| p.id)))
