@@ -28,7 +28,10 @@ RUN apt-get update \
  && chown flashsale /app/data
 WORKDIR /app
 COPY --from=build /src/target/release/flashsale /usr/local/bin/flashsale
-COPY config /app/config
+# Only the default layer and the production one (a deployment mounts its own over it): the
+# development and test layers hold published keys, and production refuses those anyway.
+COPY config/default.toml /app/config/default.toml
+COPY config/production.example.toml /app/config/production.toml
 ENV FLASHSALE_ENV=production \
     FLASHSALE_CONFIG_DIR=/app/config \
     FLASHSALE__SEARCH__INDEX_DIR=/app/data/search-index

@@ -332,6 +332,33 @@ pub enum ConfigError {
 }
 
 const MIN_KEY_BYTES: usize = 32;
+const PRODUCTION: &str = "production";
+
+/// Every configuration file in this repository: a signing key written in one is public.
+const REPOSITORY_LAYERS: [&str; 6] = [
+    include_str!("../config/default.toml"),
+    include_str!("../config/development.toml"),
+    include_str!("../config/test.toml"),
+    include_str!("../config/production.example.toml"),
+    include_str!("../deploy/compose/compose.toml"),
+    include_str!("../deploy/compose/compose-direct.toml"),
+];
+
+/// The `[auth.keys]` values of every repository layer.
+fn published_keys() -> Vec<String> {
+    REPOSITORY_LAYERS
+        .iter()
+        .filter_map(|text| {
+            config::Config::builder()
+                .add_source(config::File::from_str(text, config::FileFormat::Toml))
+                .build()
+                .ok()?
+                .get_table("auth.keys")
+                .ok()
+        })
+        .flat_map(|keys| keys.into_values().filter_map(|v| v.into_string().ok()))
+        .collect()
+}
 
 impl Settings {
     /// Loads the layered configuration from `dir` (normally `./config`) for the environment
@@ -357,7 +384,46 @@ impl Settings {
             .build()?
             .try_deserialize()?;
         settings.validate()?;
+        if env == PRODUCTION {
+            settings.refuse_unsafe_for_production()?;
+        }
         Ok(settings)
+    }
+
+    /// Production runs only with settings that are safe there: no signing key that is
+    /// published in a configuration file of this repository, nothing meant for development
+    /// or tests.
+    fn refuse_unsafe_for_production(&self) -> Result<(), ConfigError> {
+        let published = published_keys();
+        if let Some((kid, _)) = self
+            .auth
+            .keys
+            .iter()
+            .find(|(_, key)| published.contains(key))
+        {
+            return Err(ConfigError::Invalid {
+                key: "auth.keys",
+                reason: format!(
+                    "key `{kid}` is published in this repository's configuration; set \
+                     FLASHSALE__AUTH__KEYS__<KID> to a secret of at least {MIN_KEY_BYTES} bytes"
+                ),
+            });
+        }
+        if self.database.migrate_on_start {
+            return Err(ConfigError::Invalid {
+                key: "database.migrate_on_start",
+                reason: "development only: production runs `flashsale migrate` as its own step"
+                    .into(),
+            });
+        }
+        if self.amqp.queue_expires_ms.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "amqp.queue_expires_ms",
+                reason: "tests only: unused queues (and the orders in them) would be deleted"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 
     /// Checks what types alone cannot; each failure names its key.

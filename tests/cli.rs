@@ -52,6 +52,44 @@ fn invalid_configuration_fails_at_start_naming_the_key() {
     }
 }
 
+#[test]
+fn production_refuses_published_keys_short_keys_and_development_settings() {
+    let strong = "a-production-secret-that-no-file-holds-0123456789";
+    let development_key = "dev-only-signing-key-change-me-in-production-0123456789";
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (
+            &[("FLASHSALE__AUTH__KEYS__DEV1", development_key)],
+            "auth.keys",
+        ),
+        (&[("FLASHSALE__AUTH__KEYS__DEV1", "short")], "auth.keys"),
+        (
+            &[
+                ("FLASHSALE__AUTH__KEYS__DEV1", strong),
+                ("FLASHSALE__DATABASE__MIGRATE_ON_START", "true"),
+            ],
+            "database.migrate_on_start",
+        ),
+        (
+            &[
+                ("FLASHSALE__AUTH__KEYS__DEV1", strong),
+                ("FLASHSALE__AMQP__QUEUE_EXPIRES_MS", "1000"),
+            ],
+            "amqp.queue_expires_ms",
+        ),
+    ];
+    for (vars, key) in cases {
+        let out = Command::new(BIN)
+            .args(["migrate"])
+            .env("FLASHSALE_ENV", "production")
+            .envs(vars.iter().copied())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{vars:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(key), "{vars:?}: {stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_creates_missing_databases_and_is_idempotent() {
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
