@@ -14,4 +14,10 @@ if tonumber(redis.call('HGET', buyers_key, user) or '0') + units > limit then re
 redis.call('DECRBY', stock_key, units)
 redis.call('HINCRBY', buyers_key, user, units)
 redis.call('HSET', reservations_key, order, 'c:' .. user .. ':' .. units)
+local expire_at = redis.call('EXPIRETIME', stock_key)
+if expire_at > 0 then
+  for _, key in ipairs({buyers_key, reservations_key}) do
+    if redis.call('TTL', key) == -1 then redis.call('EXPIREAT', key, expire_at) end
+  end
+end
 return 'committed'
