@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+
+use ipnet::IpNet;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -40,7 +42,10 @@ pub struct HttpSettings {
     /// An idle keep-alive connection stays open this long (shoppers in a waiting room poll
     /// every few seconds; reconnecting each time costs more than the idle socket).
     pub keep_alive_secs: u64,
-    pub trusted_proxies: Vec<IpAddr>,
+    /// Peers whose X-Forwarded-For is believed: addresses or CIDR ranges (an ingress
+    /// controller's pod network).
+    #[serde(deserialize_with = "addresses_or_ranges")]
+    pub trusted_proxies: Vec<IpNet>,
     /// On SIGTERM: how long in-flight requests and batches get before the process exits.
     pub shutdown_grace_secs: u64,
     /// Worker roles serve `/health`, `/ready` and `/metrics` here (the API serves them on
@@ -329,6 +334,26 @@ pub enum ConfigError {
     Load(#[from] config::ConfigError),
     #[error("configuration key `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
+}
+
+/// `10.0.0.1` (one address) or `10.244.0.0/16` (a range), each.
+fn addresses_or_ranges<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<IpNet>, D::Error> {
+    let written = Vec::<String>::deserialize(deserializer)?;
+    written
+        .iter()
+        .map(|entry| {
+            entry
+                .parse::<IpNet>()
+                .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "`{entry}` is neither an IP address nor a CIDR range"
+                    ))
+                })
+        })
+        .collect()
 }
 
 const MIN_KEY_BYTES: usize = 32;
