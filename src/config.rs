@@ -107,6 +107,9 @@ pub struct AmqpSettings {
 pub struct AuthSettings {
     pub access_ttl_secs: u64,
     pub refresh_ttl_secs: u64,
+    /// Presenting a refresh token again this soon answers the same new pair; later, the
+    /// session is revoked (a stolen token).
+    pub refresh_grace_secs: u64,
     pub active_kid: String,
     #[serde(default)]
     pub keys: HashMap<String, String>,

@@ -169,7 +169,8 @@ async fn racing_registrations_of_one_email_yield_one_201_and_the_rest_409() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reusing_a_refresh_token_revokes_the_whole_family() {
-    let app = TestApp::spawn().await;
+    // No grace window: any second use is a stolen token.
+    let app = TestApp::spawn_with(|s| s.auth.refresh_grace_secs = 0).await;
     let session = app.register(&unique_email("reuse")).await;
     let first = app
         .post_json(
@@ -211,6 +212,37 @@ async fn reusing_a_refresh_token_revokes_the_whole_family() {
         app.get("/auth/verify", Some(&other.access)).await.status(),
         200
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_retried_within_the_grace_window_gets_the_same_pair() {
+    let app = TestApp::spawn().await;
+    let session = app.register(&unique_email("retry")).await;
+    let refresh = || async {
+        let res = app
+            .post_json(
+                "/auth/refresh",
+                &json!({"refresh_token": session.refresh}),
+                None,
+            )
+            .await;
+        assert_eq!(res.status(), 200);
+        res.json::<Value>().await.unwrap()
+    };
+    // The client lost the first answer and asks again: same pair, session alive.
+    let (first, again) = (refresh().await, refresh().await);
+    assert_eq!(first["refresh_token"], again["refresh_token"]);
+    assert_eq!(first["access_token"], again["access_token"]);
+    let access = again["access_token"].as_str().unwrap();
+    assert_eq!(app.get("/auth/verify", Some(access)).await.status(), 200);
+    let next = app
+        .post_json(
+            "/auth/refresh",
+            &json!({"refresh_token": again["refresh_token"]}),
+            None,
+        )
+        .await;
+    assert_eq!(next.status(), 200, "the successor still rotates");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

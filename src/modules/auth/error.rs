@@ -20,6 +20,8 @@ pub enum AuthError {
     InvalidRefreshToken,
     #[error("refresh token was already used; the session is revoked")]
     RefreshTokenReused,
+    #[error("this refresh token is being exchanged by another request; retry")]
+    RefreshInProgress,
     #[error("admin role required")]
     AdminOnly,
     #[error("not your resource")]
@@ -59,6 +61,7 @@ impl From<AuthError> for Problem {
             | AuthError::InvalidRefreshToken
             | AuthError::RefreshTokenReused => Problem::unauthorized(e.to_string()),
             AuthError::AdminOnly | AuthError::NotOwner => Problem::forbidden(),
+            AuthError::RefreshInProgress => Problem::conflict("request_in_progress", e.to_string()),
             AuthError::Config(_) | AuthError::Token(_) | AuthError::Hashing(_) => {
                 Problem::internal(&e)
             }

@@ -26,7 +26,7 @@ use crate::config::{AuthSettings, RateLimitSettings};
 use crate::infra::http::rate_limit::IpRateLimiter;
 use crate::modules::users::{self, NewUser, Role};
 use password::PasswordHasher;
-use sessions::Sessions;
+use sessions::{IssuedPair, Rotation, Sessions};
 
 /// Everything auth keeps for the life of the process; built once at start.
 pub struct AuthState {
@@ -45,7 +45,10 @@ impl AuthState {
         Ok(Self {
             keys: TokenKeys::new(auth)?,
             hasher: PasswordHasher::new(&auth.argon2)?,
-            sessions: Sessions::new(auth.refresh_ttl_secs),
+            sessions: Sessions::new(
+                auth.refresh_ttl_secs,
+                std::time::Duration::from_secs(auth.refresh_grace_secs),
+            ),
             ip_limiter: IpRateLimiter::per_minute(per_ip),
             user_requests_per_minute: limits.user_per_minute,
         })
@@ -153,15 +156,33 @@ pub async fn login(
     start_session(state, user).await
 }
 
+/// Exchanges a refresh token for a new pair. Presenting it again within
+/// `auth.refresh_grace_secs` answers the same pair (a client retrying after a lost answer
+/// keeps its session); after that, a repeat revokes the family.
 pub async fn refresh(state: &AppState, refresh_token: &str) -> Result<AuthResponse, AuthError> {
-    let (user_id, family) = state
-        .auth
-        .sessions
-        .rotate(&state.redis, refresh_token)
-        .await?;
-    // The role is read again so `admin grant` takes effect at the next refresh.
-    let user = users::find_fresh(state, user_id).await?;
-    issue_pair(state, user, family).await
+    let sessions = &state.auth.sessions;
+    match sessions.rotate(&state.redis, refresh_token).await? {
+        Rotation::Fresh { owner, family } => {
+            // The role is read again so `admin grant` takes effect at the next refresh.
+            let user = users::find_fresh(state, owner).await?;
+            let pair = issue_pair(state, user, family).await?;
+            let successor = IssuedPair {
+                access_token: pair.access_token.clone(),
+                refresh_token: pair.refresh_token.clone(),
+            };
+            sessions
+                .remember_successor(&state.redis, refresh_token, &successor)
+                .await?;
+            Ok(pair)
+        }
+        Rotation::Repeat { owner, successor } => Ok(AuthResponse {
+            user: users::find_fresh(state, owner).await?,
+            access_token: successor.access_token,
+            refresh_token: successor.refresh_token,
+            token_type: "Bearer",
+            expires_in: state.auth.keys.access_ttl_secs(),
+        }),
+    }
 }
 
 pub async fn logout(

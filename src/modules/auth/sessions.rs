@@ -15,22 +15,50 @@ use uuid::Uuid;
 use super::error::AuthError;
 use crate::infra::redis::Redis;
 
-/// Atomically: refuse a revoked family, treat a second use as theft (revoke the family),
-/// otherwise mark the token used and return its owner.
+/// Atomically: refuse a revoked family; on first use mark the token used and return its
+/// owner; a second use within the grace window (a client retrying after a lost answer)
+/// gets the pair the first use was given (or `pending` while it is being issued); a second
+/// use after it is theft: the family is revoked.
 const ROTATE_LUA: &str = r#"
-local owner = redis.call('HGET', KEYS[1], 'uid')
+local token_key, revoked_key, successor_key = KEYS[1], KEYS[2], KEYS[3]
+local ttl_secs, now_ms, grace_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local owner = redis.call('HGET', token_key, 'uid')
 if not owner then return {'missing'} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'revoked'} end
-if redis.call('HSETNX', KEYS[1], 'used', '1') == 0 then
-  redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
-  return {'reused'}
+if redis.call('EXISTS', revoked_key) == 1 then return {'revoked'} end
+local used_at = redis.call('HGET', token_key, 'used_at')
+if not used_at then
+  redis.call('HSET', token_key, 'used_at', now_ms)
+  return {'ok', owner}
 end
-return {'ok', owner}
+if now_ms - tonumber(used_at) < grace_ms then
+  local successor = redis.call('GET', successor_key)
+  if successor then return {'replay', owner, successor} end
+  return {'pending'}
+end
+redis.call('SET', revoked_key, '1', 'EX', ttl_secs)
+return {'reused'}
 "#;
 
 pub struct Sessions {
     rotate: Script,
     refresh_ttl_secs: u64,
+    grace: std::time::Duration,
+}
+
+/// What presenting a refresh token gives.
+pub enum Rotation {
+    /// First use: the owner and family; the caller issues the successor pair and
+    /// remembers it (`remember_successor`).
+    Fresh { owner: Uuid, family: Uuid },
+    /// A repeat within the grace window: the pair the first use was given.
+    Repeat { owner: Uuid, successor: IssuedPair },
+}
+
+/// The tokens a refresh issued, kept for the grace window.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct IssuedPair {
+    pub access_token: String,
+    pub refresh_token: String,
 }
 
 /// A parsed refresh token.
@@ -63,10 +91,11 @@ fn hex_sha256(bytes: &[u8]) -> String {
 }
 
 impl Sessions {
-    pub fn new(refresh_ttl_secs: u64) -> Self {
+    pub fn new(refresh_ttl_secs: u64, grace: std::time::Duration) -> Self {
         Self {
             rotate: Script::new(ROTATE_LUA),
             refresh_ttl_secs,
+            grace,
         }
     }
 
@@ -92,27 +121,57 @@ impl Sessions {
         Ok(format!("{}.{}", family.simple(), secret))
     }
 
-    /// Consumes `token` and answers its owner and family; the caller issues the successor.
-    pub async fn rotate(&self, redis: &Redis, token: &str) -> Result<(Uuid, Uuid), AuthError> {
+    /// Consumes `token` (see `ROTATE_LUA`).
+    pub async fn rotate(&self, redis: &Redis, token: &str) -> Result<Rotation, AuthError> {
         let parsed = RefreshToken::parse(token)?;
         let reply: Vec<String> = self
             .rotate
             .key(token_key(redis, parsed.family, &parsed.digest))
             .key(revoked_key(redis, parsed.family))
+            .key(successor_key(redis, parsed.family, &parsed.digest))
             .arg(self.refresh_ttl_secs)
+            .arg(chrono::Utc::now().timestamp_millis())
+            .arg(self.grace.as_millis() as u64)
             .invoke_async(&mut redis.conn())
             .await?;
+        let owner = |id: &str| Uuid::try_parse(id).map_err(|_| AuthError::InvalidRefreshToken);
         match reply.as_slice() {
-            [status, owner] if status == "ok" => {
-                let owner = Uuid::try_parse(owner).map_err(|_| AuthError::InvalidRefreshToken)?;
-                Ok((owner, parsed.family))
-            }
+            [status, id] if status == "ok" => Ok(Rotation::Fresh {
+                owner: owner(id)?,
+                family: parsed.family,
+            }),
+            [status, id, successor] if status == "replay" => Ok(Rotation::Repeat {
+                owner: owner(id)?,
+                successor: serde_json::from_str(successor)
+                    .map_err(|_| AuthError::InvalidRefreshToken)?,
+            }),
+            [status] if status == "pending" => Err(AuthError::RefreshInProgress),
             [status] if status == "reused" => {
                 tracing::warn!(family = %parsed.family, "refresh token reused; family revoked");
                 Err(AuthError::RefreshTokenReused)
             }
             _ => Err(AuthError::InvalidRefreshToken),
         }
+    }
+
+    /// Keeps the pair a refresh of `token` issued for the grace window, so a client that
+    /// lost the answer and presents `token` again gets the same pair.
+    pub async fn remember_successor(
+        &self,
+        redis: &Redis,
+        token: &str,
+        successor: &IssuedPair,
+    ) -> Result<(), AuthError> {
+        let parsed = RefreshToken::parse(token)?;
+        let json = serde_json::to_string(successor).map_err(|e| AuthError::Token(e.to_string()))?;
+        redis::cmd("SET")
+            .arg(successor_key(redis, parsed.family, &parsed.digest))
+            .arg(json)
+            .arg("PX")
+            .arg((self.grace.as_millis() as u64).max(1))
+            .query_async::<()>(&mut redis.conn())
+            .await?;
+        Ok(())
     }
 
     /// The owner of a refresh token, without consuming it (logout checks ownership).
@@ -167,6 +226,13 @@ impl Sessions {
 
 fn token_key(redis: &Redis, family: Uuid, digest: &str) -> String {
     redis.key(format_args!("{{rt:{}}}:token:{digest}", family.simple()))
+}
+
+fn successor_key(redis: &Redis, family: Uuid, digest: &str) -> String {
+    redis.key(format_args!(
+        "{{rt:{}}}:successor:{digest}",
+        family.simple()
+    ))
 }
 
 pub(super) fn revoked_key(redis: &Redis, family: Uuid) -> String {
