@@ -100,7 +100,7 @@ pub fn http_server(state: AppState, listener: TcpListener) -> std::io::Result<Se
             .app_data(extract::query_config())
             .wrap(from_fn(middleware::limit_in_flight))
             .wrap(from_fn(middleware::request_context))
-            .configure(ops::configure)
+            .configure(|cfg| ops::configure(cfg, http.metrics_on_api_port))
             .configure(auth::configure)
             .configure(users::configure)
             .configure(products::configure)

@@ -42,6 +42,9 @@ pub struct HttpSettings {
     /// An idle keep-alive connection stays open this long (shoppers in a waiting room poll
     /// every few seconds; reconnecting each time costs more than the idle socket).
     pub keep_alive_secs: u64,
+    /// The API also serves `/metrics` on its own port (development); production keeps it
+    /// to `ops_port`, which no ingress routes.
+    pub metrics_on_api_port: bool,
     /// Peers whose X-Forwarded-For is believed: addresses or CIDR ranges (an ingress
     /// controller's pod network).
     #[serde(deserialize_with = "addresses_or_ranges")]
@@ -435,6 +438,14 @@ impl Settings {
                     "key `{kid}` is published in this repository's configuration; set \
                      FLASHSALE__AUTH__KEYS__<KID> to a secret of at least {MIN_KEY_BYTES} bytes"
                 ),
+            });
+        }
+        if self.http.metrics_on_api_port {
+            return Err(ConfigError::Invalid {
+                key: "http.metrics_on_api_port",
+                reason: "metrics (revenue, stock) would be reachable through the ingress; \
+                         scrape the ops port"
+                    .into(),
             });
         }
         if self.database.migrate_on_start {

@@ -9,11 +9,16 @@ use utoipa::{OpenApi, ToSchema};
 use crate::app::AppState;
 use crate::modules::{auth, notifications, orders, products, users};
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
+/// The API port's probes and docs, and `/metrics` unless it is kept to the ops port
+/// (`http.metrics_on_api_port = false`, production: revenue and stock are not for the
+/// ingress).
+pub fn configure(cfg: &mut web::ServiceConfig, metrics_on_api_port: bool) {
     cfg.route("/health", web::get().to(health))
         .route("/ready", web::get().to(ready))
-        .route("/metrics", web::get().to(metrics))
         .route("/docs", web::get().to(docs_redirect));
+    if metrics_on_api_port {
+        cfg.route("/metrics", web::get().to(metrics));
+    }
 }
 
 /// Swagger UI lives under `/docs/`; the bare path is what people type.
@@ -59,7 +64,10 @@ pub struct Health {
 #[derive(Serialize, ToSchema)]
 pub struct Readiness {
     status: &'static str,
+    /// The global database (catalogue, directory, ledger).
     postgres: &'static str,
+    /// Each user shard; one that is down makes only its users' orders answer 503.
+    shards: Vec<&'static str>,
     redis: &'static str,
     rabbitmq: &'static str,
 }
@@ -70,14 +78,23 @@ async fn health() -> web::Json<Health> {
     web::Json(Health { status: "ok" })
 }
 
-/// Readiness: PostgreSQL (global and every shard), Redis and RabbitMQ all answer.
+/// Readiness: this pod can serve. The global database, Redis and RabbitMQ answer; a shard
+/// that is down is reported but keeps the pod ready (the catalogue and every other shard's
+/// users are still served; its own users' orders answer 503).
 #[utoipa::path(get, path = "/ready", tag = "ops",
     responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 async fn ready(state: web::Data<AppState>) -> HttpResponse {
-    let (postgres, redis) = tokio::join!(state.db.ping(), state.redis.ping());
+    let ((postgres, shards), redis) = tokio::join!(state.db.ping_each(), state.redis.ping());
     let verdict = |ok: bool| if ok { "ok" } else { "unavailable" };
     if let Err(e) = &postgres {
         tracing::warn!(error = %e, "readiness: postgres");
+    }
+    for (shard, e) in shards
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((i, r.as_ref().err()?)))
+    {
+        tracing::warn!(shard, error = %e, "readiness: a shard is down; its users' orders answer 503");
     }
     if let Err(e) = &redis {
         tracing::warn!(error = %e, "readiness: redis");
@@ -87,6 +104,7 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let body = Readiness {
         status: verdict(all_ok),
         postgres: verdict(postgres.is_ok()),
+        shards: shards.iter().map(|s| verdict(s.is_ok())).collect(),
         redis: verdict(redis.is_ok()),
         rabbitmq: verdict(amqp_ok),
     };

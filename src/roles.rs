@@ -81,18 +81,21 @@ pub async fn serve(state: AppState, role: Role) -> Result<(), StartupError> {
         sampled,
         Duration::from_millis(http.metrics_sample_ms),
     ));
-    let server = if role.runs_api() {
+    let mut servers = vec![];
+    if role.runs_api() {
         let listener = TcpListener::bind((http.host.as_str(), http.port))?;
         tracing::info!(address = %listener.local_addr()?, "api listening");
         tokio::spawn(app::api_upkeep(state.clone()));
         tokio::spawn(products::run_indexer(state.clone()));
         tokio::spawn(orders::run_admission(state.clone()));
-        app::http_server(state.clone(), listener)?
-    } else {
+        servers.push(app::http_server(state.clone(), listener)?);
+    }
+    // Every role but an API that serves its own /metrics has the ops port.
+    if !role.runs_api() || !http.metrics_on_api_port {
         let listener = TcpListener::bind((http.host.as_str(), http.ops_port))?;
         tracing::info!(address = %listener.local_addr()?, "probes and metrics listening");
-        app::ops_server(state.clone(), listener)?
-    };
+        servers.push(app::ops_server(state.clone(), listener)?);
+    }
     if role.runs_order_worker() {
         tokio::spawn(orders::run_reconciler(state.clone()));
         tokio::spawn(products::run_auditor(state.clone()));
@@ -114,8 +117,8 @@ pub async fn serve(state: AppState, role: Role) -> Result<(), StartupError> {
             notifications::run_worker,
         )));
     }
-    let handle = server.handle();
-    let running = tokio::spawn(server);
+    let handles: Vec<_> = servers.iter().map(|s| s.handle()).collect();
+    let running: Vec<_> = servers.into_iter().map(tokio::spawn).collect();
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight requests and batches");
     // Workers stop taking messages and finish the batch in hand; the HTTP server stops
@@ -123,7 +126,7 @@ pub async fn serve(state: AppState, role: Role) -> Result<(), StartupError> {
     state.shutdown.cancel();
     let grace = Duration::from_secs(http.shutdown_grace_secs);
     let drained = tokio::time::timeout(grace, async {
-        handle.stop(true).await;
+        futures_util::future::join_all(handles.iter().map(|h| h.stop(true))).await;
         futures_util::future::join_all(workers).await;
     })
     .await;
@@ -133,7 +136,9 @@ pub async fn serve(state: AppState, role: Role) -> Result<(), StartupError> {
             "grace period over; unacked messages return to their queues"
         );
     }
-    running.await.map_err(std::io::Error::other)??;
+    for server in running {
+        server.await.map_err(std::io::Error::other)??;
+    }
     telemetry::shutdown();
     tracing::info!("stopped");
     Ok(())

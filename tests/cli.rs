@@ -56,15 +56,20 @@ fn invalid_configuration_fails_at_start_naming_the_key() {
 fn production_refuses_published_keys_short_keys_and_development_settings() {
     let strong = "a-production-secret-that-no-file-holds-0123456789";
     let development_key = "dev-only-signing-key-change-me-in-production-0123456789";
-    let cases: [(&[(&str, &str)], &str); 4] = [
+    let cases: [(&[(&str, &str)], &str); 5] = [
         (
             &[("FLASHSALE__AUTH__KEYS__DEV1", development_key)],
             "auth.keys",
         ),
         (&[("FLASHSALE__AUTH__KEYS__DEV1", "short")], "auth.keys"),
         (
+            &[("FLASHSALE__AUTH__KEYS__DEV1", strong)],
+            "http.metrics_on_api_port",
+        ),
+        (
             &[
                 ("FLASHSALE__AUTH__KEYS__DEV1", strong),
+                ("FLASHSALE__HTTP__METRICS_ON_API_PORT", "false"),
                 ("FLASHSALE__DATABASE__MIGRATE_ON_START", "true"),
             ],
             "database.migrate_on_start",
@@ -72,6 +77,7 @@ fn production_refuses_published_keys_short_keys_and_development_settings() {
         (
             &[
                 ("FLASHSALE__AUTH__KEYS__DEV1", strong),
+                ("FLASHSALE__HTTP__METRICS_ON_API_PORT", "false"),
                 ("FLASHSALE__AMQP__QUEUE_EXPIRES_MS", "1000"),
             ],
             "amqp.queue_expires_ms",
@@ -109,7 +115,11 @@ async fn migrate_creates_missing_databases_and_is_idempotent() {
         .await
         .expect("second migrate is a no-op");
     let databases = db::Databases::connect(&settings).await.unwrap();
-    databases.ping().await.expect("every database answers");
+    let (global, shards) = databases.ping_each().await;
+    global.expect("the global database answers");
+    for shard in shards {
+        shard.expect("every shard answers");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

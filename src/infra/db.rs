@@ -201,13 +201,10 @@ impl Databases {
         std::iter::once(&self.global).chain(&self.shards)
     }
 
-    /// Pings the global primary and every shard primary.
-    pub async fn ping(&self) -> Result<(), DbError> {
-        self.global.ping().await?;
-        for shard in &self.shards {
-            shard.ping().await?;
-        }
-        Ok(())
+    /// Pings the global primary and every shard primary, each on its own.
+    pub async fn ping_each(&self) -> (Result<(), DbError>, Vec<Result<(), DbError>>) {
+        let shards = futures_util::future::join_all(self.shards.iter().map(NodePools::ping));
+        tokio::join!(self.global.ping(), shards)
     }
 }
 
