@@ -201,6 +201,9 @@ pub struct OrdersSettings {
     /// the backstop for a message that kills its worker every time.
     pub delivery_limit: u32,
     /// A reservation whose order has not reached PostgreSQL after this long is released.
+    /// Delays between the attempts of a refund that failed; after the last, its dead-letter
+    /// queue (an operator's, with an alert).
+    pub refund_retry_delays_ms: Vec<u32>,
     /// How long an order whose sale Redis lost waits for the rebuild before it fails.
     pub stock_restore_wait_secs: i64,
     pub reservation_timeout_secs: i64,

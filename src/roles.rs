@@ -109,6 +109,11 @@ pub async fn serve(state: AppState, role: Role) -> Result<(), StartupError> {
             state.clone(),
             orders::run_worker,
         )));
+        workers.push(tokio::spawn(supervise(
+            "refunds",
+            state.clone(),
+            orders::run_refunds,
+        )));
     }
     if role.runs_notify_worker() {
         workers.push(tokio::spawn(supervise(

@@ -493,3 +493,46 @@ async fn every_pooled_connection_carries_the_statement_timeout() {
         assert_eq!(shown.statement_timeout, "1234ms");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_refund_is_retried_and_one_that_keeps_failing_is_dead_lettered() {
+    let app = TestApp::spawn().await;
+    let worker = app.spawn_worker().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
+    let refunded = |order: Uuid| {
+        let redis = app.state.redis.clone();
+        async move {
+            redis::cmd("EXISTS")
+                .arg(redis.key(format_args!("paysim:refund:{order}")))
+                .query_async::<bool>(&mut redis.conn())
+                .await
+                .unwrap()
+        }
+    };
+
+    // The gateway fails the cancel's refund; the worker's retry gets it through.
+    let (buyer, order, status) = app.buy_and_settle(product, "card").await;
+    assert_eq!(status, "paid");
+    app.state.orders.simulator.set_failure_rate(1.0);
+    assert_eq!(app.cancel(&buyer.access, order).await.status(), 200);
+    let metrics = app.get("/metrics", None).await.text().await.unwrap();
+    assert!(metrics.contains("refunds_failed_total 1"), "{metrics}");
+    common::until("the retried refund", || refunded(order)).await;
+
+    // A gateway that keeps failing: the refund ends in the dead-letter queue, counted.
+    let (buyer, order, _) = app.buy_and_settle(product, "card").await;
+    worker.state.orders.simulator.set_failure_rate(1.0);
+    assert_eq!(app.cancel(&buyer.access, order).await.status(), 200);
+    let dead = &app.state.orders.queues.refunds_dead;
+    common::until("the dead-lettered refund", || async {
+        app.queue_depth(dead).await == 1
+    })
+    .await;
+    assert!(!refunded(order).await);
+    let metrics = app.get("/metrics", None).await.text().await.unwrap();
+    assert!(
+        metrics.contains("refunds_dead_lettered_total 1"),
+        "{metrics}"
+    );
+}

@@ -415,6 +415,7 @@ impl TestApp {
         self.spawn_role(|state: AppState| async move {
             tokio::select! {
                 stopped = orders::run_worker(state.clone()) => stopped,
+                stopped = orders::run_refunds(state.clone()) => stopped,
                 () = orders::run_reconciler(state) => Ok(()),
             }
         })

@@ -6,6 +6,7 @@ use super::error::OrdersError;
 use super::lookup;
 use super::metrics;
 use super::model::{Order, OrderKind, OrderStatus};
+use super::refunds;
 use super::settle::{self, Settled};
 use super::store;
 use crate::app::AppState;
@@ -40,10 +41,10 @@ pub async fn cancel_order(
             if store::end(&state.db, &order, OrderStatus::Cancelled, None, traceparent).await?
                 == Some(OrderStatus::Paid)
             {
-                settle::refund(state, order.id).await;
+                refunds::refund(state, order.id).await;
             }
         }
-        Some(OrderStatus::Paid) => settle::refund(state, order.id).await,
+        Some(OrderStatus::Paid) => refunds::refund(state, order.id).await,
         Some(OrderStatus::Pending | OrderStatus::Cancelled) => {}
         Some(_) => return Err(OrdersError::NotCancellable),
     }

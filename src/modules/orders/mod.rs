@@ -6,7 +6,8 @@
 //! control and the waiting room of the flash-sale path), `idempotency` (both
 //! routes' keys and stored answers), `acceptance` (confirmed publish and the acceptance
 //! record), `worker` (consuming and failure isolation), `settle` (a batch end to end, and
-//! what every final state needs), `cancel`, `lookup` (reads), `metrics`.
+//! what every final state needs), `refunds` (retried until done or dead-lettered), `cancel`,
+//! `lookup` (reads), `metrics`.
 
 mod acceptance;
 mod admission;
@@ -21,6 +22,7 @@ mod payment;
 mod placement;
 mod queue;
 mod reconciler;
+mod refunds;
 mod settle;
 mod store;
 mod worker;
@@ -102,6 +104,11 @@ pub async fn run_admission(state: AppState) {
     admission::run_sampler(state).await
 }
 
+/// The order-worker's consumer of refunds to retry; runs until the connection closes.
+pub async fn run_refunds(state: AppState) -> Result<(), OrdersError> {
+    refunds::run(state).await
+}
+
 /// The reconciler and sale scheduler of the worker role; runs for the life of the process.
 pub async fn run_reconciler(state: AppState) {
     reconciler::run(state).await
@@ -109,8 +116,5 @@ pub async fn run_reconciler(state: AppState) {
 
 /// Every queue of the order path, for the queue-depth gauges.
 pub fn queue_names(state: &AppState) -> Vec<String> {
-    let queues = &state.orders.queues;
-    let mut names = vec![queues.orders.clone(), queues.dead.clone()];
-    names.extend(queues.retries.iter().map(|(name, _)| name.clone()));
-    names
+    state.orders.queues.all()
 }

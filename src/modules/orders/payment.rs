@@ -170,6 +170,9 @@ impl PaymentGateway for PaymentSimulator {
     fn refund(&self, order: Uuid) -> BoxFuture<'_, Result<(), PaymentError>> {
         let refund_key = self.redis.key(format_args!("paysim:refund:{order}"));
         Box::pin(async move {
+            if rand::rng().random_bool(self.failure_rate()) {
+                return Err(PaymentError::Transient("simulated gateway failure".into()));
+            }
             let charged: Option<String> = redis::cmd("GET")
                 .arg(self.charge_key(order))
                 .query_async(&mut self.redis.conn())

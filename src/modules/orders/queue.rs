@@ -5,6 +5,9 @@
 //! back into the order queue (so delays grow with n); after the last retry the message goes
 //! to `<prefix>orders.dead`. Messages the worker cannot even parse are rejected and
 //! dead-lettered by the broker into the same dead queue.
+//!
+//! Refunds that failed take the same shape: `<prefix>refunds` (consumed by the order-worker),
+//! `<prefix>refunds.retry.<n>` and `<prefix>refunds.dead`.
 
 use lapin::types::AMQPValue;
 
@@ -23,21 +26,75 @@ pub struct QueueNames {
     pub orders: String,
     pub dead: String,
     pub retries: Vec<(String, u32)>,
+    pub refunds: String,
+    pub refunds_dead: String,
+    pub refund_retries: Vec<(String, u32)>,
+}
+
+/// `<base>.retry.<n>` for each delay.
+fn retry_queues(base: &str, delays_ms: &[u32]) -> Vec<(String, u32)> {
+    delays_ms
+        .iter()
+        .enumerate()
+        .map(|(i, delay)| (format!("{base}.retry.{}", i + 1), *delay))
+        .collect()
 }
 
 impl QueueNames {
     pub fn new(prefix: &str, settings: &OrdersSettings) -> Self {
+        let (orders, refunds) = (format!("{prefix}orders"), format!("{prefix}refunds"));
         Self {
-            orders: format!("{prefix}orders"),
-            dead: format!("{prefix}orders.dead"),
-            retries: settings
-                .retry_delays_ms
-                .iter()
-                .enumerate()
-                .map(|(i, delay)| (format!("{prefix}orders.retry.{}", i + 1), *delay))
-                .collect(),
+            dead: format!("{orders}.dead"),
+            retries: retry_queues(&orders, &settings.retry_delays_ms),
+            refunds_dead: format!("{refunds}.dead"),
+            refund_retries: retry_queues(&refunds, &settings.refund_retry_delays_ms),
+            orders,
+            refunds,
         }
     }
+
+    /// Every queue, for the depth gauges.
+    pub fn all(&self) -> Vec<String> {
+        let mut names = vec![
+            self.orders.clone(),
+            self.dead.clone(),
+            self.refunds.clone(),
+            self.refunds_dead.clone(),
+        ];
+        names.extend(
+            self.retries
+                .iter()
+                .chain(&self.refund_retries)
+                .map(|(name, _)| name.clone()),
+        );
+        names
+    }
+}
+
+/// Retry queues: each holds a message for its delay, then dead-letters it into `target`.
+async fn declare_retries(
+    channel: &lapin::Channel,
+    retries: &[(String, u32)],
+    target: &str,
+    expires: Option<u32>,
+) -> Result<(), lapin::Error> {
+    for (queue, delay_ms) in retries {
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                durable(),
+                args(
+                    &[
+                        ("x-message-ttl", AMQPValue::LongUInt(*delay_ms)),
+                        ("x-dead-letter-exchange", text("")),
+                        ("x-dead-letter-routing-key", text(target)),
+                    ],
+                    expires,
+                ),
+            )
+            .await?;
+    }
+    Ok(())
 }
 
 /// Declares every queue the order path uses; idempotent.
@@ -48,25 +105,27 @@ pub async fn declare(
     expires: Option<u32>,
 ) -> Result<(), lapin::Error> {
     let channel = amqp.connection().create_channel().await?;
-    channel
-        .queue_declare(names.dead.as_str().into(), durable(), args(&[], expires))
-        .await?;
-    for (queue, delay_ms) in &names.retries {
+    for dead in [&names.dead, &names.refunds_dead] {
         channel
-            .queue_declare(
-                queue.as_str().into(),
-                durable(),
-                args(
-                    &[
-                        ("x-message-ttl", AMQPValue::LongUInt(*delay_ms)),
-                        ("x-dead-letter-exchange", text("")),
-                        ("x-dead-letter-routing-key", text(&names.orders)),
-                    ],
-                    expires,
-                ),
-            )
+            .queue_declare(dead.as_str().into(), durable(), args(&[], expires))
             .await?;
     }
+    declare_retries(&channel, &names.retries, &names.orders, expires).await?;
+    declare_retries(&channel, &names.refund_retries, &names.refunds, expires).await?;
+    channel
+        .queue_declare(
+            names.refunds.as_str().into(),
+            durable(),
+            args(
+                &[
+                    ("x-queue-type", text(&settings.queue_type)),
+                    ("x-dead-letter-exchange", text("")),
+                    ("x-dead-letter-routing-key", text(&names.refunds_dead)),
+                ],
+                expires,
+            ),
+        )
+        .await?;
     let mut order_queue = vec![
         ("x-queue-type", text(&settings.queue_type)),
         ("x-dead-letter-exchange", text("")),

@@ -9,12 +9,12 @@
 use std::collections::BTreeSet;
 
 use futures_util::future::{join_all, try_join_all};
-use uuid::Uuid;
 
 use super::error::OrdersError;
 use super::metrics;
 use super::model::{Order, OrderMessage, OrderStatus};
 use super::payment::{Charge, ChargeOutcome};
+use super::refunds;
 use super::store::{self, NewOrder};
 use crate::app::AppState;
 use crate::infra::db::shard_index;
@@ -138,7 +138,7 @@ pub async fn settle_batch<'a>(
     for row in written_before {
         match existing.get(&row.order.id) {
             Some(status) if *status == row.status => settled.push(row.into()),
-            _ if charged.contains(&row.order.id) => refund(state, row.order.id).await,
+            _ if charged.contains(&row.order.id) => refunds::refund(state, row.order.id).await,
             _ => {}
         }
     }
@@ -280,12 +280,6 @@ pub async fn release_stock(state: &AppState, orders: &[&Order]) -> Result<(), Or
         released?;
     }
     Ok(())
-}
-
-pub async fn refund(state: &AppState, order: Uuid) {
-    if let Err(e) = state.orders.payments.refund(order).await {
-        tracing::error!(%order, error = %e, "refund failed; needs manual follow-up");
-    }
 }
 
 fn notification(settled: &Settled<'_>) -> Notification {

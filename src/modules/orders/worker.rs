@@ -21,6 +21,7 @@ use super::acceptance;
 use super::error::OrdersError;
 use super::metrics;
 use super::model::{OrderEnvelope, OrderMessage, OrderStatus};
+use super::refunds;
 use super::settle::{self, DeferReason, Deferred, Settled};
 use super::store;
 use crate::app::AppState;
@@ -260,7 +261,7 @@ async fn give_up(
     tracing::error!(order = %message.order.id, reason, "order failed for good; dead-lettered");
     metrics::count_dead_lettered(reason);
     let order = &message.order;
-    settle::refund(state, order.id).await;
+    refunds::refund(state, order.id).await;
     if let Err(e) = settle::release_stock(state, &[order]).await {
         if e.is_outage() {
             return Err(e);
