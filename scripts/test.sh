@@ -28,3 +28,8 @@ export TANSU_BIN
 
 # Tests wait on I/O far more than on CPU; run more of them than there are cores.
 cargo nextest run --no-fail-fast --test-threads "${TEST_THREADS:-6}" "$@"
+
+# The whole suite (no filter given): the API contract too.
+if [ "$#" -eq 0 ]; then
+  bash scripts/contract.sh
+fi

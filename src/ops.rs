@@ -53,7 +53,77 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.components
         .get_or_insert_with(Default::default)
         .add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    document_shared_errors(&mut doc);
     doc
+}
+
+/// Answers any operation can give besides its own, each a problem+json body: what the
+/// extractors, middleware and limits answer before (or instead of) the handler.
+fn document_shared_errors(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let problem = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/problem+json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ProblemBody")))
+                    .build(),
+            )
+            .build()
+    };
+    let everywhere = [
+        (
+            "400",
+            "invalid_request: a malformed path or query parameter",
+        ),
+        ("404", "not_found"),
+        ("429", "rate_limited (Retry-After)"),
+        (
+            "503",
+            "overloaded or a dependency unavailable (Retry-After)",
+        ),
+    ];
+    let with_body = [
+        ("413", "payload_too_large"),
+        (
+            "415",
+            "unsupported_media_type: the body must be application/json",
+        ),
+        (
+            "422",
+            "validation_failed: well-formed JSON of the wrong shape",
+        ),
+    ];
+    let secured = [(
+        "401",
+        "unauthorized: a missing, invalid, expired or revoked token",
+    )];
+    for item in doc.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.patch,
+            &mut item.delete,
+        ];
+        for operation in operations.into_iter().flatten() {
+            let mut shared: Vec<(&str, &str)> = everywhere.to_vec();
+            if operation.request_body.is_some() {
+                shared.extend(with_body);
+            }
+            if operation.security.is_some() {
+                shared.extend(secured);
+            }
+            for (status, description) in shared {
+                operation
+                    .responses
+                    .responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| problem(description).into());
+            }
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema)]

@@ -32,8 +32,8 @@ fn limit_by_ip(state: &AppState, req: &HttpRequest) -> Result<(), Problem> {
 }
 
 #[utoipa::path(post, path = "/auth/register", tag = "auth", request_body = RegisterRequest,
-    responses((status = 201, body = AuthResponse), (status = 409, body = ProblemBody, description = "email_taken"),
-              (status = 422, body = ProblemBody), (status = 429, body = ProblemBody)))]
+    responses((status = 201, body = AuthResponse), (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "email_taken"),
+              (status = 422, body = ProblemBody, content_type = "application/problem+json"), (status = 429, body = ProblemBody, content_type = "application/problem+json")))]
 async fn register(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -54,8 +54,8 @@ async fn register(
 }
 
 #[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginRequest,
-    responses((status = 200, body = AuthResponse), (status = 401, body = ProblemBody, description = "invalid_credentials"),
-              (status = 429, body = ProblemBody)))]
+    responses((status = 200, body = AuthResponse), (status = 401, body = ProblemBody, content_type = "application/problem+json", description = "invalid_credentials"),
+              (status = 429, body = ProblemBody, content_type = "application/problem+json")))]
 async fn login(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -69,7 +69,7 @@ async fn login(
 }
 
 #[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body = RefreshRequest,
-    responses((status = 200, body = AuthResponse), (status = 401, body = ProblemBody)))]
+    responses((status = 200, body = AuthResponse), (status = 401, body = ProblemBody, content_type = "application/problem+json")))]
 async fn refresh(
     state: web::Data<AppState>,
     body: web::Json<RefreshRequest>,
@@ -81,7 +81,7 @@ async fn refresh(
 
 #[utoipa::path(post, path = "/auth/logout", tag = "auth", request_body(content = Option<LogoutRequest>),
     security(("bearer" = [])),
-    responses((status = 204), (status = 401, body = ProblemBody)))]
+    responses((status = 204), (status = 401, body = ProblemBody, content_type = "application/problem+json")))]
 async fn logout(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -94,7 +94,7 @@ async fn logout(
 }
 
 #[utoipa::path(get, path = "/auth/verify", tag = "auth", security(("bearer" = [])),
-    responses((status = 200, body = VerifyResponse), (status = 401, body = ProblemBody)))]
+    responses((status = 200, body = VerifyResponse), (status = 401, body = ProblemBody, content_type = "application/problem+json")))]
 async fn verify(caller: AuthUser) -> web::Json<VerifyResponse> {
     web::Json(VerifyResponse {
         user_id: caller.user_id,

@@ -23,9 +23,9 @@ pub struct NotificationsApi;
 #[utoipa::path(post, path = "/notifications/send", tag = "notifications", security(("bearer" = [])),
     request_body = SendRequest,
     responses((status = 202, body = SendAccepted, description = "queued; the notify-worker sends it"),
-              (status = 403, body = ProblemBody, description = "admins only"),
-              (status = 404, body = ProblemBody, description = "no such user"),
-              (status = 422, body = ProblemBody), (status = 503, body = ProblemBody)))]
+              (status = 403, body = ProblemBody, content_type = "application/problem+json", description = "admins only"),
+              (status = 404, body = ProblemBody, content_type = "application/problem+json", description = "no such user"),
+              (status = 422, body = ProblemBody, content_type = "application/problem+json"), (status = 503, body = ProblemBody, content_type = "application/problem+json")))]
 async fn send(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -39,7 +39,7 @@ async fn send(
 #[utoipa::path(get, path = "/notifications/user/{user_id}", tag = "notifications", security(("bearer" = [])),
     params(("user_id" = Uuid, Path), PageQuery),
     responses((status = 200, body = Page<HistoryItem>, description = "newest first"),
-              (status = 403, body = ProblemBody, description = "not yours")))]
+              (status = 403, body = ProblemBody, content_type = "application/problem+json", description = "not yours")))]
 async fn history(
     state: web::Data<AppState>,
     caller: AuthUser,

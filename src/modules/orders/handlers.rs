@@ -48,10 +48,10 @@ pub struct OrdersApi;
     request_body(content = Option<FlashSaleOrderRequest>),
     responses((status = 201, body = Order, description = "accepted; the worker settles it to paid or failed"),
               (status = 202, body = Ticket, description = "the platform is settling as many orders as it can: a place in this sale's waiting room (one per buyer, in order of first arrival). Retry the same request with the same Idempotency-Key after Retry-After / retry_after_ms; it is admitted once the room's horizon reaches the ticket. The room never admits more buyers than units are left, and answers 409 sold_out to everyone once the stock is gone"),
-              (status = 400, body = ProblemBody, description = "idempotency_key_required"),
-              (status = 409, body = ProblemBody, description = "sold_out (answered from memory for a moment once a sale sold out, also to a retry of a request that was accepted: its order is listed under /orders/user/{user_id}), sale_not_active, purchase_limit, request_in_progress"),
-              (status = 422, body = ProblemBody, description = "validation_failed, idempotency_key_reused, total_too_large (the order's total is larger than an order can hold)"),
-              (status = 429, body = ProblemBody), (status = 503, body = ProblemBody, description = "overloaded (waiting room off), service_unavailable")))]
+              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "idempotency_key_required"),
+              (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "sold_out (answered from memory for a moment once a sale sold out, also to a retry of a request that was accepted: its order is listed under /orders/user/{user_id}), sale_not_active, purchase_limit, request_in_progress"),
+              (status = 422, body = ProblemBody, content_type = "application/problem+json", description = "validation_failed, idempotency_key_reused, total_too_large (the order's total is larger than an order can hold)"),
+              (status = 429, body = ProblemBody, content_type = "application/problem+json"), (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "overloaded (waiting room off), service_unavailable")))]
 async fn place_flash_sale_order(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -75,8 +75,8 @@ async fn place_flash_sale_order(
 #[utoipa::path(get, path = "/orders/flash-sale/{product_id}/queue", tag = "orders", security(("bearer" = [])),
     params(("product_id" = Uuid, Path, description = "product on sale")),
     responses((status = 200, body = Ticket, description = "the caller's place in the sale's waiting room (position 0: admitted, retry the order now)"),
-              (status = 401, body = ProblemBody),
-              (status = 404, body = ProblemBody, description = "the caller holds no ticket for this sale")))]
+              (status = 401, body = ProblemBody, content_type = "application/problem+json"),
+              (status = 404, body = ProblemBody, content_type = "application/problem+json", description = "the caller holds no ticket for this sale")))]
 async fn waiting_room_place(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -113,11 +113,11 @@ fn created(placed: super::Placed) -> HttpResponse {
     params(("Idempotency-Key" = String, Header, description = "1 to 255 visible ASCII characters; scoped per user")),
     request_body = CreateOrderRequest,
     responses((status = 201, body = Order, description = "accepted; the worker settles it to paid or failed"),
-              (status = 400, body = ProblemBody, description = "idempotency_key_required"),
-              (status = 404, body = ProblemBody, description = "a product does not exist"),
-              (status = 409, body = ProblemBody, description = "sold_out, sale_not_active (product on flash sale), request_in_progress"),
-              (status = 422, body = ProblemBody, description = "validation_failed, idempotency_key_reused, total_too_large (the order's total is larger than an order can hold)"),
-              (status = 503, body = ProblemBody)))]
+              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "idempotency_key_required"),
+              (status = 404, body = ProblemBody, content_type = "application/problem+json", description = "a product does not exist"),
+              (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "sold_out, sale_not_active (product on flash sale), request_in_progress"),
+              (status = 422, body = ProblemBody, content_type = "application/problem+json", description = "validation_failed, idempotency_key_reused, total_too_large (the order's total is larger than an order can hold)"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json")))]
 async fn place_order(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -131,7 +131,7 @@ async fn place_order(
 
 #[utoipa::path(get, path = "/orders/{id}", tag = "orders", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "order id")),
-    responses((status = 200, body = Order), (status = 404, body = ProblemBody)))]
+    responses((status = 200, body = Order), (status = 404, body = ProblemBody, content_type = "application/problem+json")))]
 async fn get_order(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -144,7 +144,7 @@ async fn get_order(
 
 #[utoipa::path(get, path = "/orders/{id}/status", tag = "orders", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "order id")),
-    responses((status = 200, body = OrderStatusView), (status = 404, body = ProblemBody)))]
+    responses((status = 200, body = OrderStatusView), (status = 404, body = ProblemBody, content_type = "application/problem+json")))]
 async fn get_order_status(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -160,7 +160,7 @@ async fn get_order_status(
 
 #[utoipa::path(get, path = "/orders/user/{user_id}", tag = "orders", security(("bearer" = [])),
     params(("user_id" = Uuid, Path, description = "buyer"), PageQuery),
-    responses((status = 200, body = Page<Order>), (status = 403, body = ProblemBody)))]
+    responses((status = 200, body = Page<Order>), (status = 403, body = ProblemBody, content_type = "application/problem+json")))]
 async fn list_user_orders(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -176,8 +176,8 @@ async fn list_user_orders(
 
 #[utoipa::path(put, path = "/orders/{id}/cancel", tag = "orders", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "order id")),
-    responses((status = 200, body = Order), (status = 404, body = ProblemBody),
-              (status = 409, body = ProblemBody, description = "not_cancellable")))]
+    responses((status = 200, body = Order), (status = 404, body = ProblemBody, content_type = "application/problem+json"),
+              (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "not_cancellable")))]
 async fn cancel_order(
     state: web::Data<AppState>,
     caller: AuthUser,

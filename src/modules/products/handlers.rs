@@ -83,7 +83,7 @@ fn price_filter(name: &str, raw: Option<&str>) -> Result<Option<BigDecimal>, Pro
 }
 
 #[utoipa::path(get, path = "/products", tag = "products", params(ProductQuery),
-    responses((status = 200, body = Page<Product>), (status = 400, body = ProblemBody)))]
+    responses((status = 200, body = Page<Product>), (status = 400, body = ProblemBody, content_type = "application/problem+json")))]
 async fn list_products(
     state: web::Data<AppState>,
     query: web::Query<ProductQuery>,
@@ -105,7 +105,7 @@ async fn list_products(
 
 #[utoipa::path(get, path = "/products/{id}", tag = "products",
     params(("id" = Uuid, Path, description = "product id")),
-    responses((status = 200, body = Product), (status = 400, body = ProblemBody), (status = 404, body = ProblemBody)))]
+    responses((status = 200, body = Product), (status = 400, body = ProblemBody, content_type = "application/problem+json"), (status = 404, body = ProblemBody, content_type = "application/problem+json")))]
 async fn get_product(
     state: web::Data<AppState>,
     id: web::Path<Uuid>,
@@ -114,7 +114,7 @@ async fn get_product(
 }
 
 #[utoipa::path(post, path = "/products", tag = "products", security(("bearer" = [])), request_body = NewProduct,
-    responses((status = 201, body = Product), (status = 403, body = ProblemBody), (status = 422, body = ProblemBody)))]
+    responses((status = 201, body = Product), (status = 403, body = ProblemBody, content_type = "application/problem+json"), (status = 422, body = ProblemBody, content_type = "application/problem+json")))]
 async fn create_product(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -136,8 +136,8 @@ async fn create_product(
 
 #[utoipa::path(patch, path = "/products/{id}", tag = "products", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "product id")), request_body = ProductPatch,
-    responses((status = 200, body = Product), (status = 403, body = ProblemBody), (status = 404, body = ProblemBody),
-              (status = 422, body = ProblemBody)))]
+    responses((status = 200, body = Product), (status = 403, body = ProblemBody, content_type = "application/problem+json"), (status = 404, body = ProblemBody, content_type = "application/problem+json"),
+              (status = 422, body = ProblemBody, content_type = "application/problem+json")))]
 async fn patch_product(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -156,8 +156,8 @@ async fn patch_product(
 
 #[utoipa::path(put, path = "/products/{id}/inventory", tag = "products", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "product id")), request_body = InventoryUpdate,
-    responses((status = 200, body = Product), (status = 403, body = ProblemBody), (status = 409, body = ProblemBody,
-               description = "inventory_below_reserved"), (status = 422, body = ProblemBody)))]
+    responses((status = 200, body = Product), (status = 403, body = ProblemBody, content_type = "application/problem+json"), (status = 409, body = ProblemBody, content_type = "application/problem+json",
+               description = "inventory_below_reserved"), (status = 422, body = ProblemBody, content_type = "application/problem+json")))]
 async fn set_inventory(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -180,7 +180,7 @@ async fn set_inventory(
 }
 
 #[utoipa::path(get, path = "/products/flash-sale", tag = "products", params(PageQuery),
-    responses((status = 200, body = Page<FlashSaleItem>), (status = 400, body = ProblemBody)))]
+    responses((status = 200, body = Page<FlashSaleItem>), (status = 400, body = ProblemBody, content_type = "application/problem+json")))]
 async fn list_flash_sales(
     state: web::Data<AppState>,
     query: web::Query<PageQuery>,
@@ -244,7 +244,7 @@ fn encode_offset(offset: usize) -> String {
 }
 
 #[utoipa::path(get, path = "/products/search", tag = "products", params(SearchQuery),
-    responses((status = 200, body = Page<Product>), (status = 400, body = ProblemBody)))]
+    responses((status = 200, body = Page<Product>), (status = 400, body = ProblemBody, content_type = "application/problem+json")))]
 async fn search_products(
     state: web::Data<AppState>,
     query: web::Query<SearchQuery>,

@@ -25,8 +25,8 @@ pub struct UsersApi;
 
 #[utoipa::path(get, path = "/users/{id}", tag = "users", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "user id")),
-    responses((status = 200, body = User), (status = 400, body = ProblemBody), (status = 401, body = ProblemBody),
-              (status = 403, body = ProblemBody), (status = 404, body = ProblemBody)))]
+    responses((status = 200, body = User), (status = 400, body = ProblemBody, content_type = "application/problem+json"), (status = 401, body = ProblemBody, content_type = "application/problem+json"),
+              (status = 403, body = ProblemBody, content_type = "application/problem+json"), (status = 404, body = ProblemBody, content_type = "application/problem+json")))]
 async fn get_user(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -39,7 +39,7 @@ async fn get_user(
 
 #[utoipa::path(put, path = "/users/{id}", tag = "users", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "user id")), request_body = UpdateUser,
-    responses((status = 200, body = User), (status = 403, body = ProblemBody), (status = 422, body = ProblemBody)))]
+    responses((status = 200, body = User), (status = 403, body = ProblemBody, content_type = "application/problem+json"), (status = 422, body = ProblemBody, content_type = "application/problem+json")))]
 async fn update_user(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -56,7 +56,7 @@ async fn update_user(
 
 #[utoipa::path(get, path = "/users/{id}/addresses", tag = "users", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "user id"), PageQuery),
-    responses((status = 200, body = Page<Address>), (status = 400, body = ProblemBody), (status = 403, body = ProblemBody)))]
+    responses((status = 200, body = Page<Address>), (status = 400, body = ProblemBody, content_type = "application/problem+json"), (status = 403, body = ProblemBody, content_type = "application/problem+json")))]
 async fn list_addresses(
     state: web::Data<AppState>,
     caller: AuthUser,
@@ -73,7 +73,7 @@ async fn list_addresses(
 
 #[utoipa::path(post, path = "/users/{id}/addresses", tag = "users", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "user id")), request_body = NewAddress,
-    responses((status = 201, body = Address), (status = 403, body = ProblemBody), (status = 422, body = ProblemBody)))]
+    responses((status = 201, body = Address), (status = 403, body = ProblemBody, content_type = "application/problem+json"), (status = 422, body = ProblemBody, content_type = "application/problem+json")))]
 async fn add_address(
     state: web::Data<AppState>,
     caller: AuthUser,
