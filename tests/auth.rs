@@ -33,13 +33,7 @@ async fn register_login_refresh_verify_logout() {
     assert_eq!(verify["role"], "customer");
     assert!(verify["exp"].as_i64().unwrap() > chrono::Utc::now().timestamp());
 
-    let res = app
-        .post_json(
-            "/auth/refresh",
-            &json!({"refresh_token": session.refresh}),
-            None,
-        )
-        .await;
+    let res = app.refresh(&session.refresh).await;
     assert_eq!(res.status(), 200);
     let refreshed: Value = res.json().await.unwrap();
     let new_access = refreshed["access_token"].as_str().unwrap().to_owned();
@@ -56,13 +50,7 @@ async fn register_login_refresh_verify_logout() {
     // The access token is denied and the session's refresh token is revoked.
     let denied = app.get("/auth/verify", Some(&new_access)).await;
     assert_problem(denied, 401, "unauthorized").await;
-    let res = app
-        .post_json(
-            "/auth/refresh",
-            &json!({"refresh_token": refreshed["refresh_token"]}),
-            None,
-        )
-        .await;
+    let res = app.refresh(&refreshed["refresh_token"]).await;
     assert_problem(res, 401, "unauthorized").await;
 }
 
@@ -80,13 +68,7 @@ async fn logout_with_another_sessions_refresh_token_revokes_it_too() {
         )
         .await;
     assert_eq!(res.status(), 204);
-    let res = app
-        .post_json(
-            "/auth/refresh",
-            &json!({"refresh_token": laptop.refresh}),
-            None,
-        )
-        .await;
+    let res = app.refresh(&laptop.refresh).await;
     assert_problem(res, 401, "unauthorized").await;
     // Revoking the laptop's session also ends its access token.
     let res = app.get("/auth/verify", Some(&laptop.access)).await;
@@ -172,32 +154,14 @@ async fn reusing_a_refresh_token_revokes_the_whole_family() {
     // No grace window: any second use is a stolen token.
     let app = TestApp::spawn_with(|s| s.auth.refresh_grace_secs = 0).await;
     let session = app.register(&unique_email("reuse")).await;
-    let first = app
-        .post_json(
-            "/auth/refresh",
-            &json!({"refresh_token": session.refresh}),
-            None,
-        )
-        .await;
+    let first = app.refresh(&session.refresh).await;
     assert_eq!(first.status(), 200);
     let first: Value = first.json().await.unwrap();
 
     // The stolen old token comes back: refused, and the family dies with it.
-    let replay = app
-        .post_json(
-            "/auth/refresh",
-            &json!({"refresh_token": session.refresh}),
-            None,
-        )
-        .await;
+    let replay = app.refresh(&session.refresh).await;
     assert_problem(replay, 401, "unauthorized").await;
-    let successor = app
-        .post_json(
-            "/auth/refresh",
-            &json!({"refresh_token": first["refresh_token"]}),
-            None,
-        )
-        .await;
+    let successor = app.refresh(&first["refresh_token"]).await;
     assert_problem(successor, 401, "unauthorized").await;
     let access = first["access_token"].as_str().unwrap();
     assert_problem(
@@ -219,13 +183,7 @@ async fn a_refresh_retried_within_the_grace_window_gets_the_same_pair() {
     let app = TestApp::spawn().await;
     let session = app.register(&unique_email("retry")).await;
     let refresh = || async {
-        let res = app
-            .post_json(
-                "/auth/refresh",
-                &json!({"refresh_token": session.refresh}),
-                None,
-            )
-            .await;
+        let res = app.refresh(&session.refresh).await;
         assert_eq!(res.status(), 200);
         res.json::<Value>().await.unwrap()
     };
@@ -235,13 +193,7 @@ async fn a_refresh_retried_within_the_grace_window_gets_the_same_pair() {
     assert_eq!(first["access_token"], again["access_token"]);
     let access = again["access_token"].as_str().unwrap();
     assert_eq!(app.get("/auth/verify", Some(access)).await.status(), 200);
-    let next = app
-        .post_json(
-            "/auth/refresh",
-            &json!({"refresh_token": again["refresh_token"]}),
-            None,
-        )
-        .await;
+    let next = app.refresh(&again["refresh_token"]).await;
     assert_eq!(next.status(), 200, "the successor still rotates");
 }
 
@@ -254,9 +206,7 @@ async fn malformed_refresh_tokens_are_401() {
         "not-a-uuid.secret",
         &format!("{}.", Uuid::new_v4().simple()),
     ] {
-        let res = app
-            .post_json("/auth/refresh", &json!({"refresh_token": token}), None)
-            .await;
+        let res = app.refresh(&token).await;
         assert_problem(res, 401, "unauthorized").await;
     }
 }
@@ -370,13 +320,7 @@ async fn admin_grant_applies_at_the_next_refresh() {
     flashsale::modules::auth::grant_admin(&app.state, &boss.email)
         .await
         .unwrap();
-    let res = app
-        .post_json(
-            "/auth/refresh",
-            &json!({"refresh_token": boss.refresh}),
-            None,
-        )
-        .await;
+    let res = app.refresh(&boss.refresh).await;
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["user"]["role"], "admin");
     let admin_access = body["access_token"].as_str().unwrap();

@@ -101,25 +101,6 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
     }
 }
 
-/// Deletes every Redis key of one product's sale, as a Redis restart would.
-async fn lose_sale_in_redis(app: &TestApp, product: Uuid) {
-    let pattern = app
-        .state
-        .redis
-        .key(format_args!("{{p:{}}}*", product.simple()));
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(pattern)
-        .query_async(&mut app.state.redis.conn())
-        .await
-        .unwrap();
-    assert!(!keys.is_empty());
-    redis::cmd("DEL")
-        .arg(keys)
-        .query_async::<()>(&mut app.state.redis.conn())
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_losing_a_sale_mid_flight_rebuilds_it_from_the_orders() {
     let app = TestApp::spawn_with(|s| s.orders.reconcile_interval_secs = 1).await;
@@ -135,7 +116,7 @@ async fn redis_losing_a_sale_mid_flight_rebuilds_it_from_the_orders() {
     consumer.kill().await;
     let in_flight = buy_many(&app, product, 3, 3).await;
     assert!(in_flight.iter().all(|r| r.0 == 201));
-    lose_sale_in_redis(&app, product).await;
+    app.lose_sale(product).await;
 
     let buyer = app.mint_token(Uuid::now_v7());
     let res = app.buy(&buyer, product, "during-loss", &json!({})).await;

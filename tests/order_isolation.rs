@@ -162,20 +162,7 @@ async fn an_order_whose_retries_are_used_up_ends_failed() {
         .unwrap();
     // Redis loses the sale and nothing rebuilds it (no reconciler runs): every commit
     // finds the stock not loaded and sends the order to the next retry queue.
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(
-            app.state
-                .redis
-                .key(format_args!("{{p:{}}}*", product.simple())),
-        )
-        .query_async(&mut app.state.redis.conn())
-        .await
-        .unwrap();
-    redis::cmd("DEL")
-        .arg(keys)
-        .query_async::<()>(&mut app.state.redis.conn())
-        .await
-        .unwrap();
+    app.lose_sale(product).await;
 
     let _worker = app.spawn_consumer().await;
     assert_eq!(app.wait_settled(&buyer, order).await, "failed");

@@ -23,13 +23,7 @@ async fn no_key_lives_forever() {
     // Sessions: register, log in, refresh, log out.
     let buyer = app.register(&unique_email("buyer")).await;
     let again = app.login(&buyer.email).await;
-    let res = app
-        .post_json(
-            "/auth/refresh",
-            &json!({"refresh_token": again.refresh}),
-            None,
-        )
-        .await;
+    let res = app.refresh(&again.refresh).await;
     assert_eq!(res.status(), 200);
     let res = app
         .post_json("/auth/logout", &json!({}), Some(&buyer.access))
@@ -64,17 +58,7 @@ async fn no_key_lives_forever() {
     products::audit_once(&app.state).await.unwrap();
 
     // Redis loses the sale; it is rebuilt and sells again (records made after a rebuild).
-    let pattern = app.sale_key(sale, "*");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(&pattern)
-        .query_async(&mut app.state.redis.conn())
-        .await
-        .unwrap();
-    redis::cmd("DEL")
-        .arg(keys)
-        .query_async::<()>(&mut app.state.redis.conn())
-        .await
-        .unwrap();
+    app.lose_sale(sale).await;
     common::until("the lost sale to open again", || async {
         let _ = orders::reconcile_once(&app.state).await;
         products::sale_state(&app.state, sale).await.unwrap() == products::SaleState::Open

@@ -253,6 +253,12 @@ impl TestApp {
         req.send().await.expect("request sent")
     }
 
+    /// `POST /auth/refresh` with `token` (a string, or a JSON value holding one).
+    pub async fn refresh(&self, token: impl serde::Serialize) -> reqwest::Response {
+        self.post_json("/auth/refresh", &json!({ "refresh_token": token }), None)
+            .await
+    }
+
     pub async fn register(&self, email: &str) -> Session {
         self.authenticate("/auth/register", email, 201).await
     }
@@ -577,6 +583,22 @@ impl TestApp {
             matches!(reserved, Reservation::Reserved { .. }),
             "{reserved:?}"
         );
+    }
+
+    /// Deletes every Redis key of one product's sale at once, as a Redis restart would.
+    pub async fn lose_sale(&self, product: Uuid) {
+        let pattern = self.sale_key(product, "*");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut self.state.redis.conn())
+            .await
+            .expect("list the sale's keys");
+        assert!(!keys.is_empty(), "the sale has keys to lose");
+        redis::cmd("DEL")
+            .arg(keys)
+            .query_async::<()>(&mut self.state.redis.conn())
+            .await
+            .expect("delete the sale's keys");
     }
 
     /// The Redis key `name` of a product's sale.

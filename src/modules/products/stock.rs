@@ -33,12 +33,19 @@ const RESERVE_FLASH: &str = concat!(
     include_str!("lua/attempt_limit.lua"),
     include_str!("../../infra/lua/idempotency_check.lua"),
     include_str!("lua/reserve_units.lua"),
+    include_str!("lua/expire_with_sale.lua"),
     include_str!("lua/reserve_flash_done.lua"),
 );
 const RESERVE_ITEM: &str = concat!(
     include_str!("lua/reserve_item.lua"),
     include_str!("lua/reserve_units.lua"),
+    include_str!("lua/expire_with_sale.lua"),
     include_str!("lua/reserve_item_done.lua"),
+);
+const LATE_COMMIT: &str = concat!(
+    include_str!("lua/late_commit.lua"),
+    include_str!("lua/expire_with_sale.lua"),
+    include_str!("lua/late_commit_done.lua"),
 );
 
 pub struct StockScripts {
@@ -61,7 +68,7 @@ impl Default for StockScripts {
             reserve: Script::new(RESERVE_FLASH),
             reserve_item: Script::new(RESERVE_ITEM),
             commit: Script::new(include_str!("lua/commit.lua")),
-            late_commit: Script::new(include_str!("lua/late_commit.lua")),
+            late_commit: Script::new(LATE_COMMIT),
             release: Script::new(include_str!("lua/release.lua")),
             load: Script::new(include_str!("lua/load.lua")),
             adjust: Script::new(include_str!("lua/adjust.lua")),
@@ -398,6 +405,7 @@ impl StockScripts {
             .key(&keys.reservations)
             .key(&keys.buyers)
             .key(&keys.sale)
+            .key(&keys.pending)
             .arg(reserved.order.to_string())
             .arg(reserved.buyer.simple().to_string())
             .arg(reserved.units)

@@ -3,6 +3,8 @@
 -- still there and the buyer stays within the limit.
 -- Answers committed | sold_out | limit | not_loaded.
 local stock_key, epoch_key, reservations_key, buyers_key, sale_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+-- Only for the expiry fragment that follows: a late commit adds no pending record.
+local pending_key = KEYS[6]
 local order, user, units = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('EXISTS', epoch_key) == 0 then return 'not_loaded' end
 local stock = redis.call('GET', stock_key)
@@ -14,10 +16,3 @@ if tonumber(redis.call('HGET', buyers_key, user) or '0') + units > limit then re
 redis.call('DECRBY', stock_key, units)
 redis.call('HINCRBY', buyers_key, user, units)
 redis.call('HSET', reservations_key, order, 'c:' .. user .. ':' .. units)
-local expire_at = redis.call('EXPIRETIME', stock_key)
-if expire_at > 0 then
-  for _, key in ipairs({buyers_key, reservations_key}) do
-    if redis.call('TTL', key) == -1 then redis.call('EXPIREAT', key, expire_at) end
-  end
-end
-return 'committed'

@@ -15,10 +15,3 @@ redis.call('HINCRBY', buyers_key, user, units)
 redis.call('HSET', reservations_key, order, 'r:' .. user .. ':' .. units)
 redis.call('ZADD', pending_key, now_ms, order)
 local unit_price = sale[4]
--- Records made after the load (or a rebuild that emptied them) expire with the sale.
-local expire_at = redis.call('EXPIRETIME', stock_key)
-if expire_at > 0 then
-  for _, key in ipairs({buyers_key, reservations_key, pending_key}) do
-    if redis.call('TTL', key) == -1 then redis.call('EXPIREAT', key, expire_at) end
-  end
-end
