@@ -46,6 +46,10 @@ impl Received {
 struct Inbox {
     incoming: [mpsc::Receiver<Received>; 3],
     waiting: [VecDeque<Received>; 3],
+    /// Whether a batch has been taken. The first one always lingers: one queue's consumer
+    /// may already be delivering while another is still being set up, and weighing
+    /// priorities before every backlog arrived would send only the first queue's work.
+    started: bool,
 }
 
 pub async fn run(state: AppState) -> Result<(), NotificationsError> {
@@ -78,6 +82,7 @@ pub async fn run(state: AppState) -> Result<(), NotificationsError> {
     let mut inbox = Inbox {
         incoming,
         waiting: Default::default(),
+        started: false,
     };
     tracing::info!("notify-worker consuming");
     let linger = Duration::from_millis(settings.batch_linger_ms);
@@ -103,7 +108,8 @@ impl Inbox {
             return false;
         }
         self.drain();
-        if self.waiting.iter().all(VecDeque::is_empty) {
+        let idle = self.waiting.iter().all(VecDeque::is_empty);
+        if idle {
             let [high, normal, low] = &mut self.incoming;
             let first = tokio::select! {
                 biased;
@@ -114,6 +120,9 @@ impl Inbox {
                 else => return false,
             };
             self.waiting[first.0.index()].push_back(first.1);
+        }
+        if idle || !self.started {
+            self.started = true;
             tokio::time::sleep(linger).await;
             self.drain();
         }
