@@ -49,6 +49,34 @@ if [ "$(redis-cli -h 127.0.0.1 -p 6379 config get appendonly | tail -n 1)" != "y
   redis-cli -h 127.0.0.1 -p 6379 config set appendonly yes >/dev/null
 fi
 
+# A local 3-node Redis Cluster (no replicas) for the cluster tests and benchmarks. A node
+# restarted with its nodes.conf rejoins by itself; fresh nodes are reset and joined anew.
+cluster_ports=(7101 7102 7103)
+for port in "${cluster_ports[@]}"; do
+  if ! redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1; then
+    log "starting Redis Cluster node $port"
+    dir=/var/lib/redis-cluster/$port
+    mkdir -p "$dir"
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --cluster-enabled yes \
+      --cluster-config-file nodes.conf --cluster-node-timeout 5000 --save "" --appendonly no \
+      --dir "$dir" --logfile "$dir/redis.log"
+    wait_for "Redis Cluster node $port" redis-cli -h 127.0.0.1 -p "$port" ping
+  fi
+done
+cluster_info() { # field
+  redis-cli -h 127.0.0.1 -p "${cluster_ports[0]}" cluster info | tr -d '\r' | sed -n "s/^$1://p"
+}
+cluster_ok() { [ "$(cluster_info cluster_state)" = ok ]; }
+if ! cluster_ok && [ "$(cluster_info cluster_known_nodes)" = 1 ]; then
+  log "creating the Redis Cluster"
+  for port in "${cluster_ports[@]}"; do
+    redis-cli -h 127.0.0.1 -p "$port" flushall >/dev/null
+    redis-cli -h 127.0.0.1 -p "$port" cluster reset hard >/dev/null
+  done
+  redis-cli --cluster create "${cluster_ports[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes >/dev/null
+fi
+wait_for "Redis Cluster" cluster_ok
+
 amqp_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 if ! amqp_up; then
   log "starting RabbitMQ"
@@ -64,4 +92,4 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
   cargo install --locked cargo-nextest
 fi
-log "PostgreSQL, Redis and RabbitMQ are up"
+log "PostgreSQL, Redis (and a local Redis Cluster) and RabbitMQ are up"

@@ -85,8 +85,12 @@ pub struct DatabaseNode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
+    /// One node's URL, or with `cluster` the seed nodes separated by commas.
     pub url: String,
     pub key_prefix: String,
+    /// Talk to a Redis Cluster through the cluster client.
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -175,6 +179,18 @@ pub struct SalesSettings {
     pub scheduler_interval_secs: u64,
     /// How often the invariant auditor checks every live sale (one replica per interval).
     pub audit_interval_secs: u64,
+    /// Buckets a flash sale's stock is split into, each under its own hash tag, so one hot
+    /// sale spreads over several Redis Cluster nodes (1 on a single node). A sale keeps the
+    /// count it was loaded with.
+    #[serde(default = "one_bucket")]
+    pub stock_buckets: u32,
+}
+
+/// More buckets than nodes buys nothing; each one costs a read when a bucket runs dry.
+const MAX_STOCK_BUCKETS: u32 = 64;
+
+fn one_bucket() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -500,6 +516,9 @@ impl Settings {
         }
         if self.auth.argon2.max_concurrent == 0 {
             return invalid("auth.argon2.max_concurrent", "must be at least 1");
+        }
+        if !(1..=MAX_STOCK_BUCKETS).contains(&self.sales.stock_buckets) {
+            return invalid("sales.stock_buckets", "must be 1 to 64");
         }
         if self.catalog.local_ttl_ms > 5_000 {
             return invalid(

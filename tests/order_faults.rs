@@ -63,7 +63,8 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
     let admin = app.register_admin(&unique_email("admin")).await;
     let product = app.flash_sale_product(&admin.access, 200, "1.00").await;
     let results = buy_many(&app, product, 200, 50).await;
-    assert!(results.iter().all(|r| r.0 == 201));
+    let refused: Vec<u16> = results.iter().map(|r| r.0).filter(|s| *s != 201).collect();
+    assert!(refused.is_empty(), "refused: {refused:?}");
 
     let worker = app.spawn_worker().await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -136,7 +137,8 @@ async fn redis_losing_a_sale_mid_flight_rebuilds_it_from_the_orders() {
     })
     .await;
     let res = app.buy(&buyer, product, "after-rebuild", &json!({})).await;
-    assert_eq!(res.status(), 201);
+    let status = res.status();
+    assert_eq!(status, 201, "{}", res.text().await.unwrap_or_default());
     for (_, order, token) in settled.iter().chain(&in_flight) {
         assert_eq!(app.wait_settled(token, order.unwrap()).await, "paid");
         // Every earlier buyer is still at the limit, whether paid before or after the loss.
@@ -206,7 +208,9 @@ async fn an_unfinished_request_holds_its_key_for_seconds_not_a_day() {
     assert_problem(res, 409, "request_in_progress").await;
 
     // Seconds later the retry goes through, and the reconciler frees the dead request's unit.
-    let marker = products::idempotency_key(&app.state, product, user, &key_digest);
+    let marker = products::idempotency_key(&app.state, product, user, &key_digest)
+        .await
+        .expect("the key");
     let started = Instant::now();
     common::until("the in-progress marker to expire", || async {
         let exists: bool = redis::cmd("EXISTS")

@@ -47,7 +47,8 @@ async fn profile_reads_and_partial_updates_see_every_write() {
     let profile: Value = app.get_json(&path, Some(&me.access)).await;
     assert_eq!(profile["email"], me.email);
     assert!(
-        app.redis_exists(&format!("user:{}", me.user_id)).await,
+        app.redis_exists(&format!("{{u:{}}}:profile", me.user_id.simple()))
+            .await,
         "read fills the cache"
     );
 
@@ -56,7 +57,8 @@ async fn profile_reads_and_partial_updates_see_every_write() {
         .await;
     assert_eq!(res.status(), 200);
     assert!(
-        !app.redis_exists(&format!("user:{}", me.user_id)).await,
+        !app.redis_exists(&format!("{{u:{}}}:profile", me.user_id.simple()))
+            .await,
         "write invalidates"
     );
     let res = app
@@ -88,8 +90,10 @@ async fn reads_go_to_a_replica_except_right_after_a_write() {
 
     // Once the read-your-writes window has passed (and the cache is cold), reads go to the
     // replica, which in this test never receives writes.
-    app.redis_del(&format!("user-wrote:{}", me.user_id)).await;
-    app.redis_del(&format!("user:{}", me.user_id)).await;
+    app.redis_del(&format!("{{u:{}}}:wrote", me.user_id.simple()))
+        .await;
+    app.redis_del(&format!("{{u:{}}}:profile", me.user_id.simple()))
+        .await;
     assert_problem(app.get(&path, Some(&me.access)).await, 404, "not_found").await;
 
     // A write sends this user's reads back to the primary, which has the write.

@@ -1,35 +1,69 @@
 //! Redis: one auto-reconnecting multiplexed connection per process (it pipelines concurrent
 //! requests by itself), and the key prefix that keeps environments and tests apart.
+//!
+//! On a Redis Cluster (`redis.cluster`) the same handle goes through the cluster client. Every
+//! script and transaction keeps its keys under one hash tag (one slot); a plain pipeline may
+//! span slots, and is split here per tag and sent to each slot's node concurrently.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use futures_util::future::try_join_all;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::config::RedisSettings;
 
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+const RETRIES: u32 = 3;
+
 #[derive(Clone)]
 pub struct Redis {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
+}
+
+/// A single node's connection or a cluster's; cheap to clone, every clone shares the sockets.
+#[derive(Clone)]
+pub enum RedisConnection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
 }
 
 impl Redis {
     pub async fn connect(settings: &RedisSettings) -> redis::RedisResult<Self> {
-        let client = redis::Client::open(settings.url.as_str())?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(3)))
-            .set_response_timeout(Some(Duration::from_secs(3)))
-            .set_number_of_retries(3);
-        let conn = client.get_connection_manager_with_config(config).await?;
+        let conn = if settings.cluster {
+            let seeds = settings.url.split(',').map(str::trim);
+            let client = ClusterClient::builder(seeds)
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(RESPONSE_TIMEOUT)
+                .retries(RETRIES)
+                .build()?;
+            RedisConnection::Cluster(client.get_async_connection().await?)
+        } else {
+            let client = redis::Client::open(settings.url.as_str())?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                .set_number_of_retries(RETRIES as usize);
+            RedisConnection::Single(client.get_connection_manager_with_config(config).await?)
+        };
         Ok(Self {
             conn,
             prefix: settings.key_prefix.clone(),
         })
     }
 
-    /// A connection handle; cheap to clone, all clones share one multiplexed socket.
-    pub fn conn(&self) -> ConnectionManager {
+    /// A connection handle; cheap to clone, all clones share one multiplexed socket (per node).
+    pub fn conn(&self) -> RedisConnection {
         self.conn.clone()
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, RedisConnection::Cluster(_))
     }
 
     /// The full key for `suffix` under this process's prefix.
@@ -58,6 +92,98 @@ impl Redis {
             .await
             .map(drop)
     }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => {
+                let groups = slot_groups(pipeline);
+                if pipeline.is_transaction() || groups.len() < 2 {
+                    // A transaction must be one slot: the cluster refuses it otherwise.
+                    conn.req_packed_commands(pipeline, offset, count)
+                } else {
+                    Box::pin(split_pipeline(conn.clone(), pipeline, groups))
+                }
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// The indices of a pipeline's commands grouped by the hash tag (or whole key) of their first
+/// key: each group stays in one slot and keeps its commands' order.
+fn slot_groups(pipeline: &Pipeline) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = vec![];
+    let mut by_tag: HashMap<Vec<u8>, usize> = HashMap::new();
+    for (i, cmd) in pipeline.cmd_iter().enumerate() {
+        let key = match cmd.args_iter().nth(1) {
+            Some(redis::Arg::Simple(key)) => hash_tag(key).to_vec(),
+            _ => vec![],
+        };
+        let group = *by_tag.entry(key).or_insert_with(|| {
+            groups.push(vec![]);
+            groups.len() - 1
+        });
+        groups[group].push(i);
+    }
+    groups
+}
+
+/// What Redis Cluster hashes: the part between the first `{` and the next `}` when non-empty.
+fn hash_tag(key: &[u8]) -> &[u8] {
+    let Some(open) = key.iter().position(|&b| b == b'{') else {
+        return key;
+    };
+    match key[open + 1..].iter().position(|&b| b == b'}') {
+        Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+        _ => key,
+    }
+}
+
+/// Sends each slot's part of a pipeline as its own pipeline, concurrently, and answers the
+/// replies in the original order.
+async fn split_pipeline(
+    conn: ClusterConnection,
+    pipeline: &Pipeline,
+    groups: Vec<Vec<usize>>,
+) -> redis::RedisResult<Vec<Value>> {
+    let cmds: Vec<&Cmd> = pipeline.cmd_iter().collect();
+    let parts = groups.iter().map(|indices| {
+        let mut part = Pipeline::with_capacity(indices.len());
+        for &i in indices {
+            part.add_command(cmds[i].clone());
+        }
+        let mut conn = conn.clone();
+        async move { conn.req_packed_commands(&part, 0, part.len()).await }
+    });
+    let replies = try_join_all(parts).await?;
+    let mut ordered = vec![Value::Nil; cmds.len()];
+    for (indices, values) in groups.iter().zip(replies) {
+        for (&i, value) in indices.iter().zip(values) {
+            ordered[i] = value;
+        }
+    }
+    Ok(ordered)
 }
 
 /// Where an idempotent request stands.

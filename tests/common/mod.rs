@@ -47,6 +47,16 @@ impl TestAppBuilder {
         self
     }
 
+    /// Runs on the local Redis Cluster (`scripts/services.sh` starts it) instead of one node.
+    pub fn redis_cluster(self) -> Self {
+        self.configure(|s| {
+            s.redis.cluster = true;
+            s.redis.url = std::env::var("FLASHSALE_TEST_REDIS_CLUSTER").unwrap_or_else(|_| {
+                "redis://127.0.0.1:7101,redis://127.0.0.1:7102,redis://127.0.0.1:7103".into()
+            });
+        })
+    }
+
     pub fn configure(mut self, tweak: impl FnOnce(&mut Settings) + 'static) -> Self {
         self.tweaks.push(Box::new(tweak));
         self
@@ -541,16 +551,32 @@ impl TestApp {
         }
     }
 
-    /// Remaining units as the flash-sale list reports them.
-    /// The sale's counter as Redis holds it. Unlike the listing's `remaining` (clamped at
-    /// 0), an oversold counter reads negative here.
+    /// The sale's counters as Redis holds them, summed over its buckets. Unlike the
+    /// listing's `remaining` (clamped at 0), an oversold counter reads negative here.
     pub async fn remaining(&self, product: Uuid) -> i64 {
-        let counter: Option<i64> = redis::cmd("GET")
-            .arg(self.sale_key(product, "stock"))
+        let mut pipe = redis::pipe();
+        for bucket in self.sale_buckets(product) {
+            pipe.get(format!("{bucket}:stock"));
+        }
+        let counters: Vec<Option<i64>> = pipe
             .query_async(&mut self.state.redis.conn())
             .await
-            .expect("read the counter");
-        counter.expect("the sale is loaded in Redis")
+            .expect("read the counters");
+        assert!(counters[0].is_some(), "the sale is loaded in Redis");
+        counters.into_iter().flatten().sum()
+    }
+
+    /// The key prefix of each of a sale's buckets (as many as `sales.stock_buckets`).
+    pub fn sale_buckets(&self, product: Uuid) -> Vec<String> {
+        (0..self.state.settings.sales.stock_buckets)
+            .map(|bucket| match bucket {
+                0 => self.sale_key(product, "").trim_end_matches(':').to_owned(),
+                n => self
+                    .state
+                    .redis
+                    .key(format_args!("{{p:{}:{n}}}", product.simple())),
+            })
+            .collect()
     }
 
     /// Reserves one unit for `user` as the flash-sale route would, and publishes nothing (an
@@ -585,14 +611,18 @@ impl TestApp {
         );
     }
 
-    /// Deletes every Redis key of one product's sale at once, as a Redis restart would.
+    /// Deletes every Redis key of one product's sale (every bucket) at once, as a Redis
+    /// restart would.
     pub async fn lose_sale(&self, product: Uuid) {
-        let pattern = self.sale_key(product, "*");
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(pattern)
-            .query_async(&mut self.state.redis.conn())
-            .await
-            .expect("list the sale's keys");
+        let mut keys: Vec<String> = vec![];
+        for bucket in self.sale_buckets(product) {
+            let found: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{bucket}:*"))
+                .query_async(&mut self.state.redis.conn())
+                .await
+                .expect("list the sale's keys");
+            keys.extend(found);
+        }
         assert!(!keys.is_empty(), "the sale has keys to lose");
         redis::cmd("DEL")
             .arg(keys)

@@ -130,7 +130,8 @@ pub async fn place_flash_sale_order(
         traceparent: telemetry::current_traceparent(),
         failure_reason: None,
     };
-    let idempotency_key = products::idempotency_key(state, product, caller.user_id, key_digest);
+    let idempotency_key =
+        products::idempotency_key(state, product, caller.user_id, key_digest).await?;
     acceptance::accept(state, message, &idempotency_key, &body_hash)
         .await
         .map(FlashSaleAnswer::Placed)

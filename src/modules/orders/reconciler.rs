@@ -9,6 +9,9 @@
 //!   units at commit, within the purchase limit. Until it opens the flash-sale path
 //!   answers 503.
 //!
+//! - A move of units between two buckets of a sale that its mover left half done (it died
+//!   between giving and taking) is finished.
+//!
 //! One reconciler acts per interval, whatever the number of replicas (a Redis lease).
 
 use std::time::Duration;
@@ -29,6 +32,8 @@ pub struct Repairs {
     pub released: usize,
     pub rebuilt: usize,
     pub reopened: usize,
+    /// Moves of units between a sale's buckets left half done, finished.
+    pub moves_finished: usize,
     /// Lost sales waiting for their rebuild, or rebuilt ones for the orders in flight.
     pub waiting: usize,
 }
@@ -93,6 +98,7 @@ pub async fn reconcile_once(state: &AppState) -> Result<Repairs, OrdersError> {
                 continue;
             }
         }
+        repairs.moves_finished += products::finish_stuck_moves(state, product.id).await?;
         repairs.released += release_stale(state, product.id, timeout).await?;
     }
     for product in products::regular_stock(state).await? {
@@ -123,7 +129,8 @@ async fn release_stale(
         if persisted.contains_key(&order) {
             continue;
         }
-        if let products::ReleaseOutcome::Released = products::release(state, product, order).await?
+        if let products::ReleaseOutcome::Released =
+            products::release(state, product, stale.buyer, order).await?
         {
             tracing::warn!(%order, %product, "released a reservation whose order never arrived");
             abandon(state, order).await?;
@@ -217,4 +224,6 @@ fn record_repairs(repairs: &Repairs) {
         .increment(repairs.rebuilt as u64);
     metrics::counter!("reconciler_repairs_total", "kind" => "reopened")
         .increment(repairs.reopened as u64);
+    metrics::counter!("reconciler_repairs_total", "kind" => "moves_finished")
+        .increment(repairs.moves_finished as u64);
 }

@@ -274,7 +274,7 @@ pub async fn release_stock(state: &AppState, orders: &[&Order]) -> Result<(), Or
         order
             .items
             .iter()
-            .map(|item| products::release(state, item.product_id, order.id))
+            .map(|item| products::release(state, item.product_id, order.user_id, order.id))
     });
     for released in join_all(releases).await {
         released?;

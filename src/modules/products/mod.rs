@@ -49,7 +49,7 @@ pub struct ProductsState {
 impl ProductsState {
     pub fn new(settings: &Settings) -> Result<Self, ProductsError> {
         Ok(Self {
-            stock: StockScripts::default(),
+            stock: StockScripts::new(settings.sales.stock_buckets),
             cache: ProductCache::new(&settings.catalog),
             search: Arc::new(SearchIndex::open(&settings.search.index_dir)?),
             settings: settings.sales.clone(),
@@ -333,8 +333,17 @@ pub async fn reserve(
 
 /// The Redis key holding the idempotency record of (`product`, `user`, key digest); the
 /// reservation script writes it, orders store the final answer in it.
-pub fn idempotency_key(state: &AppState, product: Uuid, user: Uuid, key_digest: &str) -> String {
-    stock::idempotency_key(&state.redis, product, user, key_digest)
+pub async fn idempotency_key(
+    state: &AppState,
+    product: Uuid,
+    user: Uuid,
+    key_digest: &str,
+) -> Result<String, ProductsError> {
+    Ok(state
+        .products
+        .stock
+        .idempotency_key(&state.redis, product, user, key_digest)
+        .await?)
 }
 
 /// Commits the reservations behind `lines`; one call per product. Answers one outcome per
@@ -367,15 +376,27 @@ pub async fn commit(
     Ok(outcomes)
 }
 
+/// Releases the units `buyer` reserved for `order`.
 pub async fn release(
     state: &AppState,
     product: Uuid,
+    buyer: Uuid,
     order: Uuid,
 ) -> Result<ReleaseOutcome, ProductsError> {
     Ok(state
         .products
         .stock
-        .release(&state.redis, product, order)
+        .release(&state.redis, product, buyer, order)
+        .await?)
+}
+
+/// Finishes moves of units between a sale's buckets that a process left half done;
+/// answers how many.
+pub async fn finish_stuck_moves(state: &AppState, product: Uuid) -> Result<usize, ProductsError> {
+    Ok(state
+        .products
+        .stock
+        .finish_stuck_moves(&state.redis, product)
         .await?)
 }
 

@@ -1,7 +1,15 @@
 //! Flash-sale stock in Redis: the only place units are reserved, committed and released.
 //!
-//! Every key of one product shares the hash tag `{p:<id>}`, so each script touches one
-//! Redis Cluster slot. A reservation moves through one atomic state change:
+//! A sale's stock is split into buckets (`sales.stock_buckets`, fixed at the sale's first
+//! load), so one hot sale spreads over several Redis Cluster nodes. Every key of one bucket
+//! shares a hash tag (`{p:<id>}` for bucket 0, `{p:<id>:<n>}` for the others), so each
+//! script touches one slot. A buyer's purchase record, reservations and Idempotency-Key live
+//! in the buyer's home bucket (hash(buyer) mod buckets), so the limit and the reservation stay
+//! one atomic script. A bucket that runs dry borrows from the fullest other bucket: a move is
+//! two scripts (give, then take, recorded so a crash in between is finished by the
+//! reconciler), and each bucket's books balance at every step. Bucket 0 also holds what
+//! belongs to the sale as a whole: the waiting room and the lost note.
+//! A reservation moves through one atomic state change:
 //! `r` (reserved) -> `c` (committed, by the worker before it persists the order) or
 //! `r`/`c` -> `x` (released: reconciler, cancel, failure). Whoever changes it first decides;
 //! the loser sees the new state and backs off.
@@ -11,6 +19,8 @@
 //! path answers 503 until the reconciler rebuilt the counters from PostgreSQL and the orders
 //! in flight at the loss have settled (the sale is `recovering` meanwhile). A missing
 //! counter is never read as 0 or as unlimited.
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use redis::Script;
@@ -27,11 +37,28 @@ const ROOM_TTL_SECS: u64 = 86_400;
 /// A lost-sale note outlives any rebuild; it only has to span two reconciler passes.
 const LOST_MARK_TTL_SECS: u64 = 3_600;
 
+/// A sale's bucket count never changes while it is loaded; a process re-reads it this often
+/// (and whenever a script says its layout is stale).
+const LAYOUT_TTL: Duration = Duration::from_secs(30);
+
+/// A move between buckets older than this was interrupted (the mover died between its two
+/// halves); the reconciler finishes it.
+const MOVE_STUCK_MS: i64 = 2_000;
+
+/// Borrowing rounds for one reservation: other buyers of the home bucket may take the units
+/// a round moved in before this one gets to them. Every round sells units to someone, so
+/// this bound is only a guard; a sale runs dry well within it.
+const BORROW_ROUNDS: usize = 64;
+
+/// How long a borrower that found every bucket dry but moves in flight waits for them to land.
+const MOVE_LANDING: Duration = Duration::from_millis(2);
+
 /// Each script names its KEYS and ARGV at the top; the shared fragments read those names.
 const RESERVE_FLASH: &str = concat!(
     include_str!("lua/reserve_flash.lua"),
     include_str!("lua/attempt_limit.lua"),
     include_str!("../../infra/lua/idempotency_check.lua"),
+    include_str!("lua/take_units.lua"),
     include_str!("lua/reserve_units.lua"),
     include_str!("lua/expire_with_sale.lua"),
     include_str!("lua/reserve_flash_done.lua"),
@@ -42,6 +69,11 @@ const RESERVE_ITEM: &str = concat!(
     include_str!("lua/expire_with_sale.lua"),
     include_str!("lua/reserve_item_done.lua"),
 );
+const TAKE: &str = concat!(
+    include_str!("lua/take.lua"),
+    include_str!("lua/take_units.lua"),
+    include_str!("lua/take_done.lua"),
+);
 const LATE_COMMIT: &str = concat!(
     include_str!("lua/late_commit.lua"),
     include_str!("lua/expire_with_sale.lua"),
@@ -49,6 +81,10 @@ const LATE_COMMIT: &str = concat!(
 );
 
 pub struct StockScripts {
+    /// Buckets a new flash sale is split into.
+    flash_buckets: u32,
+    /// product -> the bucket count its loaded sale uses.
+    layouts: moka::sync::Cache<Uuid, u32>,
     reserve: Script,
     reserve_item: Script,
     commit: Script,
@@ -60,11 +96,18 @@ pub struct StockScripts {
     reopen: Script,
     audit: Script,
     room: Script,
+    give: Script,
+    take: Script,
 }
 
-impl Default for StockScripts {
-    fn default() -> Self {
+impl StockScripts {
+    pub fn new(flash_buckets: u32) -> Self {
         Self {
+            flash_buckets: flash_buckets.max(1),
+            layouts: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(LAYOUT_TTL)
+                .build(),
             reserve: Script::new(RESERVE_FLASH),
             reserve_item: Script::new(RESERVE_ITEM),
             commit: Script::new(include_str!("lua/commit.lua")),
@@ -76,11 +119,65 @@ impl Default for StockScripts {
             reopen: Script::new(include_str!("lua/reopen.lua")),
             audit: Script::new(include_str!("lua/audit.lua")),
             room: Script::new(include_str!("lua/room.lua")),
+            give: Script::new(include_str!("lua/give.lua")),
+            take: Script::new(TAKE),
         }
     }
 }
 
-/// The keys of one product's sale.
+/// How one sale's stock is split.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    product: Uuid,
+    buckets: u32,
+}
+
+impl Layout {
+    /// The bucket holding `buyer`'s purchases (a UUID's low bits are random, v4 or v7).
+    fn home(&self, buyer: Uuid) -> u32 {
+        (buyer.as_u128() % u128::from(self.buckets)) as u32
+    }
+
+    fn bucket(&self, redis: &Redis, bucket: u32) -> SaleKeys {
+        SaleKeys::new(redis, self.product, bucket)
+    }
+
+    fn home_keys(&self, redis: &Redis, buyer: Uuid) -> SaleKeys {
+        self.bucket(redis, self.home(buyer))
+    }
+
+    fn every(&self, redis: &Redis) -> Vec<SaleKeys> {
+        (0..self.buckets).map(|b| self.bucket(redis, b)).collect()
+    }
+
+    /// `units` dealt out over the buckets, the first ones taking the remainder.
+    fn shares(&self, units: i64) -> Vec<i64> {
+        let n = i64::from(self.buckets);
+        (0..n)
+            .map(|b| units / n + i64::from(b < units % n))
+            .collect()
+    }
+}
+
+/// Units given by one bucket and not yet taken by another.
+struct Move {
+    id: String,
+    from: u32,
+    units: i64,
+    /// The sale's epoch when given: a rebuild since voids the move.
+    epoch: String,
+}
+
+/// What a borrower found.
+enum Borrowed {
+    Move(Move),
+    /// Units reached the borrower's own bucket meanwhile.
+    AtHome,
+    /// Every bucket is dry.
+    Nothing,
+}
+
+/// The keys of one bucket of a product's sale.
 struct SaleKeys {
     tagged_prefix: String,
     stock: String,
@@ -93,11 +190,15 @@ struct SaleKeys {
     lost: String,
     /// The waiting room: tickets, the admitted horizon.
     room: String,
+    /// Moves of units out of this bucket not yet taken by the receiving bucket.
+    moves_out: String,
+    /// Moves taken into this bucket (so a repeated take adds nothing).
+    moves_in: String,
 }
 
 impl SaleKeys {
-    fn new(redis: &Redis, product: Uuid) -> Self {
-        let tagged_prefix = tagged_prefix(redis, product);
+    fn new(redis: &Redis, product: Uuid, bucket: u32) -> Self {
+        let tagged_prefix = tagged_prefix(redis, product, bucket);
         let key = |name: &str| format!("{tagged_prefix}:{name}");
         Self {
             tagged_prefix: tagged_prefix.clone(),
@@ -109,6 +210,8 @@ impl SaleKeys {
             pending: key("pending"),
             lost: key("lost"),
             room: key("room"),
+            moves_out: key("out"),
+            moves_in: key("in"),
         }
     }
 
@@ -135,19 +238,19 @@ impl SaleKeys {
     }
 }
 
-/// `<prefix>{p:<id>}`: every key of one product's sale starts with it (one cluster slot).
-fn tagged_prefix(redis: &Redis, product: Uuid) -> String {
-    redis.key(format_args!("{{p:{}}}", product.simple()))
+/// `<prefix>{p:<id>}` (bucket 0) or `<prefix>{p:<id>:<bucket>}`: every key of one bucket of a
+/// product's sale starts with it (one cluster slot).
+fn tagged_prefix(redis: &Redis, product: Uuid, bucket: u32) -> String {
+    if bucket == 0 {
+        redis.key(format_args!("{{p:{}}}", product.simple()))
+    } else {
+        redis.key(format_args!("{{p:{}:{bucket}}}", product.simple()))
+    }
 }
 
 fn idempotency_in(tagged_prefix: &str, user: Uuid, key_digest: &str) -> String {
-    // Same hash tag as the rest, so the reserve script stays in one slot.
+    // Same hash tag as the buyer's home bucket, so the reserve script stays in one slot.
     format!("{tagged_prefix}:idem:{}:{key_digest}", user.simple())
-}
-
-/// Built on its own: the order path needs this one key, not all six of the sale's.
-pub fn idempotency_key(redis: &Redis, product: Uuid, user: Uuid, key_digest: &str) -> String {
-    idempotency_in(&tagged_prefix(redis, product), user, key_digest)
 }
 
 /// What a sale looks like in Redis.
@@ -310,35 +413,113 @@ pub struct ReserveRequest<'a> {
 }
 
 impl StockScripts {
+    /// The layout of `product`'s loaded sale (one bucket when nothing is loaded: every
+    /// script then answers `not_loaded`).
+    async fn layout(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<Layout> {
+        if let Some(buckets) = self.layouts.get(&product) {
+            return Ok(Layout { product, buckets });
+        }
+        let stored: Option<u32> = redis::cmd("HGET")
+            .arg(SaleKeys::new(redis, product, 0).sale)
+            .arg("buckets")
+            .query_async(&mut redis.conn())
+            .await?;
+        if let Some(buckets) = stored {
+            self.layouts.insert(product, buckets);
+        }
+        Ok(Layout {
+            product,
+            buckets: stored.unwrap_or(1).max(1),
+        })
+    }
+
+    /// The layout a load of `kind` gives a sale that is not loaded yet.
+    fn new_layout(&self, product: Uuid, kind: SaleKind) -> Layout {
+        let buckets = match kind {
+            SaleKind::Flash => self.flash_buckets,
+            SaleKind::Regular => 1,
+        };
+        Layout { product, buckets }
+    }
+
+    /// The Redis key holding the idempotency record of (`product`, `user`, key digest).
+    pub async fn idempotency_key(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+        user: Uuid,
+        key_digest: &str,
+    ) -> redis::RedisResult<String> {
+        let layout = self.layout(redis, product).await?;
+        Ok(layout.home_keys(redis, user).idempotency(user, key_digest))
+    }
+
     pub async fn reserve(
         &self,
         redis: &Redis,
         req: &ReserveRequest<'_>,
     ) -> redis::RedisResult<Reservation> {
-        let keys = SaleKeys::new(redis, req.product);
-        let now = Utc::now();
-        let reply: Vec<String> = keys
-            .invoke(&self.reserve)
-            .key(keys.idempotency(req.user, req.key_digest))
-            .key(keys.attempts(req.user, now.timestamp() / 60))
-            .arg(req.user.simple().to_string())
-            .arg(req.quantity)
-            .arg(req.order_id.to_string())
-            .arg(now.timestamp_millis())
-            .arg(SaleKind::Flash.as_str())
-            .arg(req.body_hash)
-            .arg(req.in_flight_ttl_secs)
-            .arg(req.attempts_per_minute)
-            .invoke_async(&mut redis.conn())
-            .await?;
-        if let Some(started) = IdempotencyStart::from_reply(&reply) {
-            return Ok(match started {
-                IdempotencyStart::Replay(stored) => Reservation::Replay(stored),
-                IdempotencyStart::InProgress => Reservation::InProgress,
-                _ => Reservation::KeyReusedWithOtherBody,
-            });
+        let layout = self.layout(redis, req.product).await?;
+        let home = layout.home(req.user);
+        let keys = layout.bucket(redis, home);
+        // Units borrowed for this buyer go into the same script as the reservation, so no
+        // other buyer of the home bucket takes them first.
+        let mut borrowed: Option<Move> = None;
+        for _ in 0..BORROW_ROUNDS {
+            let now = Utc::now();
+            let (move_id, move_units, move_epoch) = borrowed
+                .as_ref()
+                .map_or(("", 0, ""), |m| (m.id.as_str(), m.units, m.epoch.as_str()));
+            let reply: Vec<String> = keys
+                .invoke(&self.reserve)
+                .key(keys.idempotency(req.user, req.key_digest))
+                .key(keys.attempts(req.user, now.timestamp() / 60))
+                .key(&keys.moves_in)
+                .arg(req.user.simple().to_string())
+                .arg(req.quantity)
+                .arg(req.order_id.to_string())
+                .arg(now.timestamp_millis())
+                .arg(SaleKind::Flash.as_str())
+                .arg(req.body_hash)
+                .arg(req.in_flight_ttl_secs)
+                .arg(req.attempts_per_minute)
+                .arg(layout.buckets)
+                .arg(move_id)
+                .arg(move_units)
+                .arg(move_epoch)
+                .invoke_async(&mut redis.conn())
+                .await?;
+            if let Some(done) = borrowed.take() {
+                // Taken by the script unless it answered before reserving.
+                self.finish_move(redis, &layout.bucket(redis, done.from), &keys, &done)
+                    .await?;
+            }
+            if let Some(started) = IdempotencyStart::from_reply(&reply) {
+                return Ok(match started {
+                    IdempotencyStart::Replay(stored) => Reservation::Replay(stored),
+                    IdempotencyStart::InProgress => Reservation::InProgress,
+                    _ => Reservation::KeyReusedWithOtherBody,
+                });
+            }
+            let reservation = reservation_from(&reply, now);
+            if reservation != Reservation::SoldOut {
+                return Ok(self.seen(req.product, reservation));
+            }
+            match self.borrow(redis, layout, home, req.quantity).await? {
+                Borrowed::Move(given) => borrowed = Some(given),
+                Borrowed::AtHome => {}
+                Borrowed::Nothing => return Ok(Reservation::SoldOut),
+            }
         }
-        Ok(reservation_from(&reply, now))
+        Ok(Reservation::SoldOut)
+    }
+
+    /// Forgets the cached layout when a script found none loaded: it may have changed.
+    fn seen(&self, product: Uuid, reservation: Reservation) -> Reservation {
+        if reservation == Reservation::NotLoaded {
+            self.layouts.invalidate(&product);
+        }
+        reservation
     }
 
     /// Reserves units of one item of a regular order.
@@ -350,7 +531,8 @@ impl StockScripts {
         quantity: u32,
         order: Uuid,
     ) -> redis::RedisResult<Reservation> {
-        let keys = SaleKeys::new(redis, product);
+        let layout = self.layout(redis, product).await?;
+        let keys = layout.home_keys(redis, user);
         let now = Utc::now();
         let reply: Vec<String> = keys
             .invoke(&self.reserve_item)
@@ -359,9 +541,203 @@ impl StockScripts {
             .arg(order.to_string())
             .arg(now.timestamp_millis())
             .arg(SaleKind::Regular.as_str())
+            .arg(layout.buckets)
             .invoke_async(&mut redis.conn())
             .await?;
-        Ok(reservation_from(&reply, now))
+        Ok(self.seen(product, reservation_from(&reply, now)))
+    }
+
+    /// Gives units for bucket `to` from the fullest other bucket: at least `want` when it
+    /// has them, and half of what it holds. Nothing when every bucket is dry (after moves in
+    /// flight, which may be bringing units somewhere, have landed).
+    async fn borrow(
+        &self,
+        redis: &Redis,
+        layout: Layout,
+        to: u32,
+        want: u32,
+    ) -> redis::RedisResult<Borrowed> {
+        if layout.buckets < 2 {
+            return Ok(Borrowed::Nothing);
+        }
+        let buckets = layout.every(redis);
+        for _ in 0..BORROW_ROUNDS {
+            let (stocks, in_flight) = self.bucket_stocks(redis, &buckets).await?;
+            if stocks[to as usize].unwrap_or(0) >= i64::from(want) {
+                return Ok(Borrowed::AtHome);
+            }
+            let fullest = stocks
+                .iter()
+                .enumerate()
+                .filter(|(b, _)| *b as u32 != to)
+                .filter_map(|(b, stock)| stock.map(|units| (b, units)))
+                .max_by_key(|(_, units)| *units);
+            match fullest {
+                Some((from, units)) if units > 0 => {
+                    let amount = i64::from(want).max((units + 1) / 2);
+                    if let Some(given) = self
+                        .give(redis, &buckets[from], from as u32, to, amount)
+                        .await?
+                    {
+                        return Ok(Borrowed::Move(given));
+                    }
+                }
+                _ if in_flight > 0 => tokio::time::sleep(MOVE_LANDING).await,
+                _ => return Ok(Borrowed::Nothing),
+            }
+        }
+        Ok(Borrowed::Nothing)
+    }
+
+    /// The counters of `buckets` (None where missing) and the moves out of them not yet
+    /// taken, in one read.
+    async fn bucket_stocks(
+        &self,
+        redis: &Redis,
+        buckets: &[SaleKeys],
+    ) -> redis::RedisResult<(Vec<Option<i64>>, i64)> {
+        let mut pipe = redis::pipe();
+        for keys in buckets {
+            pipe.get(&keys.stock).hlen(&keys.moves_out);
+        }
+        let read: Vec<(Option<i64>, i64)> = pipe.query_async(&mut redis.conn()).await?;
+        let in_flight = read.iter().map(|(_, moves)| moves).sum();
+        Ok((
+            read.into_iter().map(|(stock, _)| stock).collect(),
+            in_flight,
+        ))
+    }
+
+    /// The first half of a move: up to `amount` units off bucket `from`, recorded as on
+    /// their way to bucket `to`. None when it had none left.
+    async fn give(
+        &self,
+        redis: &Redis,
+        keys: &SaleKeys,
+        from: u32,
+        to: u32,
+        amount: i64,
+    ) -> redis::RedisResult<Option<Move>> {
+        let id = Uuid::now_v7().simple().to_string();
+        let (units, epoch): (i64, String) = self
+            .give
+            .key(&keys.stock)
+            .key(&keys.epoch)
+            .key(&keys.sale)
+            .key(&keys.moves_out)
+            .arg(&id)
+            .arg(to)
+            .arg(amount)
+            .arg(Utc::now().timestamp_millis())
+            .invoke_async(&mut redis.conn())
+            .await?;
+        if units <= 0 {
+            return Ok(None);
+        }
+        metrics::counter!("stock_bucket_moves_total").increment(1);
+        Ok(Some(Move {
+            id,
+            from,
+            units,
+            epoch,
+        }))
+    }
+
+    /// Moves up to `amount` units from bucket `from` to bucket `to` (both halves); answers
+    /// the units moved.
+    async fn move_units(
+        &self,
+        redis: &Redis,
+        layout: Layout,
+        from: u32,
+        to: u32,
+        amount: i64,
+    ) -> redis::RedisResult<i64> {
+        let giver = layout.bucket(redis, from);
+        let Some(given) = self.give(redis, &giver, from, to, amount).await? else {
+            return Ok(0);
+        };
+        self.finish_move(redis, &giver, &layout.bucket(redis, to), &given)
+            .await?;
+        Ok(given.units)
+    }
+
+    /// The take half of a move (a no-op when a reservation took it already), then its
+    /// record goes (unless the receiver is lost: the rebuild that follows drops every move).
+    async fn finish_move(
+        &self,
+        redis: &Redis,
+        giver: &SaleKeys,
+        taker: &SaleKeys,
+        given: &Move,
+    ) -> redis::RedisResult<()> {
+        let taken: String = self
+            .take
+            .key(&taker.stock)
+            .key(&taker.epoch)
+            .key(&taker.sale)
+            .key(&taker.moves_in)
+            .arg(&given.id)
+            .arg(given.units)
+            .arg(&given.epoch)
+            .invoke_async(&mut redis.conn())
+            .await?;
+        if taken != "not_loaded" {
+            redis::cmd("HDEL")
+                .arg(&giver.moves_out)
+                .arg(&given.id)
+                .query_async::<()>(&mut redis.conn())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Finishes moves between buckets that a process left half done; answers how many.
+    pub async fn finish_stuck_moves(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+    ) -> redis::RedisResult<usize> {
+        let layout = self.layout(redis, product).await?;
+        if layout.buckets < 2 {
+            return Ok(0);
+        }
+        let buckets = layout.every(redis);
+        let now_ms = Utc::now().timestamp_millis();
+        let mut finished = 0;
+        for giver in &buckets {
+            let moves: Vec<(String, String)> = redis::cmd("HGETALL")
+                .arg(&giver.moves_out)
+                .query_async(&mut redis.conn())
+                .await?;
+            for (id, record) in moves {
+                let mut parts = record.split(':');
+                let (Some(to), Some(units), Some(epoch), Some(at_ms)) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    continue;
+                };
+                let (Ok(to), Ok(units), Ok(at_ms)) =
+                    (to.parse::<usize>(), units.parse(), at_ms.parse::<i64>())
+                else {
+                    continue;
+                };
+                if now_ms - at_ms < MOVE_STUCK_MS {
+                    continue;
+                }
+                if let Some(taker) = buckets.get(to) {
+                    let stuck = Move {
+                        id,
+                        from: 0,
+                        units,
+                        epoch: epoch.to_owned(),
+                    };
+                    self.finish_move(redis, giver, taker, &stuck).await?;
+                    finished += 1;
+                }
+            }
+        }
+        Ok(finished)
     }
 
     /// Commits the reservations of several orders of one product.
@@ -374,20 +750,30 @@ impl StockScripts {
         if orders.is_empty() {
             return Ok(vec![]);
         }
-        let keys = SaleKeys::new(redis, product);
-        let mut invocation = self.commit.key(&keys.reservations);
-        invocation.key(&keys.pending);
-        for reserved in orders {
-            invocation.arg(reserved.order.to_string());
+        let layout = self.layout(redis, product).await?;
+        let mut by_bucket: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+        for (i, reserved) in orders.iter().enumerate() {
+            by_bucket
+                .entry(layout.home(reserved.buyer))
+                .or_default()
+                .push(i);
         }
-        let outcomes: Vec<String> = invocation.invoke_async(&mut redis.conn()).await?;
-        let mut committed = Vec::with_capacity(orders.len());
-        for (reserved, outcome) in orders.iter().zip(outcomes) {
-            committed.push(match outcome.as_str() {
-                "committed" | "already" => CommitOutcome::Committed,
-                "released" => CommitOutcome::Released,
-                _ => self.late_commit(redis, &keys, reserved).await?,
-            });
+        let mut committed = vec![CommitOutcome::NotLoaded; orders.len()];
+        for (bucket, indexes) in by_bucket {
+            let keys = layout.bucket(redis, bucket);
+            let mut invocation = self.commit.key(&keys.reservations);
+            invocation.key(&keys.pending);
+            for i in &indexes {
+                invocation.arg(orders[*i].order.to_string());
+            }
+            let outcomes: Vec<String> = invocation.invoke_async(&mut redis.conn()).await?;
+            for (i, outcome) in indexes.into_iter().zip(outcomes) {
+                committed[i] = match outcome.as_str() {
+                    "committed" | "already" => CommitOutcome::Committed,
+                    "released" => CommitOutcome::Released,
+                    _ => self.late_commit(redis, layout, orders[i]).await?,
+                };
+            }
         }
         Ok(committed)
     }
@@ -395,37 +781,55 @@ impl StockScripts {
     async fn late_commit(
         &self,
         redis: &Redis,
-        keys: &SaleKeys,
+        layout: Layout,
         reserved: &ReservedUnits,
     ) -> redis::RedisResult<CommitOutcome> {
-        let late: String = self
-            .late_commit
-            .key(&keys.stock)
-            .key(&keys.epoch)
-            .key(&keys.reservations)
-            .key(&keys.buyers)
-            .key(&keys.sale)
-            .key(&keys.pending)
-            .arg(reserved.order.to_string())
-            .arg(reserved.buyer.simple().to_string())
-            .arg(reserved.units)
-            .invoke_async(&mut redis.conn())
-            .await?;
-        Ok(match late.as_str() {
-            "committed" => CommitOutcome::Committed,
-            "sold_out" => CommitOutcome::SoldOut,
-            "limit" => CommitOutcome::OverLimit,
-            _ => CommitOutcome::NotLoaded,
-        })
+        let keys = layout.home_keys(redis, reserved.buyer);
+        let mut rounds = 0;
+        loop {
+            let late: String = self
+                .late_commit
+                .key(&keys.stock)
+                .key(&keys.epoch)
+                .key(&keys.reservations)
+                .key(&keys.buyers)
+                .key(&keys.sale)
+                .key(&keys.pending)
+                .arg(reserved.order.to_string())
+                .arg(reserved.buyer.simple().to_string())
+                .arg(reserved.units)
+                .invoke_async(&mut redis.conn())
+                .await?;
+            rounds += 1;
+            if late == "sold_out" && rounds < BORROW_ROUNDS {
+                let home = layout.home(reserved.buyer);
+                match self.borrow(redis, layout, home, reserved.units).await? {
+                    Borrowed::Move(given) => {
+                        self.finish_move(redis, &layout.bucket(redis, given.from), &keys, &given)
+                            .await?;
+                        continue;
+                    }
+                    Borrowed::AtHome => continue,
+                    Borrowed::Nothing => {}
+                }
+            }
+            return Ok(match late.as_str() {
+                "committed" => CommitOutcome::Committed,
+                "sold_out" => CommitOutcome::SoldOut,
+                "limit" => CommitOutcome::OverLimit,
+                _ => CommitOutcome::NotLoaded,
+            });
+        }
     }
 
     pub async fn release(
         &self,
         redis: &Redis,
         product: Uuid,
+        buyer: Uuid,
         order: Uuid,
     ) -> redis::RedisResult<ReleaseOutcome> {
-        let keys = SaleKeys::new(redis, product);
+        let keys = self.layout(redis, product).await?.home_keys(redis, buyer);
         let outcome: String = self
             .release
             .key(&keys.stock)
@@ -442,7 +846,8 @@ impl StockScripts {
         })
     }
 
-    /// Loads a sale's terms, and its counter (= `inventory`) unless already loaded.
+    /// Loads a sale's terms into every bucket, and its counters (`inventory` dealt out over
+    /// the buckets) unless already loaded.
     pub async fn load(
         &self,
         redis: &Redis,
@@ -450,77 +855,184 @@ impl StockScripts {
         inventory: i32,
         terms: &SaleTerms,
     ) -> redis::RedisResult<bool> {
-        let keys = SaleKeys::new(redis, product);
+        let fresh = self.new_layout(product, terms.kind);
+        let shares = fresh.shares(i64::from(inventory));
+        let epoch = Uuid::now_v7().to_string();
+        // Bucket 0 decides: loaded now (the others follow with their shares), or before (with
+        // the bucket count it was loaded with; the others get the terms only).
+        let (loaded, buckets) = self
+            .load_bucket(
+                redis,
+                &fresh.bucket(redis, 0),
+                Some(shares[0]),
+                &epoch,
+                terms,
+                fresh.buckets,
+            )
+            .await?;
+        let layout = Layout {
+            product,
+            buckets: if loaded {
+                fresh.buckets
+            } else {
+                buckets.max(1)
+            },
+        };
+        for bucket in 1..layout.buckets {
+            let share = loaded.then(|| shares[bucket as usize]);
+            self.load_bucket(
+                redis,
+                &layout.bucket(redis, bucket),
+                share,
+                &epoch,
+                terms,
+                layout.buckets,
+            )
+            .await?;
+        }
+        self.layouts.insert(product, layout.buckets);
+        Ok(loaded)
+    }
+
+    /// One bucket's load (`units` None: terms only). Answers (loaded, the sale's buckets).
+    async fn load_bucket(
+        &self,
+        redis: &Redis,
+        keys: &SaleKeys,
+        units: Option<i64>,
+        epoch: &str,
+        terms: &SaleTerms,
+        buckets: u32,
+    ) -> redis::RedisResult<(bool, u32)> {
         // Kept a day past the end so late workers and the reconciler still find the records.
         let expire_at = terms.end.timestamp() + 86_400;
-        let loaded: i64 = keys
+        let (loaded, stored): (i64, u32) = keys
             .invoke(&self.load)
-            .arg(inventory)
-            .arg(Uuid::now_v7().to_string())
+            .key(&keys.moves_out)
+            .key(&keys.moves_in)
+            .arg(units.map_or_else(|| "-".to_owned(), |u| u.to_string()))
+            .arg(epoch)
             .arg(terms.start.timestamp_millis())
             .arg(terms.end.timestamp_millis())
             .arg(terms.per_user_limit)
             .arg(&terms.price)
             .arg(expire_at)
             .arg(terms.kind.as_str())
+            .arg(buckets)
             .invoke_async(&mut redis.conn())
             .await?;
-        Ok(loaded == 1)
+        Ok((loaded == 1, stored))
     }
 
-    /// Applies `delta` units to a loaded counter. `Ok(None)` when nothing is loaded;
-    /// `Err(stock)` when the change would take it below zero.
+    /// Applies `delta` units to a loaded sale (a decrease first gathers units into bucket 0).
+    /// `Ok(None)` when nothing is loaded; `Err(stock)` when the change would take it below
+    /// zero.
     pub async fn adjust(
         &self,
         redis: &Redis,
         product: Uuid,
         delta: i64,
     ) -> redis::RedisResult<Result<Option<i64>, i64>> {
-        let keys = SaleKeys::new(redis, product);
-        let (status, stock): (String, i64) = self
+        let layout = self.layout(redis, product).await?;
+        let buckets = layout.every(redis);
+        if delta < 0 {
+            let (stocks, _) = self.bucket_stocks(redis, &buckets).await?;
+            let mut gathered = stocks[0].unwrap_or(0);
+            for (bucket, stock) in stocks.iter().enumerate().skip(1) {
+                if gathered >= -delta {
+                    break;
+                }
+                let want = (-delta - gathered).min(stock.unwrap_or(0));
+                if want > 0 {
+                    gathered += self
+                        .move_units(redis, layout, bucket as u32, 0, want)
+                        .await?;
+                }
+            }
+        }
+        let first = &buckets[0];
+        let (status, _): (String, i64) = self
             .adjust
-            .key(&keys.stock)
-            .key(&keys.epoch)
-            .key(&keys.sale)
+            .key(&first.stock)
+            .key(&first.epoch)
+            .key(&first.sale)
             .arg(delta)
             .invoke_async(&mut redis.conn())
             .await?;
+        let total: i64 = self
+            .bucket_stocks(redis, &buckets)
+            .await?
+            .0
+            .into_iter()
+            .flatten()
+            .sum();
         Ok(match status.as_str() {
-            "ok" => Ok(Some(stock)),
-            "below" => Err(stock),
+            "ok" => Ok(Some(total)),
+            "below" => Err(total),
             _ => Ok(None),
         })
     }
 
-    /// Whether the sale's counters are present (the epoch exists), and open.
+    /// Whether every bucket's counters are present (the epoch exists), and open.
     pub async fn state(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<SaleState> {
-        let keys = SaleKeys::new(redis, product);
-        let (epoch, stock, recovering): (i64, i64, i64) = redis::pipe()
-            .exists(&keys.epoch)
-            .exists(&keys.stock)
-            .hexists(&keys.sale, "recovering")
-            .query_async(&mut redis.conn())
-            .await?;
-        Ok(match (epoch == 1 && stock == 1, recovering == 1) {
-            (false, _) => SaleState::Missing,
-            (true, true) => SaleState::Recovering,
-            (true, false) => SaleState::Open,
-        })
+        let layout = self.layout(redis, product).await?;
+        let mut pipe = redis::pipe();
+        for keys in layout.every(redis) {
+            pipe.exists(&keys.epoch)
+                .exists(&keys.stock)
+                .hexists(&keys.sale, "recovering");
+        }
+        let flags: Vec<bool> = pipe.query_async(&mut redis.conn()).await?;
+        let mut state = SaleState::Open;
+        for bucket in flags.chunks(3) {
+            match bucket {
+                [true, true, false] => {}
+                [true, true, true] => state = SaleState::Recovering,
+                _ => {
+                    self.layouts.invalidate(&product);
+                    return Ok(SaleState::Missing);
+                }
+            }
+        }
+        Ok(state)
     }
 
-    /// Takes a buyer through the sale's waiting room (one script, so every pod sees one
-    /// order of arrival).
+    /// Takes a buyer through the sale's waiting room (one script on bucket 0, so every pod
+    /// sees one order of arrival).
     pub async fn enter_room(
         &self,
         redis: &Redis,
         req: &RoomRequest<'_>,
     ) -> redis::RedisResult<RoomAnswer> {
-        let keys = SaleKeys::new(redis, req.product);
+        let layout = self.layout(redis, req.product).await?;
+        let buckets = layout.every(redis);
+        let mut pipe = redis::pipe();
+        for keys in &buckets {
+            pipe.get(&keys.stock);
+        }
+        pipe.get(
+            layout
+                .home_keys(redis, req.buyer)
+                .idempotency(req.buyer, req.key_digest),
+        );
+        let mut read: Vec<Option<String>> = pipe.query_async(&mut redis.conn()).await?;
+        let idempotency = read.pop().flatten();
+        let answered = idempotency.is_some_and(|stored| {
+            serde_json::from_str::<serde_json::Value>(&stored)
+                .map_or(true, |v| v["state"] != "in_progress")
+        });
+        let stock = match read.first() {
+            Some(Some(_)) => read
+                .iter()
+                .flatten()
+                .filter_map(|units| units.parse::<i64>().ok())
+                .sum::<i64>()
+                .to_string(),
+            _ => String::new(),
+        };
         let reply: Vec<String> = self
             .room
-            .key(&keys.stock)
-            .key(&keys.room)
-            .key(keys.idempotency(req.buyer, req.key_digest))
+            .key(&buckets[0].room)
             .arg(req.buyer.simple().to_string())
             .arg(req.key_digest)
             .arg(Utc::now().timestamp_millis())
@@ -528,6 +1040,8 @@ impl StockScripts {
             .arg(req.tick_ms)
             .arg(req.slack)
             .arg(ROOM_TTL_SECS)
+            .arg(stock)
+            .arg(if answered { "1" } else { "0" })
             .invoke_async(&mut redis.conn())
             .await?;
         let number = |i: usize| reply.get(i).and_then(|n| n.parse().ok()).unwrap_or(0);
@@ -551,7 +1065,7 @@ impl StockScripts {
         product: Uuid,
         buyer: Uuid,
     ) -> redis::RedisResult<Option<(u64, u64)>> {
-        let keys = SaleKeys::new(redis, product);
+        let keys = SaleKeys::new(redis, product, 0);
         let (ticket, admitted): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
             .arg(&keys.room)
             .arg(format!("t:{}", buyer.simple()))
@@ -597,7 +1111,7 @@ impl StockScripts {
 
     /// Notes that the sale was found lost (once); answers when it was first found, in ms.
     pub async fn mark_lost(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<i64> {
-        let keys = SaleKeys::new(redis, product);
+        let keys = SaleKeys::new(redis, product, 0);
         let now_ms = Utc::now().timestamp_millis();
         let (_, first): ((), i64) = redis::pipe()
             .cmd("SET")
@@ -612,39 +1126,47 @@ impl StockScripts {
         Ok(first)
     }
 
-    /// Opens a rebuilt sale.
+    /// Opens a rebuilt sale: every bucket, bucket 0 (with the lost note) last.
     pub async fn reopen(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<()> {
-        let keys = SaleKeys::new(redis, product);
-        self.reopen
-            .key(&keys.sale)
-            .key(&keys.lost)
-            .invoke_async::<i64>(&mut redis.conn())
-            .await
-            .map(drop)
+        let layout = self.layout(redis, product).await?;
+        for keys in layout.every(redis).iter().rev() {
+            self.reopen
+                .key(&keys.sale)
+                .key(&keys.lost)
+                .invoke_async::<i64>(&mut redis.conn())
+                .await?;
+        }
+        Ok(())
     }
 
-    /// Checks the sale's own books (one script, so nothing moves while it counts).
+    /// Checks the sale's own books, bucket by bucket (one script each, so nothing moves in
+    /// a bucket while it counts; a move keeps both buckets' books balanced).
     pub async fn audit(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<SaleAudit> {
-        let keys = SaleKeys::new(redis, product);
-        let (state, units_off, over_limit): (String, i64, i64) = self
-            .audit
-            .key(&keys.stock)
-            .key(&keys.epoch)
-            .key(&keys.sale)
-            .key(&keys.buyers)
-            .key(&keys.reservations)
-            .invoke_async(&mut redis.conn())
-            .await?;
-        let state = match state.as_str() {
-            "open" => SaleState::Open,
-            "recovering" => SaleState::Recovering,
-            _ => SaleState::Missing,
+        let layout = self.layout(redis, product).await?;
+        let mut sum = SaleAudit {
+            state: SaleState::Open,
+            units_off: 0,
+            over_limit: 0,
         };
-        Ok(SaleAudit {
-            state,
-            units_off,
-            over_limit,
-        })
+        for keys in layout.every(redis) {
+            let (state, units_off, over_limit): (String, i64, i64) = self
+                .audit
+                .key(&keys.stock)
+                .key(&keys.epoch)
+                .key(&keys.sale)
+                .key(&keys.buyers)
+                .key(&keys.reservations)
+                .invoke_async(&mut redis.conn())
+                .await?;
+            match state.as_str() {
+                "open" => {}
+                "recovering" => sum.state = SaleState::Recovering,
+                _ => sum.state = SaleState::Missing,
+            }
+            sum.units_off += units_off;
+            sum.over_limit += over_limit;
+        }
+        Ok(sum)
     }
 
     /// Live remaining units of several products (None where not loaded).
@@ -653,14 +1175,19 @@ impl StockScripts {
         redis: &Redis,
         products: &[Uuid],
     ) -> redis::RedisResult<Vec<Option<i64>>> {
-        if products.is_empty() {
-            return Ok(vec![]);
-        }
-        let mut pipe = redis::pipe();
+        let mut remaining = Vec::with_capacity(products.len());
         for product in products {
-            pipe.get(SaleKeys::new(redis, *product).stock);
+            let layout = self.layout(redis, *product).await?;
+            let (stocks, _) = self.bucket_stocks(redis, &layout.every(redis)).await?;
+            remaining.push(
+                stocks
+                    .first()
+                    .copied()
+                    .flatten()
+                    .map(|_| stocks.iter().flatten().sum()),
+            );
         }
-        pipe.query_async(&mut redis.conn()).await
+        Ok(remaining)
     }
 
     /// Reservations older than `cutoff` that are still only reserved: (order, user).
@@ -670,38 +1197,40 @@ impl StockScripts {
         product: Uuid,
         cutoff: DateTime<Utc>,
     ) -> redis::RedisResult<Vec<StaleReservation>> {
-        let keys = SaleKeys::new(redis, product);
-        let orders: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(&keys.pending)
-            .arg("-inf")
-            .arg(cutoff.timestamp_millis())
-            .arg("LIMIT")
-            .arg(0)
-            .arg(1000)
-            .query_async(&mut redis.conn())
-            .await?;
-        let mut stale = Vec::with_capacity(orders.len());
-        for order in orders {
-            let record: Option<String> = redis::cmd("HGET")
-                .arg(&keys.reservations)
-                .arg(&order)
+        let mut stale = vec![];
+        for keys in self.layout(redis, product).await?.every(redis) {
+            let orders: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(&keys.pending)
+                .arg("-inf")
+                .arg(cutoff.timestamp_millis())
+                .arg("LIMIT")
+                .arg(0)
+                .arg(1000)
                 .query_async(&mut redis.conn())
                 .await?;
-            let parsed = record.as_deref().and_then(|r| {
-                let mut parts = r.split(':');
-                let (_state, user) = (parts.next()?, parts.next()?);
-                Some(StaleReservation {
-                    order: Uuid::try_parse(&order).ok()?,
-                    buyer: Uuid::try_parse(user).ok()?,
-                })
-            });
-            stale.extend(parsed);
+            for order in orders {
+                let record: Option<String> = redis::cmd("HGET")
+                    .arg(&keys.reservations)
+                    .arg(&order)
+                    .query_async(&mut redis.conn())
+                    .await?;
+                let parsed = record.as_deref().and_then(|r| {
+                    let mut parts = r.split(':');
+                    let (_state, user) = (parts.next()?, parts.next()?);
+                    Some(StaleReservation {
+                        order: Uuid::try_parse(&order).ok()?,
+                        buyer: Uuid::try_parse(user).ok()?,
+                    })
+                });
+                stale.extend(parsed);
+            }
         }
         Ok(stale)
     }
 
-    /// Replaces the counters from PostgreSQL's truth after a Redis loss; the sale stays
-    /// closed until `reopen`.
+    /// Replaces the counters from PostgreSQL's truth after a Redis loss (the stock dealt out
+    /// over the buckets, each buyer's units in their home bucket); the sale stays closed
+    /// until `reopen`.
     pub async fn rebuild(
         &self,
         redis: &Redis,
@@ -710,13 +1239,32 @@ impl StockScripts {
         buyers: &[(Uuid, i64)],
         terms: &SaleTerms,
     ) -> redis::RedisResult<()> {
-        let keys = SaleKeys::new(redis, product);
-        let mut invocation = keys.invoke(&self.rebuild);
-        invocation.arg(stock).arg(Uuid::now_v7().to_string());
-        for (user, units) in buyers {
-            invocation.arg(user.simple().to_string()).arg(units);
+        let stored = self.layout(redis, product).await?;
+        // What survived of the sale tells its bucket count; nothing did: a new layout.
+        let layout = if self.layouts.contains_key(&product) {
+            stored
+        } else {
+            self.new_layout(product, terms.kind)
+        };
+        let epoch = Uuid::now_v7().to_string();
+        for (bucket, share) in (0..layout.buckets).zip(layout.shares(stock)) {
+            let keys = layout.bucket(redis, bucket);
+            let mut invocation = keys.invoke(&self.rebuild);
+            invocation
+                .key(&keys.moves_out)
+                .key(&keys.moves_in)
+                .arg(share)
+                .arg(&epoch)
+                .arg(layout.buckets);
+            for (user, units) in buyers
+                .iter()
+                .filter(|(user, _)| layout.home(*user) == bucket)
+            {
+                invocation.arg(user.simple().to_string()).arg(units);
+            }
+            invocation.invoke_async::<i64>(&mut redis.conn()).await?;
         }
-        invocation.invoke_async::<i64>(&mut redis.conn()).await?;
+        self.layouts.insert(product, layout.buckets);
         self.load(redis, product, 0, terms).await.map(drop)
     }
 }

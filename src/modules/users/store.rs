@@ -328,12 +328,13 @@ pub async fn after_write(
     Ok(())
 }
 
+// One hash tag per user: `after_write` changes both keys in one transaction (one slot).
 fn profile_key(redis: &Redis, id: Uuid) -> String {
-    redis.key(format_args!("user:{id}"))
+    redis.key(format_args!("{{u:{}}}:profile", id.simple()))
 }
 
 fn recent_write_key(redis: &Redis, id: Uuid) -> String {
-    redis.key(format_args!("user-wrote:{id}"))
+    redis.key(format_args!("{{u:{}}}:wrote", id.simple()))
 }
 
 /// Bulk insert for seeding: one multi-row INSERT per shard; rows that exist are skipped.

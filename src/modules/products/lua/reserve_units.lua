@@ -2,9 +2,11 @@
 if redis.call('EXISTS', epoch_key) == 0 then return {'not_loaded'} end
 local stock = redis.call('GET', stock_key)
 if not stock then return {'not_loaded'} end
-local sale = redis.call('HMGET', sale_key, 'start', 'end', 'limit', 'price', 'kind', 'recovering')
+local sale = redis.call('HMGET', sale_key, 'start', 'end', 'limit', 'price', 'kind', 'recovering', 'buckets')
 -- Rebuilt after a loss, and closed until the orders in flight then have settled.
 if sale[6] then return {'not_loaded'} end
+-- The caller chose this bucket with another bucket count (a stale layout): it looks again.
+if (sale[7] or '1') ~= buckets then return {'not_loaded'} end
 if not sale[1] or sale[5] ~= sale_kind then return {'not_active'} end
 if now_ms < tonumber(sale[1]) or now_ms >= tonumber(sale[2]) then return {'not_active'} end
 local bought = tonumber(redis.call('HGET', buyers_key, user) or '0')
