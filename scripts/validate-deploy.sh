@@ -22,10 +22,11 @@ apt_tool docker-compose docker-compose
 apt_tool promtool prometheus
 
 log "yamllint"
-yamllint -s -c .yamllint.yml docker-compose.yml k8s deploy
+yamllint -s -c .yamllint.yml docker-compose.yml docker-compose.redis-cluster.yml k8s deploy
 
 log "docker-compose config"
 docker-compose -f docker-compose.yml config -q
+docker-compose -f docker-compose.yml -f docker-compose.redis-cluster.yml config -q
 
 log "kubernetes-validate --strict"
 # chaos-mesh's Schedule is a custom resource without a schema here; yamllint covers it.
