@@ -65,6 +65,7 @@ const RESERVE_FLASH: &str = concat!(
 );
 const RESERVE_ITEM: &str = concat!(
     include_str!("lua/reserve_item.lua"),
+    include_str!("lua/take_units.lua"),
     include_str!("lua/reserve_units.lua"),
     include_str!("lua/expire_with_sale.lua"),
     include_str!("lua/reserve_item_done.lua"),
@@ -385,6 +386,14 @@ pub enum ReleaseOutcome {
     Unknown,
 }
 
+/// The move (if any) whose units a reservation script takes first: id, units, epoch.
+fn add_move_args(invocation: &mut redis::ScriptInvocation<'_>, borrowed: Option<&Move>) {
+    match borrowed {
+        Some(given) => invocation.arg(&given.id).arg(given.units).arg(&given.epoch),
+        None => invocation.arg("").arg(0).arg(""),
+    };
+}
+
 fn reservation_from(reply: &[String], now: DateTime<Utc>) -> Reservation {
     match reply {
         [ok, price] if ok == "ok" => Reservation::Reserved {
@@ -460,33 +469,61 @@ impl StockScripts {
         req: &ReserveRequest<'_>,
     ) -> redis::RedisResult<Reservation> {
         let layout = self.layout(redis, req.product).await?;
-        let home = layout.home(req.user);
+        let (reply, now) = self
+            .reserve_borrowing(
+                redis,
+                layout,
+                req.user,
+                req.quantity,
+                |keys, borrowed, now| {
+                    let mut invocation = keys.invoke(&self.reserve);
+                    invocation
+                        .key(keys.idempotency(req.user, req.key_digest))
+                        .key(keys.attempts(req.user, now.timestamp() / 60))
+                        .key(&keys.moves_in)
+                        .arg(req.user.simple().to_string())
+                        .arg(req.quantity)
+                        .arg(req.order_id.to_string())
+                        .arg(now.timestamp_millis())
+                        .arg(SaleKind::Flash.as_str())
+                        .arg(req.body_hash)
+                        .arg(req.in_flight_ttl_secs)
+                        .arg(req.attempts_per_minute)
+                        .arg(layout.buckets);
+                    add_move_args(&mut invocation, borrowed);
+                    invocation
+                },
+            )
+            .await?;
+        if let Some(started) = IdempotencyStart::from_reply(&reply) {
+            return Ok(match started {
+                IdempotencyStart::Replay(stored) => Reservation::Replay(stored),
+                IdempotencyStart::InProgress => Reservation::InProgress,
+                _ => Reservation::KeyReusedWithOtherBody,
+            });
+        }
+        Ok(self.seen(req.product, reservation_from(&reply, now)))
+    }
+
+    /// Runs a reservation script in the buyer's home bucket; while it answers sold out and
+    /// another bucket has units, borrows them and runs it again. The borrowed units go into
+    /// the same script as the reservation, so no other buyer of the home bucket takes them
+    /// first. Answers the last reply and when it was made.
+    async fn reserve_borrowing<'s>(
+        &'s self,
+        redis: &Redis,
+        layout: Layout,
+        buyer: Uuid,
+        quantity: u32,
+        invocation: impl Fn(&SaleKeys, Option<&Move>, DateTime<Utc>) -> redis::ScriptInvocation<'s>,
+    ) -> redis::RedisResult<(Vec<String>, DateTime<Utc>)> {
+        let home = layout.home(buyer);
         let keys = layout.bucket(redis, home);
-        // Units borrowed for this buyer go into the same script as the reservation, so no
-        // other buyer of the home bucket takes them first.
         let mut borrowed: Option<Move> = None;
-        for _ in 0..BORROW_ROUNDS {
+        let mut rounds = 0;
+        loop {
             let now = Utc::now();
-            let (move_id, move_units, move_epoch) = borrowed
-                .as_ref()
-                .map_or(("", 0, ""), |m| (m.id.as_str(), m.units, m.epoch.as_str()));
-            let reply: Vec<String> = keys
-                .invoke(&self.reserve)
-                .key(keys.idempotency(req.user, req.key_digest))
-                .key(keys.attempts(req.user, now.timestamp() / 60))
-                .key(&keys.moves_in)
-                .arg(req.user.simple().to_string())
-                .arg(req.quantity)
-                .arg(req.order_id.to_string())
-                .arg(now.timestamp_millis())
-                .arg(SaleKind::Flash.as_str())
-                .arg(req.body_hash)
-                .arg(req.in_flight_ttl_secs)
-                .arg(req.attempts_per_minute)
-                .arg(layout.buckets)
-                .arg(move_id)
-                .arg(move_units)
-                .arg(move_epoch)
+            let reply: Vec<String> = invocation(&keys, borrowed.as_ref(), now)
                 .invoke_async(&mut redis.conn())
                 .await?;
             if let Some(done) = borrowed.take() {
@@ -494,24 +531,16 @@ impl StockScripts {
                 self.finish_move(redis, &layout.bucket(redis, done.from), &keys, &done)
                     .await?;
             }
-            if let Some(started) = IdempotencyStart::from_reply(&reply) {
-                return Ok(match started {
-                    IdempotencyStart::Replay(stored) => Reservation::Replay(stored),
-                    IdempotencyStart::InProgress => Reservation::InProgress,
-                    _ => Reservation::KeyReusedWithOtherBody,
-                });
+            rounds += 1;
+            if reply.first().map(String::as_str) != Some("sold_out") || rounds >= BORROW_ROUNDS {
+                return Ok((reply, now));
             }
-            let reservation = reservation_from(&reply, now);
-            if reservation != Reservation::SoldOut {
-                return Ok(self.seen(req.product, reservation));
-            }
-            match self.borrow(redis, layout, home, req.quantity).await? {
+            match self.borrow(redis, layout, home, quantity).await? {
                 Borrowed::Move(given) => borrowed = Some(given),
                 Borrowed::AtHome => {}
-                Borrowed::Nothing => return Ok(Reservation::SoldOut),
+                Borrowed::Nothing => return Ok((reply, now)),
             }
         }
-        Ok(Reservation::SoldOut)
     }
 
     /// Forgets the cached layout when a script found none loaded: it may have changed.
@@ -532,17 +561,20 @@ impl StockScripts {
         order: Uuid,
     ) -> redis::RedisResult<Reservation> {
         let layout = self.layout(redis, product).await?;
-        let keys = layout.home_keys(redis, user);
-        let now = Utc::now();
-        let reply: Vec<String> = keys
-            .invoke(&self.reserve_item)
-            .arg(user.simple().to_string())
-            .arg(quantity)
-            .arg(order.to_string())
-            .arg(now.timestamp_millis())
-            .arg(SaleKind::Regular.as_str())
-            .arg(layout.buckets)
-            .invoke_async(&mut redis.conn())
+        let (reply, now) = self
+            .reserve_borrowing(redis, layout, user, quantity, |keys, borrowed, now| {
+                let mut invocation = keys.invoke(&self.reserve_item);
+                invocation
+                    .key(&keys.moves_in)
+                    .arg(user.simple().to_string())
+                    .arg(quantity)
+                    .arg(order.to_string())
+                    .arg(now.timestamp_millis())
+                    .arg(SaleKind::Regular.as_str())
+                    .arg(layout.buckets);
+                add_move_args(&mut invocation, borrowed);
+                invocation
+            })
             .await?;
         Ok(self.seen(product, reservation_from(&reply, now)))
     }
@@ -1169,25 +1201,41 @@ impl StockScripts {
         Ok(sum)
     }
 
-    /// Live remaining units of several products (None where not loaded).
+    /// Live remaining units of several products (None where not loaded), in one read of
+    /// every bucket.
     pub async fn remaining(
         &self,
         redis: &Redis,
         products: &[Uuid],
     ) -> redis::RedisResult<Vec<Option<i64>>> {
-        let mut remaining = Vec::with_capacity(products.len());
-        for product in products {
-            let layout = self.layout(redis, *product).await?;
-            let (stocks, _) = self.bucket_stocks(redis, &layout.every(redis)).await?;
-            remaining.push(
-                stocks
+        if products.is_empty() {
+            return Ok(vec![]);
+        }
+        let layouts = futures_util::future::try_join_all(
+            products.iter().map(|product| self.layout(redis, *product)),
+        )
+        .await?;
+        let mut pipe = redis::pipe();
+        for layout in &layouts {
+            for keys in layout.every(redis) {
+                pipe.get(keys.stock);
+            }
+        }
+        let counters: Vec<Option<i64>> = pipe.query_async(&mut redis.conn()).await?;
+        let mut counters = counters.into_iter();
+        Ok(layouts
+            .iter()
+            .map(|layout| {
+                let buckets: Vec<Option<i64>> =
+                    counters.by_ref().take(layout.buckets as usize).collect();
+                // Bucket 0 tells whether the sale is loaded.
+                buckets
                     .first()
                     .copied()
                     .flatten()
-                    .map(|_| stocks.iter().flatten().sum()),
-            );
-        }
-        Ok(remaining)
+                    .map(|_| buckets.iter().flatten().sum())
+            })
+            .collect())
     }
 
     /// Reservations older than `cutoff` that are still only reserved: (order, user).
