@@ -14,6 +14,8 @@
 # restarts roles and cuts shared services).
 #
 #   scripts/faults.sh [SCENARIO...]     default: all of them, in about 4 minutes
+#   REDIS_CLUSTER=1 scripts/faults.sh   the same on the local 3-node Redis Cluster with each
+#                                       sale in 8 buckets (`redis_node_lost` empties one node)
 #
 # Release binaries come from $CARGO_TARGET_DIR (`cargo build --release -p flashsale -p
 # flashsale-bench --bins`); FLASHSALE_BIN and ORDER_LOAD_BIN override them. It uses the
@@ -23,8 +25,8 @@ cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-$HOME/.cache/flashsale-target}/release"
 bin="${FLASHSALE_BIN:-$target/flashsale}"
 load="${ORDER_LOAD_BIN:-$target/order_load}"
-all_scenarios=(worker_killed broker_dropped redis_flushed shard_down payment_down
-  rolling_sigterm same_key_retries kafka_down)
+all_scenarios=(worker_killed broker_dropped redis_flushed redis_node_lost shard_down
+  payment_down rolling_sigterm same_key_retries kafka_down)
 scenarios=("${@:-${all_scenarios[@]}}")
 
 export FLASHSALE__LOG__FILTER=error
@@ -33,6 +35,24 @@ export FLASHSALE__SALES__AUDIT_INTERVAL_SECS=1
 limit=1
 export FLASHSALE__SALES__PURCHASE_LIMIT=$limit
 prefix=fs:
+if [ "${REDIS_CLUSTER:-0}" = 1 ]; then
+  redis_nodes=(7101 7102 7103)
+  export FLASHSALE__REDIS__CLUSTER=true
+  export FLASHSALE__REDIS__URL=redis://127.0.0.1:7101,redis://127.0.0.1:7102,redis://127.0.0.1:7103
+  export FLASHSALE__SALES__STOCK_BUCKETS=8
+else
+  redis_nodes=(6379)
+fi
+redis_cmd() { redis-cli -c -p "${redis_nodes[0]}" "$@"; }
+# Deletes our keys on one node (one DEL per key: a cluster node's keys span slots); the
+# payment simulator's stay (it stands in for an external gateway, which a loss of ours would
+# not touch) unless `all` is given.
+forget_keys() { # port [all]
+  local keep="^${prefix}{paysim}:"
+  [ "${2:-}" = all ] && keep='^$'
+  redis-cli -p "$1" --scan --pattern "${prefix}*" | { grep -v "$keep" || true; } |
+    sed 's/^/DEL /' | redis-cli -p "$1" >/dev/null
+}
 shards=(flashsale_shard_0 flashsale_shard_1 flashsale_shard_2 flashsale_shard_3)
 out=$(mktemp -d)
 kafka_pid=
@@ -83,7 +103,7 @@ cleanup() {
   for q in $(rabbitmqctl -q list_queues name 2>/dev/null | grep '^flashsale\.' || true); do
     rabbitmqctl -q purge_queue "$q" >/dev/null 2>&1 || true
   done
-  redis-cli --scan --pattern "${prefix}*" | xargs -r -n 500 redis-cli del >/dev/null
+  for port in "${redis_nodes[@]}"; do forget_keys "$port" all; done
   rm -rf "$out"
 }
 trap cleanup EXIT
@@ -102,11 +122,21 @@ fault_worker_killed() { stop order-worker KILL; sleep 1; start order-worker; }
 fault_broker_dropped() {
   rabbitmqctl -q close_all_connections "fault suite: connection dropped" >/dev/null
 }
-fault_redis_flushed() {
-  # Everything of ours but the payment simulator's memory (it stands in for an external
-  # gateway, whose records a Redis loss of ours would not touch).
-  redis-cli --scan --pattern "${prefix}*" | grep -v "^${prefix}paysim:" |
-    xargs -r -n 500 redis-cli del >/dev/null
+fault_redis_flushed() { for port in "${redis_nodes[@]}"; do forget_keys "$port"; done; }
+# One node of the cluster crashes and restarts empty, all its keys gone at once (on one
+# Redis: the same as redis_flushed). It is a node without the payment simulator's slot: the
+# simulator stands in for the external gateway, which our node's crash would not touch.
+fault_redis_node_lost() {
+  [ "${#redis_nodes[@]}" = 1 ] && { fault_redis_flushed; return; }
+  local gateway_slot port
+  gateway_slot=$(redis_cmd cluster keyslot '{paysim}')
+  port=$(redis_cmd cluster nodes | awk -v slot="$gateway_slot" '
+    /master/ { owns = 0
+      for (i = 9; i <= NF; i++) { split($i, r, "-"); if (slot >= r[1] && slot <= (r[2] == "" ? r[1] : r[2])) owns = 1 }
+      if (!owns) { split($2, a, "[:@]"); print a[2]; exit } }')
+  kill -9 "$(redis-cli -p "$port" info server | tr -d '\r' | sed -n 's/^process_id://p')"
+  sleep 1
+  bash scripts/services.sh 2>/dev/null # starts the node again; it rejoins from its nodes.conf
 }
 fault_shard_down() {
   psql -h 127.0.0.1 -U postgres -d postgres -qc "ALTER DATABASE ${shards[1]} ALLOW_CONNECTIONS false" \
@@ -168,8 +198,8 @@ run() { # scenario; prints its row, answers 1 when a guarantee broke
   for db in "${shards[@]}"; do
     for order in $(psql -h 127.0.0.1 -U postgres -d "$db" -Atqc \
       "SELECT o.id $of_product AND o.status IN ('failed', 'cancelled')"); do
-      if [ "$(redis-cli get "${prefix}paysim:charge:$order")" = approved ] &&
-        [ -z "$(redis-cli get "${prefix}paysim:refund:$order")" ]; then
+      if [ "$(redis_cmd get "${prefix}{paysim}:charge:$order")" = approved ] &&
+        [ -z "$(redis_cmd get "${prefix}{paysim}:refund:$order")" ]; then
         double=$((double + 1))
       fi
     done

@@ -489,7 +489,7 @@ async fn a_failed_refund_is_retried_and_one_that_keeps_failing_is_dead_lettered(
         let redis = app.state.redis.clone();
         async move {
             redis::cmd("EXISTS")
-                .arg(redis.key(format_args!("paysim:refund:{order}")))
+                .arg(redis.key(format_args!("{{paysim}}:refund:{order}")))
                 .query_async::<bool>(&mut redis.conn())
                 .await
                 .unwrap()

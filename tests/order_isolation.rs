@@ -136,7 +136,7 @@ async fn a_poison_order_fails_alone_and_the_orders_beside_it_are_paid() {
     assert!(
         !app.charged(poison.id).await
             || app
-                .redis_exists(&format!("paysim:refund:{}", poison.id))
+                .redis_exists(&format!("{{paysim}}:refund:{}", poison.id))
                 .await,
         "a charge of the poison order was refunded"
     );

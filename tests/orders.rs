@@ -296,7 +296,8 @@ async fn cancel_releases_stock_exactly_once_and_refunds_paid_orders() {
     assert_eq!(app.remaining(product).await, 5, "released once");
     app.wait_inventory(product, 5).await;
     assert!(
-        app.redis_exists(&format!("paysim:refund:{late_id}")).await,
+        app.redis_exists(&format!("{{paysim}}:refund:{late_id}"))
+            .await,
         "paid order refunded"
     );
     worker.kill().await;

@@ -692,7 +692,8 @@ impl TestApp {
 
     /// Charges the payment simulator recorded for `order`.
     pub async fn charged(&self, order: Uuid) -> bool {
-        self.redis_exists(&format!("paysim:charge:{order}")).await
+        self.redis_exists(&format!("{{paysim}}:charge:{order}"))
+            .await
     }
 }
 

@@ -90,8 +90,10 @@ impl PaymentSimulator {
         f64::from_bits(self.failure_rate_bits.load(Ordering::Relaxed))
     }
 
+    // The simulator stands in for an external gateway: its records share one hash tag, so on
+    // a Redis Cluster they live on one node, apart from the nodes a fault test takes down.
     fn charge_key(&self, order: Uuid) -> String {
-        self.redis.key(format_args!("paysim:charge:{order}"))
+        self.redis.key(format_args!("{{paysim}}:charge:{order}"))
     }
 
     /// Whether this attempt fails before reaching the (simulated) bank.
@@ -168,7 +170,7 @@ impl PaymentGateway for PaymentSimulator {
     }
 
     fn refund(&self, order: Uuid) -> BoxFuture<'_, Result<(), PaymentError>> {
-        let refund_key = self.redis.key(format_args!("paysim:refund:{order}"));
+        let refund_key = self.redis.key(format_args!("{{paysim}}:refund:{order}"));
         Box::pin(async move {
             if rand::rng().random_bool(self.failure_rate()) {
                 return Err(PaymentError::Transient("simulated gateway failure".into()));
