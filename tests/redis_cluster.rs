@@ -252,3 +252,69 @@ async fn a_node_losing_one_bucket_closes_the_sale_until_it_is_rebuilt() {
     assert_eq!(sold(&stampede(&app, product, &late, 1).await), 18);
     assert_books_balance(&app, product).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_domain_runs_on_the_cluster() {
+    let app = cluster_app(1).await;
+    let _worker = app.spawn_worker().await;
+    let _notifier = app.spawn_notify_worker().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let buyer = app.register(&unique_email("buyer")).await;
+
+    // Auth: a refresh-token family's keys share a slot; the rotation script runs there.
+    let res = app.refresh(&buyer.refresh).await;
+    assert_eq!(res.status(), 200);
+    let access = res.json::<serde_json::Value>().await.expect("pair")["access_token"]
+        .as_str()
+        .expect("access token")
+        .to_owned();
+
+    // Users: a write drops the cached profile and pins reads to the primary (one transaction).
+    let path = format!("/users/{}", buyer.user_id);
+    let profile = app.get_json(&path, Some(&access)).await;
+    assert_eq!(
+        profile["email"], buyer.email,
+        "read through the profile cache"
+    );
+    let res = app
+        .put_json(&path, &json!({"full_name": "Grace Hopper"}), &access)
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        app.get_json(&path, Some(&access)).await["full_name"],
+        "Grace Hopper"
+    );
+
+    // Orders: a regular order (its key under the user's tag), paid, then cancelled.
+    let lamp = app.regular_product(&admin.access, 5, "19.99").await;
+    let body = json!({"items": [{"product_id": lamp, "quantity": 2}]});
+    let res = app.order(&access, "o-1", &body).await;
+    assert_eq!(res.status(), 201);
+    let order: Uuid = res.json::<serde_json::Value>().await.expect("order")["id"]
+        .as_str()
+        .expect("id")
+        .parse()
+        .expect("uuid");
+    assert_eq!(app.wait_settled(&access, order).await, "paid");
+    app.wait_inventory(lamp, 3).await;
+    assert_eq!(app.cancel(&access, order).await.status(), 200);
+    app.wait_inventory(lamp, 5).await;
+
+    // Notifications: queued, sent, and in the user's history (one slot per user).
+    let note = json!({"user_id": buyer.user_id, "channel": "email", "priority": "high",
+                      "subject": "Sale soon", "body": "Doors open at noon"});
+    let res = app
+        .post_json("/notifications/send", &note, Some(&admin.access))
+        .await;
+    assert_eq!(res.status(), 202);
+    let history = format!("/notifications/user/{}", buyer.user_id);
+    common::until("the notification to be sent", || async {
+        let page = app.get_json(&history, Some(&access)).await;
+        page["items"].as_array().is_some_and(|items| {
+            items
+                .iter()
+                .any(|n| n["subject"] == "Sale soon" && n["status"] == "sent")
+        })
+    })
+    .await;
+}
