@@ -460,7 +460,9 @@ impl StockScripts {
         key_digest: &str,
     ) -> redis::RedisResult<String> {
         let layout = self.layout(redis, product).await?;
-        Ok(layout.home_keys(redis, user).idempotency(user, key_digest))
+        // Only the one key: the order path builds it per request.
+        let home = tagged_prefix(redis, product, layout.home(user));
+        Ok(idempotency_in(&home, user, key_digest))
     }
 
     pub async fn reserve(
@@ -1037,34 +1039,18 @@ impl StockScripts {
         req: &RoomRequest<'_>,
     ) -> redis::RedisResult<RoomAnswer> {
         let layout = self.layout(redis, req.product).await?;
-        let buckets = layout.every(redis);
-        let mut pipe = redis::pipe();
-        for keys in &buckets {
-            pipe.get(&keys.stock);
-        }
-        pipe.get(
-            layout
-                .home_keys(redis, req.buyer)
-                .idempotency(req.buyer, req.key_digest),
-        );
-        let mut read: Vec<Option<String>> = pipe.query_async(&mut redis.conn()).await?;
-        let idempotency = read.pop().flatten();
-        let answered = idempotency.is_some_and(|stored| {
-            serde_json::from_str::<serde_json::Value>(&stored)
-                .map_or(true, |v| v["state"] != "in_progress")
-        });
-        let stock = match read.first() {
-            Some(Some(_)) => read
-                .iter()
-                .flatten()
-                .filter_map(|units| units.parse::<i64>().ok())
-                .sum::<i64>()
-                .to_string(),
-            _ => String::new(),
+        let room = SaleKeys::new(redis, req.product, 0);
+        let mut invocation = self.room.key(&room.room);
+        let (stock, answered) = if layout.buckets == 1 {
+            // One slot: the script reads the counter and the key itself (one round trip).
+            invocation
+                .key(&room.stock)
+                .key(room.idempotency(req.buyer, req.key_digest));
+            (String::new(), false)
+        } else {
+            self.room_view(redis, layout, req).await?
         };
-        let reply: Vec<String> = self
-            .room
-            .key(&buckets[0].room)
+        let reply: Vec<String> = invocation
             .arg(req.buyer.simple().to_string())
             .arg(req.key_digest)
             .arg(Utc::now().timestamp_millis())
@@ -1087,6 +1073,42 @@ impl StockScripts {
             },
             _ => RoomAnswer::Pass,
         })
+    }
+
+    /// What the room of a sale in several buckets needs from slots other than its own: the
+    /// units left over every bucket ('' when not loaded), and whether the buyer's
+    /// Idempotency-Key already has an answer.
+    async fn room_view(
+        &self,
+        redis: &Redis,
+        layout: Layout,
+        req: &RoomRequest<'_>,
+    ) -> redis::RedisResult<(String, bool)> {
+        let mut pipe = redis::pipe();
+        for keys in layout.every(redis) {
+            pipe.get(keys.stock);
+        }
+        pipe.get(
+            layout
+                .home_keys(redis, req.buyer)
+                .idempotency(req.buyer, req.key_digest),
+        );
+        let mut read: Vec<Option<String>> = pipe.query_async(&mut redis.conn()).await?;
+        let idempotency = read.pop().flatten();
+        let answered = idempotency.is_some_and(|stored| {
+            serde_json::from_str::<serde_json::Value>(&stored)
+                .map_or(true, |v| v["state"] != "in_progress")
+        });
+        let stock = match read.first() {
+            Some(Some(_)) => read
+                .iter()
+                .flatten()
+                .filter_map(|units| units.parse::<i64>().ok())
+                .sum::<i64>()
+                .to_string(),
+            _ => String::new(),
+        };
+        Ok((stock, answered))
     }
 
     /// A buyer's ticket in the sale's room and how far the horizon is from it: (ticket,

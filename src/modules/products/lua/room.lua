@@ -1,15 +1,21 @@
 -- The waiting room of one sale, fair across API pods: tickets in order of first arrival, one
 -- per buyer, and a horizon (`admitted`) that moves at most once per tick by the capacity the
 -- caller's admission controller grants, and never past what the stock can serve.
--- The units left (summed over the sale's buckets, which may live on other nodes) and whether
--- the buyer's Idempotency-Key already has an answer come from the caller's read just before.
+-- The units left and whether the buyer's Idempotency-Key already has an answer: read here
+-- when the sale has one bucket (KEYS[2], KEYS[3] share the room's slot); with several, whose
+-- buckets may live on other nodes, from the caller's read just before (ARGV[8], ARGV[9]).
 -- Answers {'pass'} (no one waits and there is room), {'admitted'}, {'waiting', ticket,
 -- position}, {'sold_out'}, or {'replay'} (let the reservation script replay the answer).
-local room_key = KEYS[1]
+local room_key, stock_key, idem_key = KEYS[1], KEYS[2], KEYS[3]
 local buyer, key_digest, now_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local capacity, tick_ms, slack, ttl_secs = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
-local stock, answered = ARGV[8], ARGV[9]
-if answered == '1' then return {'replay'} end
+local stock, answered = ARGV[8], ARGV[9] == '1'
+if stock_key then
+  local idem = redis.call('GET', idem_key)
+  answered = idem ~= false and cjson.decode(idem).state ~= 'in_progress'
+  stock = redis.call('GET', stock_key) or ''
+end
+if answered then return {'replay'} end
 -- Not loaded: the reservation script answers that.
 if stock == '' then return {'pass'} end
 stock = tonumber(stock)
