@@ -433,13 +433,11 @@ impl StockScripts {
             .arg("buckets")
             .query_async(&mut redis.conn())
             .await?;
-        if let Some(buckets) = stored {
+        let buckets = stored.unwrap_or(1).max(1);
+        if stored.is_some() {
             self.layouts.insert(product, buckets);
         }
-        Ok(Layout {
-            product,
-            buckets: stored.unwrap_or(1).max(1),
-        })
+        Ok(Layout { product, buckets })
     }
 
     /// The layout a load of `kind` gives a sale that is not loaded yet.
