@@ -62,10 +62,6 @@ impl Redis {
         self.conn.clone()
     }
 
-    pub fn is_cluster(&self) -> bool {
-        matches!(self.conn, RedisConnection::Cluster(_))
-    }
-
     /// The full key for `suffix` under this process's prefix.
     pub fn key(&self, suffix: impl std::fmt::Display) -> String {
         format!("{}{}", self.prefix, suffix)

@@ -77,6 +77,8 @@ const TAKE: &str = concat!(
 );
 const LATE_COMMIT: &str = concat!(
     include_str!("lua/late_commit.lua"),
+    include_str!("lua/take_units.lua"),
+    include_str!("lua/late_commit_units.lua"),
     include_str!("lua/expire_with_sale.lua"),
     include_str!("lua/late_commit_done.lua"),
 );
@@ -386,7 +388,17 @@ pub enum ReleaseOutcome {
     Unknown,
 }
 
-/// The move (if any) whose units a reservation script takes first: id, units, epoch.
+/// A sale's units left over its buckets' counters; None when bucket 0 (the sale's home) is
+/// not loaded.
+fn units_left(counters: &[Option<i64>]) -> Option<i64> {
+    counters
+        .first()
+        .copied()
+        .flatten()
+        .map(|_| counters.iter().flatten().sum())
+}
+
+/// The move (if any) whose units a script takes first: id, units, epoch.
 fn add_move_args(invocation: &mut redis::ScriptInvocation<'_>, borrowed: Option<&Move>) {
     match borrowed {
         Some(given) => invocation.arg(&given.id).arg(given.units).arg(&given.epoch),
@@ -425,19 +437,31 @@ impl StockScripts {
     /// The layout of `product`'s loaded sale (one bucket when nothing is loaded: every
     /// script then answers `not_loaded`).
     async fn layout(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<Layout> {
+        Ok(self.stored_layout(redis, product).await?.unwrap_or(Layout {
+            product,
+            buckets: 1,
+        }))
+    }
+
+    /// The layout bucket 0 records (cached), if bucket 0 is there.
+    async fn stored_layout(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+    ) -> redis::RedisResult<Option<Layout>> {
         if let Some(buckets) = self.layouts.get(&product) {
-            return Ok(Layout { product, buckets });
+            return Ok(Some(Layout { product, buckets }));
         }
         let stored: Option<u32> = redis::cmd("HGET")
             .arg(SaleKeys::new(redis, product, 0).sale)
             .arg("buckets")
             .query_async(&mut redis.conn())
             .await?;
-        let buckets = stored.unwrap_or(1).max(1);
-        if stored.is_some() {
+        Ok(stored.map(|buckets| {
+            let buckets = buckets.max(1);
             self.layouts.insert(product, buckets);
-        }
-        Ok(Layout { product, buckets })
+            Layout { product, buckets }
+        }))
     }
 
     /// The layout a load of `kind` gives a sale that is not loaded yet.
@@ -505,10 +529,10 @@ impl StockScripts {
         Ok(self.seen(req.product, reservation_from(&reply, now)))
     }
 
-    /// Runs a reservation script in the buyer's home bucket; while it answers sold out and
-    /// another bucket has units, borrows them and runs it again. The borrowed units go into
-    /// the same script as the reservation, so no other buyer of the home bucket takes them
-    /// first. Answers the last reply and when it was made.
+    /// Runs a script that takes units in the buyer's home bucket (a reservation, a late
+    /// commit); while it answers sold out and another bucket has units, borrows them and runs
+    /// it again. The borrowed units go into the same script that takes them, so no other
+    /// buyer of the home bucket takes them first. Answers the last reply and when it was made.
     async fn reserve_borrowing<'s>(
         &'s self,
         redis: &Redis,
@@ -735,13 +759,15 @@ impl StockScripts {
             return Ok(0);
         }
         let buckets = layout.every(redis);
+        let mut pipe = redis::pipe();
+        for keys in &buckets {
+            pipe.hgetall(&keys.moves_out);
+        }
+        // Every bucket's moves out, in one read.
+        let moves_out: Vec<Vec<(String, String)>> = pipe.query_async(&mut redis.conn()).await?;
         let now_ms = Utc::now().timestamp_millis();
         let mut finished = 0;
-        for giver in &buckets {
-            let moves: Vec<(String, String)> = redis::cmd("HGETALL")
-                .arg(&giver.moves_out)
-                .query_async(&mut redis.conn())
-                .await?;
+        for ((from, giver), moves) in buckets.iter().enumerate().zip(moves_out) {
             for (id, record) in moves {
                 let mut parts = record.split(':');
                 let (Some(to), Some(units), Some(epoch), Some(at_ms)) =
@@ -760,7 +786,7 @@ impl StockScripts {
                 if let Some(taker) = buckets.get(to) {
                     let stuck = Move {
                         id,
-                        from: 0,
+                        from: from as u32,
                         units,
                         epoch: epoch.to_owned(),
                     };
@@ -816,42 +842,35 @@ impl StockScripts {
         layout: Layout,
         reserved: &ReservedUnits,
     ) -> redis::RedisResult<CommitOutcome> {
-        let keys = layout.home_keys(redis, reserved.buyer);
-        let mut rounds = 0;
-        loop {
-            let late: String = self
-                .late_commit
-                .key(&keys.stock)
-                .key(&keys.epoch)
-                .key(&keys.reservations)
-                .key(&keys.buyers)
-                .key(&keys.sale)
-                .key(&keys.pending)
-                .arg(reserved.order.to_string())
-                .arg(reserved.buyer.simple().to_string())
-                .arg(reserved.units)
-                .invoke_async(&mut redis.conn())
-                .await?;
-            rounds += 1;
-            if late == "sold_out" && rounds < BORROW_ROUNDS {
-                let home = layout.home(reserved.buyer);
-                match self.borrow(redis, layout, home, reserved.units).await? {
-                    Borrowed::Move(given) => {
-                        self.finish_move(redis, &layout.bucket(redis, given.from), &keys, &given)
-                            .await?;
-                        continue;
-                    }
-                    Borrowed::AtHome => continue,
-                    Borrowed::Nothing => {}
-                }
-            }
-            return Ok(match late.as_str() {
-                "committed" => CommitOutcome::Committed,
-                "sold_out" => CommitOutcome::SoldOut,
-                "limit" => CommitOutcome::OverLimit,
-                _ => CommitOutcome::NotLoaded,
-            });
-        }
+        let (reply, _) = self
+            .reserve_borrowing(
+                redis,
+                layout,
+                reserved.buyer,
+                reserved.units,
+                |keys, borrowed, _| {
+                    let mut invocation = self.late_commit.key(&keys.stock);
+                    invocation
+                        .key(&keys.epoch)
+                        .key(&keys.reservations)
+                        .key(&keys.buyers)
+                        .key(&keys.sale)
+                        .key(&keys.pending)
+                        .key(&keys.moves_in)
+                        .arg(reserved.order.to_string())
+                        .arg(reserved.buyer.simple().to_string())
+                        .arg(reserved.units);
+                    add_move_args(&mut invocation, borrowed);
+                    invocation
+                },
+            )
+            .await?;
+        Ok(match reply.first().map(String::as_str) {
+            Some("committed") => CommitOutcome::Committed,
+            Some("sold_out") => CommitOutcome::SoldOut,
+            Some("limit") => CommitOutcome::OverLimit,
+            _ => CommitOutcome::NotLoaded,
+        })
     }
 
     pub async fn release(
@@ -1097,15 +1116,11 @@ impl StockScripts {
             serde_json::from_str::<serde_json::Value>(&stored)
                 .map_or(true, |v| v["state"] != "in_progress")
         });
-        let stock = match read.first() {
-            Some(Some(_)) => read
-                .iter()
-                .flatten()
-                .filter_map(|units| units.parse::<i64>().ok())
-                .sum::<i64>()
-                .to_string(),
-            _ => String::new(),
-        };
+        let counters: Vec<Option<i64>> = read
+            .iter()
+            .map(|units| units.as_deref().and_then(|u| u.parse().ok()))
+            .collect();
+        let stock = units_left(&counters).map_or_else(String::new, |units| units.to_string());
         Ok((stock, answered))
     }
 
@@ -1248,12 +1263,7 @@ impl StockScripts {
             .map(|layout| {
                 let buckets: Vec<Option<i64>> =
                     counters.by_ref().take(layout.buckets as usize).collect();
-                // Bucket 0 tells whether the sale is loaded.
-                buckets
-                    .first()
-                    .copied()
-                    .flatten()
-                    .map(|_| buckets.iter().flatten().sum())
+                units_left(&buckets)
             })
             .collect())
     }
@@ -1307,13 +1317,11 @@ impl StockScripts {
         buyers: &[(Uuid, i64)],
         terms: &SaleTerms,
     ) -> redis::RedisResult<()> {
-        let stored = self.layout(redis, product).await?;
         // What survived of the sale tells its bucket count; nothing did: a new layout.
-        let layout = if self.layouts.contains_key(&product) {
-            stored
-        } else {
-            self.new_layout(product, terms.kind)
-        };
+        let layout = self
+            .stored_layout(redis, product)
+            .await?
+            .unwrap_or_else(|| self.new_layout(product, terms.kind));
         let epoch = Uuid::now_v7().to_string();
         for (bucket, share) in (0..layout.buckets).zip(layout.shares(stock)) {
             let keys = layout.bucket(redis, bucket);

@@ -1,1 +1,1 @@
-return 'committed'
+return {'committed'}

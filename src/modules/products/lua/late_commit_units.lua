@@ -1,0 +1,11 @@
+-- The late commit itself (late_commit.lua names the keys and arguments).
+if redis.call('EXISTS', epoch_key) == 0 then return {'not_loaded'} end
+local stock = redis.call('GET', stock_key)
+if not stock then return {'not_loaded'} end
+if redis.call('HGET', reservations_key, order) then return {'committed'} end
+if tonumber(stock) < units then return {'sold_out'} end
+local limit = tonumber(redis.call('HGET', sale_key, 'limit') or '0')
+if tonumber(redis.call('HGET', buyers_key, user) or '0') + units > limit then return {'limit'} end
+redis.call('DECRBY', stock_key, units)
+redis.call('HINCRBY', buyers_key, user, units)
+redis.call('HSET', reservations_key, order, 'c:' .. user .. ':' .. units)
