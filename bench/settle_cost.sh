@@ -20,6 +20,9 @@ bin="${FLASHSALE_BIN:-$target/flashsale}"
 load="${ORDER_LOAD_BIN:-$target/order_load}"
 mode="${1:?open|drain}"
 export FLASHSALE__LOG__FILTER=warn
+# The run's sale and records live under their own prefix, deleted at the end: a sale left
+# live would be audited (every record read) for the two hours it runs.
+export FLASHSALE__REDIS__KEY_PREFIX=bench-settle:
 
 started=()
 cleanup() {
@@ -28,20 +31,26 @@ cleanup() {
   for q in $(rabbitmqctl -q list_queues name 2>/dev/null | grep '^flashsale\.' || true); do
     rabbitmqctl -q purge_queue "$q" >/dev/null 2>&1 || true
   done
+  redis-cli --scan --pattern "$FLASHSALE__REDIS__KEY_PREFIX*" | xargs -r -n 1000 redis-cli unlink >/dev/null
+  psql -h 127.0.0.1 -U postgres -d flashsale_global -qc \
+    "UPDATE products SET flash_sale_end = now() WHERE is_flash_sale AND flash_sale_end > now()" || true
 }
 trap cleanup EXIT
 
-# Clock ticks (user + system) of every process whose command name matches.
+# Clock ticks (user + system) of every process whose command line matches a pattern. Redis
+# counts only the node the platform uses: the local cluster's nodes fork to save, and a fork
+# child that exits between two readings would count negative.
 ticks() {
   local total=0 pid stat
-  for pid in $(pgrep -x "$1" || true); do
+  for pid in $(pgrep -f "$1" || true); do
     stat=$(cut -d' ' -f14,15 "/proc/$pid/stat" 2>/dev/null) || continue
     total=$((total + ${stat% *} + ${stat#* }))
   done
   echo "$total"
 }
-components=(flashsale postgres redis-server beam.smp order_load)
-snapshot() { for c in "${components[@]}"; do ticks "$c"; done; }
+components=(flashsale postgres redis-server beam.smp)
+patterns=('^[^ ]*/flashsale serve' '^postgres|/postgres ' '^redis-server 127.0.0.1:6379' 'beam.smp')
+snapshot() { for p in "${patterns[@]}"; do ticks "$p"; done; }
 
 wait_http() {
   for _ in $(seq 1 100); do curl -fs "$1" >/dev/null && return 0; sleep 0.2; done
@@ -63,23 +72,40 @@ report() { # before-ticks after-ticks seconds orders
     'BEGIN { printf "%-13s %8.2f %12.1f   (%d orders in %.1f s)\n", "total", t / hz / s, t / hz * 1e6 / n, n, s }'
 }
 
+redis_commands() { # orders
+  echo "Redis commands (calls, usec per order):"
+  redis-cli info commandstats | tr -d '\r' | grep -o 'cmdstat_[a-z|]*:calls=[0-9]*,usec=[0-9]*' |
+    awk -F'[_:=,]' -v n="$1" '{ printf "  %-16s calls %8d  %6.1f\n", $2, $4, $6 / n }' |
+    sort -k4 -rn | head -10
+}
+
 case "$mode" in
 open)
   rate="${2:?rate}" secs="${3:?seconds}"
   "$bin" migrate >/dev/null
   "$bin" serve --role all & started+=($!)
   wait_http http://127.0.0.1:8080/ready
+  redis-cli config resetstat >/dev/null
   before=$(snapshot); t0=$(date +%s.%N)
-  "$load" --config-dir config --env development --stock $((rate * secs * 2)) \
-    --duration-secs "$secs" --connections 256 --rate "$rate" | tee /tmp/settle_cost.out
+  # The load generator shares the cores; `times` in its subshell reads its CPU once it exited.
+  (
+    "$load" --config-dir config --env development --stock $((rate * secs * 2)) \
+      --duration-secs "$secs" --connections 256 --rate "$rate" | tee /tmp/settle_cost.out
+    times > /tmp/settle_cost.load_cpu
+  )
   after=$(snapshot); t1=$(date +%s.%N)
   settled=$(grep -o 'paid [0-9]*' /tmp/settle_cost.out | awk '{print $2}')
   report "$before" "$after" "$(echo "$t1 - $t0" | bc)" "$settled"
+  # "0m1.234s 0m0.567s": the generator's user and system time.
+  tail -1 /tmp/settle_cost.load_cpu | tr 'ms' '  ' | awk -v n="$settled" \
+    '{ cpu = $1 * 60 + $2 + $3 * 60 + $4; printf "load generator: %.1f core-s, %.1f core-us per order (not in the total)\n", cpu, cpu * 1e6 / n }'
+  redis_commands "$settled"
   ;;
 drain)
   orders="${2:?orders}"
   "$bin" migrate >/dev/null
-  "$bin" serve --role api & started+=($!)
+  # No worker runs while the backlog builds, so admission control would hold it at its floor.
+  FLASHSALE__ORDERS__ADMISSION__ENABLED=false "$bin" serve --role api & started+=($!)
   wait_http http://127.0.0.1:8080/ready
   # Closed loop until about ORDERS were accepted, without waiting for a worker.
   secs=$(( orders / 8000 + 1 ))
@@ -87,6 +113,7 @@ drain)
     --duration-secs "$secs" --connections 256 --drain-timeout-secs 0 | tee /tmp/settle_cost.out
   accepted=$(grep -o '^accepted [0-9]*' /tmp/settle_cost.out | awk '{print $2}')
   kill "${started[0]}"; wait "${started[0]}" 2>/dev/null || true; started=()
+  redis-cli config resetstat >/dev/null
   before=$(snapshot); t0=$(date +%s.%N)
   FLASHSALE__HTTP__OPS_PORT=9091 "$bin" serve --role order-worker & started+=($!)
   wait_http http://127.0.0.1:9091/health
@@ -99,6 +126,7 @@ drain)
   after=$(snapshot); t1=$(date +%s.%N)
   echo "settled $settled of $accepted"
   report "$before" "$after" "$(echo "$t1 - $t0" | bc)" "$settled"
+  redis_commands "$settled"
   ;;
 *) echo "usage: $0 open RATE SECS | drain ORDERS" >&2; exit 2 ;;
 esac

@@ -820,7 +820,7 @@ impl StockScripts {
         for (bucket, indexes) in by_bucket {
             let keys = layout.bucket(redis, bucket);
             let mut invocation = self.commit.key(&keys.reservations);
-            invocation.key(&keys.pending);
+            invocation.key(&keys.pending).key(&keys.sale);
             for i in &indexes {
                 invocation.arg(orders[*i].order.to_string());
             }
@@ -887,6 +887,7 @@ impl StockScripts {
             .key(&keys.buyers)
             .key(&keys.reservations)
             .key(&keys.pending)
+            .key(&keys.sale)
             .arg(order.to_string())
             .invoke_async(&mut redis.conn())
             .await?;
@@ -1206,8 +1207,10 @@ impl StockScripts {
         Ok(())
     }
 
-    /// Checks the sale's own books, bucket by bucket (one script each, so nothing moves in
-    /// a bucket while it counts; a move keeps both buckets' books balanced).
+    /// Checks the sale's own books, bucket by bucket: the units in one script each (so
+    /// nothing moves in a bucket while it counts; a move keeps both buckets' books balanced),
+    /// then the buyers over the limit, read in pages between other clients' commands (each
+    /// buyer's count is a finding on its own, whenever it is read).
     pub async fn audit(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<SaleAudit> {
         let layout = self.layout(redis, product).await?;
         let mut sum = SaleAudit {
@@ -1216,22 +1219,21 @@ impl StockScripts {
             over_limit: 0,
         };
         for keys in layout.every(redis) {
-            let (state, units_off, over_limit): (String, i64, i64) = self
+            let (state, units_off, limit): (String, i64, i64) = self
                 .audit
                 .key(&keys.stock)
                 .key(&keys.epoch)
                 .key(&keys.sale)
-                .key(&keys.buyers)
                 .key(&keys.reservations)
+                .key(&keys.pending)
                 .invoke_async(&mut redis.conn())
                 .await?;
             match state.as_str() {
-                "open" => {}
+                "open" => sum.over_limit += buyers_over(redis, &keys.buyers, limit).await?,
                 "recovering" => sum.state = SaleState::Recovering,
                 _ => sum.state = SaleState::Missing,
             }
             sum.units_off += units_off;
-            sum.over_limit += over_limit;
         }
         Ok(sum)
     }
@@ -1342,5 +1344,26 @@ impl StockScripts {
         }
         self.layouts.insert(product, layout.buckets);
         self.load(redis, product, 0, terms).await.map(drop)
+    }
+}
+
+/// Buyers in `buyers_key` holding more than `limit` units, read a page at a time.
+async fn buyers_over(redis: &Redis, buyers_key: &str, limit: i64) -> redis::RedisResult<i64> {
+    const PAGE: usize = 1000;
+    let mut cursor = 0_u64;
+    let mut over = 0;
+    loop {
+        let (next, page): (u64, Vec<(String, i64)>) = redis::cmd("HSCAN")
+            .arg(buyers_key)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(PAGE)
+            .query_async(&mut redis.conn())
+            .await?;
+        over += page.iter().filter(|(_, units)| *units > limit).count() as i64;
+        if next == 0 {
+            return Ok(over);
+        }
+        cursor = next;
     }
 }

@@ -1,7 +1,9 @@
--- reserved -> committed for each order in ARGV (one call per product per worker batch).
+-- reserved -> committed for each order in ARGV (one call per product per worker batch), the
+-- units counted in the sale's `committed` (what the auditor reads instead of every record).
 -- Answers, per order: committed | already | released | missing.
-local reservations_key, pending_key = KEYS[1], KEYS[2]
+local reservations_key, pending_key, sale_key = KEYS[1], KEYS[2], KEYS[3]
 local out = {}
+local committed = 0
 for i = 1, #ARGV do
   local order = ARGV[i]
   local rec = redis.call('HGET', reservations_key, order)
@@ -16,8 +18,10 @@ for i = 1, #ARGV do
     else
       redis.call('HSET', reservations_key, order, 'c' .. string.sub(rec, 2))
       redis.call('ZREM', pending_key, order)
+      committed = committed + tonumber(string.match(rec, ':(%d+)$'))
       out[i] = 'committed'
     end
   end
 end
+if committed > 0 then redis.call('HINCRBY', sale_key, 'committed', committed) end
 return out

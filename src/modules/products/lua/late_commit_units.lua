@@ -9,3 +9,4 @@ if tonumber(redis.call('HGET', buyers_key, user) or '0') + units > limit then re
 redis.call('DECRBY', stock_key, units)
 redis.call('HINCRBY', buyers_key, user, units)
 redis.call('HSET', reservations_key, order, 'c:' .. user .. ':' .. units)
+redis.call('HINCRBY', sale_key, 'committed', units)

@@ -2,7 +2,7 @@
 -- at once), the counter only on the first load (a later load must not reset units already
 -- reserved) and never when `inventory` is '-' (terms only: the sale's first bucket was
 -- loaded before, so a missing bucket here is a loss for the rebuild, not a fresh sale).
--- `units` is what the bucket holds in all: available + reserved + committed (the auditor's
+-- `units` is what the bucket holds in all: available + reserved + `committed` (the auditor's
 -- sum); `buckets` is how many buckets the sale was split into, fixed at its first load.
 -- Answers {1 when it loaded the counter, the sale's bucket count}.
 local stock_key, epoch_key, sale_key, buyers_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -14,7 +14,7 @@ redis.call('HSET', sale_key, 'start', start_ms, 'end', end_ms, 'limit', per_user
 local loaded = 0
 if inventory ~= '-' and redis.call('SET', epoch_key, epoch, 'NX') then
   redis.call('SET', stock_key, inventory)
-  redis.call('HSET', sale_key, 'units', inventory, 'buckets', buckets)
+  redis.call('HSET', sale_key, 'units', inventory, 'committed', 0, 'buckets', buckets)
   loaded = 1
 end
 -- Loaded before buckets existed: one bucket.
