@@ -1,6 +1,8 @@
-//! Order events through a transactional outbox: the code that changes an order appends
-//! events to its shard's `outbox` table in the same transaction; the relay publishes unsent
-//! rows to Kafka in id order (keyed by order id, idempotent producer) and marks them sent.
+//! Order events through a transactional outbox: the code that changes an order appends the
+//! change's events to its shard's `outbox` table in the same transaction, one row per change
+//! (a settled order's `order.created` and `order.paid` share one); the relay publishes unsent
+//! rows to Kafka in id order, one message per event (keyed by order id, idempotent
+//! producer), and marks them sent.
 //!
 //! One relay per shard at a time (a transaction-scoped advisory lock), so replicas of the
 //! worker role never publish one shard's events out of order. A broker outage holds rows
@@ -20,6 +22,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::config::KafkaSettings;
@@ -48,39 +51,51 @@ pub struct OrderEvent {
     pub traceparent: Option<String>,
 }
 
-/// Appends events in the caller's transaction, in one statement whose text does not grow
-/// with the batch (columns as arrays, `unnest`ed): PostgreSQL parses and plans it in no time.
+/// The events of one order change, in order: one outbox row, published as one Kafka message
+/// per event.
+pub struct Change<'a> {
+    pub events: &'a [OrderEvent],
+}
+
+/// Appends order changes in the caller's transaction, one row each, in one statement whose
+/// text does not grow with the batch (columns as arrays, `unnest`ed): PostgreSQL parses and
+/// plans it in no time.
 pub async fn append(
     conn: &mut AsyncPgConnection,
-    events: &[OrderEvent],
+    changes: &[Change<'_>],
 ) -> Result<(), diesel::result::Error> {
-    if events.is_empty() {
+    let changes: Vec<&Change<'_>> = changes.iter().filter(|c| !c.events.is_empty()).collect();
+    if changes.is_empty() {
         return Ok(());
     }
-    let mut payloads = Vec::with_capacity(events.len());
-    for event in events {
+    let mut payloads = Vec::with_capacity(changes.len());
+    for change in &changes {
         payloads.push(
-            serde_json::to_string(event)
+            serde_json::to_string(change.events)
                 .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?,
         );
     }
+    let firsts: Vec<&OrderEvent> = changes.iter().map(|c| &c.events[0]).collect();
     diesel::sql_query(
         "INSERT INTO outbox (event_id, aggregate_id, event_type, payload, traceparent) \
          SELECT id, aggregate, kind, payload::json, traceparent \
          FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[]) \
               AS e(id, aggregate, kind, payload, traceparent)",
     )
-    .bind::<Array<SqlUuid>, _>(events.iter().map(|e| e.id).collect::<Vec<_>>())
-    .bind::<Array<SqlUuid>, _>(events.iter().map(|e| e.order_id).collect::<Vec<_>>())
+    .bind::<Array<SqlUuid>, _>(firsts.iter().map(|e| e.id).collect::<Vec<_>>())
+    .bind::<Array<SqlUuid>, _>(firsts.iter().map(|e| e.order_id).collect::<Vec<_>>())
     .bind::<Array<Text>, _>(
-        events
+        changes
             .iter()
-            .map(|e| e.event_type.as_str())
+            .map(|c| {
+                let types: Vec<&str> = c.events.iter().map(|e| e.event_type.as_str()).collect();
+                types.join(",")
+            })
             .collect::<Vec<_>>(),
     )
     .bind::<Array<Text>, _>(payloads)
     .bind::<Array<Nullable<Text>>, _>(
-        events
+        firsts
             .iter()
             .map(|e| e.traceparent.as_deref())
             .collect::<Vec<_>>(),
@@ -127,6 +142,9 @@ pub enum RelayError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
     Db(#[from] DbError),
+    /// A row the relay cannot read: it holds back its shard's later rows until it is fixed.
+    #[error("{0}")]
+    Corrupt(String),
 }
 
 impl From<diesel::result::Error> for RelayError {
@@ -181,7 +199,7 @@ impl Relay {
                 .bind::<BigInt, _>(self.settings.batch_size)
                 .load(conn)
                 .await?;
-                let deliveries = join_all(rows.iter().map(|row| self.publish(row))).await;
+                let deliveries = join_all(rows.iter().map(|row| self.publish_row(row))).await;
                 let mut delivered = vec![];
                 let mut failure = None;
                 for (row, outcome) in rows.iter().zip(deliveries) {
@@ -201,26 +219,46 @@ impl Relay {
             })
             .await?;
         match failure {
-            Some(e) => Err(e.into()),
+            Some(e) => Err(e),
             None => Ok(sent),
         }
     }
 
-    async fn publish(&self, row: &Unsent) -> Result<(), rdkafka::error::KafkaError> {
+    /// Publishes a row's events, each its own message, all on the order's partition; the row
+    /// counts as delivered once every one of them is (a retry may send some twice: consumers
+    /// deduplicate on event ids).
+    async fn publish_row(&self, row: &Unsent) -> Result<(), RelayError> {
+        let events: Vec<&RawValue> = serde_json::from_str(&row.payload)
+            .map_err(|e| RelayError::Corrupt(format!("outbox row {}: {e}", row.id)))?;
         let key = row.aggregate_id.to_string();
+        let types = row.event_type.split(',');
+        for (event, event_type) in events.iter().zip(types) {
+            self.publish(&key, event_type, event.get(), row.traceparent.as_deref())
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        key: &str,
+        event_type: &str,
+        payload: &str,
+        traceparent: Option<&str>,
+    ) -> Result<(), rdkafka::error::KafkaError> {
         let mut headers = OwnedHeaders::new().insert(Header {
             key: "event-type",
-            value: Some(row.event_type.as_str()),
+            value: Some(event_type),
         });
-        if let Some(traceparent) = &row.traceparent {
+        if let Some(traceparent) = traceparent {
             headers = headers.insert(Header {
                 key: "traceparent",
-                value: Some(traceparent.as_str()),
+                value: Some(traceparent),
             });
         }
         let record = FutureRecord::to(&self.settings.topic)
-            .key(&key)
-            .payload(&row.payload)
+            .key(key)
+            .payload(payload)
             .headers(headers);
         self.producer
             .send(
@@ -245,7 +283,8 @@ impl Relay {
     }
 }
 
-/// Unsent events across every shard (the outbox backlog), from the span of unsent ids: two
+/// Unsent order changes across every shard (the outbox backlog; a change holds one or more
+/// events), from the span of unsent ids: two
 /// index lookups per shard whatever the backlog, where a count would read every unsent row
 /// at each scrape. Ids a rolled-back transaction took make it an upper bound.
 pub async fn backlog(db: &Databases) -> Result<i64, DbError> {

@@ -65,7 +65,14 @@ async fn main() {
     let written = Instant::now();
     let all: Vec<OrderEvent> = (0..args.count).map(event).collect();
     for chunk in all.chunks(1_000) {
-        conn.transaction(async |c| events::append(c, chunk).await)
+        // One event per change (row): the relay's cost per message.
+        let changes: Vec<events::Change<'_>> = chunk
+            .iter()
+            .map(|event| events::Change {
+                events: std::slice::from_ref(event),
+            })
+            .collect();
+        conn.transaction(async |c| events::append(c, &changes).await)
             .await
             .expect("append");
     }

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::error::OrdersError;
 use super::model::{Order, OrderItem, OrderKind, OrderStatus};
 use crate::infra::db::{shard_index, Databases, ReadFrom};
-use crate::infra::events::{self, OrderEvent, EVENT_VERSION};
+use crate::infra::events::{self, Change, OrderEvent, EVENT_VERSION};
 use crate::infra::http::paging::PageRequest;
 use crate::modules::products::StockMove;
 
@@ -163,8 +163,9 @@ async fn insert_into_shard(
             .iter()
             .filter(|n| fresh.contains(&n.order.id))
             .collect();
-        let events: Vec<OrderEvent> = written.iter().flat_map(|n| events_of_new(n)).collect();
-        events::append(conn, &events).await?;
+        let events: Vec<Vec<OrderEvent>> = written.iter().map(|n| events_of_new(n)).collect();
+        let changes: Vec<Change<'_>> = events.iter().map(|e| Change { events: e }).collect();
+        events::append(conn, &changes).await?;
         let sold = written
             .iter()
             .filter(|n| n.status == OrderStatus::Paid)
@@ -533,7 +534,10 @@ pub async fn end(
                 .execute(conn)
                 .await?;
             let ended = event(order, to, to.as_str(), traceparent);
-            events::append(conn, &[ended]).await?;
+            let change = Change {
+                events: std::slice::from_ref(&ended),
+            };
+            events::append(conn, &[change]).await?;
         }
         if status == OrderStatus::Paid {
             record_moves(conn, &units_by_product([order], 1)).await?;
