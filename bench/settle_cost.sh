@@ -3,11 +3,11 @@
 #
 #   bench/settle_cost.sh open RATE SECS     serve --role all, open-loop order_load at RATE/s for
 #                                           SECS; CPU from load start until every order settled
-#   bench/settle_cost.sh drain ORDERS       serve --role api takes about ORDERS orders (closed
-#                                           loop) with no worker running; then an order-worker
-#                                           drains them: the settle path alone (queue, worker,
-#                                           payment, PostgreSQL, ack; the notifications it
-#                                           enqueues wait for a notify-worker)
+#   bench/settle_cost.sh drain ORDERS       each stage on its own: serve --role api takes about
+#                                           ORDERS orders (closed loop) with no worker running
+#                                           (accept); an order-worker drains them (settle: queue,
+#                                           worker, payment, PostgreSQL, ack); a notify-worker
+#                                           sends their emails (notify)
 #
 # Prints the cores each component used and core-µs per order. Release binaries are taken from
 # $CARGO_TARGET_DIR (build them with `cargo build --release -p flashsale -p flashsale-bench
@@ -72,6 +72,21 @@ report() { # before-ticks after-ticks seconds orders
     'BEGIN { printf "%-13s %8.2f %12.1f   (%d orders in %.1f s)\n", "total", t / hz / s, t / hz * 1e6 / n, n, s }'
 }
 
+# Waits until the sum of a metric's samples on an ops port reaches a count; prints it.
+until_counted() { # port awk-pattern count
+  local counted=0
+  while [ "$counted" -lt "$3" ]; do
+    sleep 0.2
+    counted=$(curl -fs "http://127.0.0.1:$1/metrics" | awk "$2 { s += \$2 } END { printf \"%d\", s }")
+  done
+  echo "$counted"
+}
+
+load_cpu() { # orders; the generator's CPU from its subshell's `times` ("0m1.234s 0m0.567s")
+  tail -1 /tmp/settle_cost.load_cpu | tr 'ms' '  ' | awk -v n="$1" \
+    '{ cpu = $1 * 60 + $2 + $3 * 60 + $4; printf "load generator: %.1f core-s, %.1f core-us per order (not in the total)\n", cpu, cpu * 1e6 / n }'
+}
+
 redis_commands() { # orders
   echo "Redis commands (calls, usec per order):"
   redis-cli info commandstats | tr -d '\r' | grep -o 'cmdstat_[a-z|]*:calls=[0-9]*,usec=[0-9]*' |
@@ -97,8 +112,7 @@ open)
   settled=$(grep -o 'paid [0-9]*' /tmp/settle_cost.out | awk '{print $2}')
   report "$before" "$after" "$(echo "$t1 - $t0" | bc)" "$settled"
   # "0m1.234s 0m0.567s": the generator's user and system time.
-  tail -1 /tmp/settle_cost.load_cpu | tr 'ms' '  ' | awk -v n="$settled" \
-    '{ cpu = $1 * 60 + $2 + $3 * 60 + $4; printf "load generator: %.1f core-s, %.1f core-us per order (not in the total)\n", cpu, cpu * 1e6 / n }'
+  load_cpu "$settled"
   redis_commands "$settled"
   ;;
 drain)
@@ -107,26 +121,44 @@ drain)
   # No worker runs while the backlog builds, so admission control would hold it at its floor.
   FLASHSALE__ORDERS__ADMISSION__ENABLED=false "$bin" serve --role api & started+=($!)
   wait_http http://127.0.0.1:8080/ready
-  # Closed loop until about ORDERS were accepted, without waiting for a worker.
+  # Accept: closed loop until about ORDERS were accepted, without waiting for a worker.
   secs=$(( orders / 8000 + 1 ))
-  "$load" --config-dir config --env development --stock $((orders * 4)) \
-    --duration-secs "$secs" --connections 256 --drain-timeout-secs 0 | tee /tmp/settle_cost.out
+  before=$(snapshot); t0=$(date +%s.%N)
+  (
+    "$load" --config-dir config --env development --stock $((orders * 4)) \
+      --duration-secs "$secs" --connections 256 --drain-timeout-secs 0 | tee /tmp/settle_cost.out
+    times > /tmp/settle_cost.load_cpu
+  )
+  after=$(snapshot); t1=$(date +%s.%N)
   accepted=$(grep -o '^accepted [0-9]*' /tmp/settle_cost.out | awk '{print $2}')
   kill "${started[0]}"; wait "${started[0]}" 2>/dev/null || true; started=()
+  echo "== accept (serve --role api, closed loop)"
+  report "$before" "$after" "$(echo "$t1 - $t0" | bc)" "$accepted"
+  load_cpu "$accepted"
+  # Settle: one order-worker drains the backlog.
+  echo "== settle (serve --role order-worker drains the backlog)"
   redis-cli config resetstat >/dev/null
   before=$(snapshot); t0=$(date +%s.%N)
   FLASHSALE__HTTP__OPS_PORT=9091 "$bin" serve --role order-worker & started+=($!)
   wait_http http://127.0.0.1:9091/health
-  settled=0
-  while [ "$settled" -lt "$accepted" ]; do
-    sleep 0.2
-    settled=$(curl -fs http://127.0.0.1:9091/metrics |
-      awk '/^orders_total\{/ && /status="(paid|failed)"/ { s += $2 } END { printf "%d", s }')
-  done
+  settled=$(until_counted 9091 '/^orders_total\{/ && /status="(paid|failed)"/' "$accepted")
   after=$(snapshot); t1=$(date +%s.%N)
+  kill "${started[0]}"; wait "${started[0]}" 2>/dev/null || true; started=()
   echo "settled $settled of $accepted"
   report "$before" "$after" "$(echo "$t1 - $t0" | bc)" "$settled"
   redis_commands "$settled"
+  # Notify: one notify-worker sends the buyers' emails, the simulated provider at no latency
+  # and no rate limit: the worker's own cost (a real provider paces it).
+  echo "== notify (serve --role notify-worker sends the settled orders' emails)"
+  before=$(snapshot); t0=$(date +%s.%N)
+  FLASHSALE__HTTP__OPS_PORT=9092 FLASHSALE__NOTIFICATIONS__PROVIDERS__EMAIL__LATENCY_MS=0 \
+    FLASHSALE__NOTIFICATIONS__PROVIDERS__EMAIL__PER_SECOND=10000000 \
+    FLASHSALE__NOTIFICATIONS__PROVIDERS__EMAIL__BURST=100000 \
+    "$bin" serve --role notify-worker & started+=($!)
+  wait_http http://127.0.0.1:9092/health
+  sent=$(until_counted 9092 '/^notifications_total\{/' "$settled")
+  after=$(snapshot); t1=$(date +%s.%N)
+  report "$before" "$after" "$(echo "$t1 - $t0" | bc)" "$sent"
   ;;
 *) echo "usage: $0 open RATE SECS | drain ORDERS" >&2; exit 2 ;;
 esac

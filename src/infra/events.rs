@@ -199,18 +199,7 @@ impl Relay {
                 .bind::<BigInt, _>(self.settings.batch_size)
                 .load(conn)
                 .await?;
-                let deliveries = join_all(rows.iter().map(|row| self.publish_row(row))).await;
-                let mut delivered = vec![];
-                let mut failure = None;
-                for (row, outcome) in rows.iter().zip(deliveries) {
-                    match outcome {
-                        Ok(()) => delivered.push(row.id),
-                        Err(e) => {
-                            failure = Some(e);
-                            break;
-                        }
-                    }
-                }
+                let (delivered, failure) = self.publish_rows(&rows).await;
                 diesel::sql_query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
                     .bind::<diesel::sql_types::Array<BigInt>, _>(&delivered)
                     .execute(conn)
@@ -224,19 +213,56 @@ impl Relay {
         }
     }
 
-    /// Publishes a row's events, each its own message, all on the order's partition; the row
-    /// counts as delivered once every one of them is (a retry may send some twice: consumers
-    /// deduplicate on event ids).
-    async fn publish_row(&self, row: &Unsent) -> Result<(), RelayError> {
-        let events: Vec<&RawValue> = serde_json::from_str(&row.payload)
-            .map_err(|e| RelayError::Corrupt(format!("outbox row {}: {e}", row.id)))?;
-        let key = row.aggregate_id.to_string();
-        let types = row.event_type.split(',');
-        for (event, event_type) in events.iter().zip(types) {
-            self.publish(&key, event_type, event.get(), row.traceparent.as_deref())
-                .await?;
+    /// Publishes every event of `rows`, one message each, queued in row order (so an order's
+    /// events keep their order on its partition) and sent concurrently. Answers the ids of the
+    /// longest run of rows whose every event was delivered, and the failure that ended it (a
+    /// row sent again may repeat some events: consumers deduplicate on event ids).
+    async fn publish_rows(&self, rows: &[Unsent]) -> (Vec<i64>, Option<RelayError>) {
+        let keys: Vec<String> = rows
+            .iter()
+            .map(|row| row.aggregate_id.to_string())
+            .collect();
+        let mut outcomes: Vec<Result<(), RelayError>> = Vec::with_capacity(rows.len());
+        let mut outgoing = vec![];
+        for (index, row) in rows.iter().enumerate() {
+            match serde_json::from_str::<Vec<&RawValue>>(&row.payload) {
+                Ok(events) => {
+                    outcomes.push(Ok(()));
+                    for (event, event_type) in events.iter().zip(row.event_type.split(',')) {
+                        outgoing.push((index, event_type, event.get()));
+                    }
+                }
+                Err(e) => {
+                    outcomes.push(Err(RelayError::Corrupt(format!(
+                        "outbox row {}: {e}",
+                        row.id
+                    ))));
+                    break;
+                }
+            }
         }
-        Ok(())
+        let sends = outgoing.iter().map(|(index, event_type, payload)| {
+            let row = &rows[*index];
+            self.publish(
+                &keys[*index],
+                event_type,
+                payload,
+                row.traceparent.as_deref(),
+            )
+        });
+        for ((index, ..), sent) in outgoing.iter().zip(join_all(sends).await) {
+            if let (Err(e), outcome @ Ok(())) = (sent, &mut outcomes[*index]) {
+                *outcome = Err(e.into());
+            }
+        }
+        let mut delivered = vec![];
+        for (row, outcome) in rows.iter().zip(outcomes) {
+            match outcome {
+                Ok(()) => delivered.push(row.id),
+                Err(e) => return (delivered, Some(e)),
+            }
+        }
+        (delivered, None)
     }
 
     async fn publish(
