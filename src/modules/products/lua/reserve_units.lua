@@ -16,4 +16,8 @@ redis.call('DECRBY', stock_key, units)
 redis.call('HINCRBY', buyers_key, user, units)
 redis.call('HSET', reservations_key, order, 'r:' .. user .. ':' .. units)
 redis.call('ZADD', pending_key, now_ms, order)
+-- The pending set empties (and goes) whenever every order in flight settled; the records and
+-- buyers go only with it, in a rebuild. So when it held other orders, all three already carry
+-- their expiry (expire_with_sale.lua).
+local expiring = redis.call('ZCARD', pending_key) > 1
 local unit_price = sale[4]
