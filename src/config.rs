@@ -205,7 +205,8 @@ pub struct OrdersSettings {
     pub max_quantity: u32,
     /// "quorum" (replicated, survives a node loss) or "classic".
     pub queue_type: String,
-    /// Orders accepted within this window share one AMQP message (at most publish_batch_max).
+    /// Orders accepted within this window share one AMQP message and one Redis pipeline of
+    /// acceptance records (at most publish_batch_max).
     pub publish_linger_ms: u64,
     pub publish_batch_max: usize,
     pub prefetch: u16,

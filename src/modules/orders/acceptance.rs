@@ -1,45 +1,63 @@
-//! Acceptance: an order is accepted once the broker confirmed its message. From then on
-//! its acceptance record (in Redis, keyed by order id) makes it readable until the worker
-//! persisted it, and its answer is stored for replays of the Idempotency-Key.
+//! Acceptance: an order is accepted once the broker confirmed its message and its acceptance
+//! record is written. The record (in Redis, keyed by order id) makes the order readable until
+//! the worker persisted it, and its answer is stored for replays of the Idempotency-Key.
+//!
+//! Orders accepted together travel together: the ones that arrive within
+//! `orders.publish_linger_ms` (at most `orders.publish_batch_max`) share one message, and once
+//! the broker confirmed it their records go to Redis in one pipeline. Only then is each
+//! request answered, so a request waits for no round trip of its own after its reservation.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::admission::Admission;
 use super::error::OrdersError;
 use super::idempotency;
 use super::metrics;
 use super::model::{Order, OrderMessage, OrderStatus};
 use super::placement::Placed;
+use super::queue;
 use super::settle;
 use crate::app::AppState;
+use crate::infra::amqp::Publisher;
 use crate::infra::redis::Redis;
 
-/// Publishes the order; only a confirmed publish accepts it. Otherwise the units and the
-/// key go back, so a retry runs again.
+/// Publishes the order and records it; only a confirmed publish accepts it. Otherwise the
+/// units and the key go back, so a retry runs again.
 pub async fn accept(
     state: &AppState,
     message: OrderMessage,
     idempotency_key: &str,
     body_hash: &str,
 ) -> Result<Placed, OrdersError> {
-    if let Err(e) = state.orders.order_publisher.publish(message.clone()).await {
-        give_back(state, &message.order, idempotency_key).await?;
-        return Err(e);
-    }
     let answer = idempotency::answer(&message.order, body_hash)?;
-    // Accepted now: a blip must not turn it into an error the client would retry.
-    let policy = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(20))
-        .with_max_times(3);
-    (|| record(state, &message, idempotency_key, &answer))
-        .retry(policy)
-        .sleep(tokio::time::sleep)
-        .await?;
-    metrics::count_order(OrderStatus::Pending, message.kind);
+    let record =
+        serde_json::to_string(&message).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
+    let kind = message.kind;
+    let order = message.order.clone();
+    let accepting = Accepting {
+        message,
+        record,
+        idempotency_key: idempotency_key.to_owned(),
+        answer,
+    };
+    match state.orders.acceptor.accept(accepting).await {
+        Ok(()) => {}
+        Err(Failure::NotPublished(reason)) => {
+            give_back(state, &order, idempotency_key).await?;
+            return Err(OrdersError::Queue(reason));
+        }
+        // Published, so accepted: its units stay reserved for the worker, which settles it
+        // whatever the client makes of the error.
+        Err(Failure::NotRecorded(reason)) => return Err(OrdersError::NotRecorded(reason)),
+    }
+    metrics::count_order(OrderStatus::Pending, kind);
     Ok(Placed {
-        order: message.order,
+        order,
         replayed: false,
     })
 }
@@ -58,27 +76,158 @@ pub async fn give_back(
     Ok(())
 }
 
-/// Makes the accepted order readable (status) and stores the answer for replays of its
-/// idempotency key (replacing the short-lived `in progress` marker), in one round trip.
-async fn record(
-    state: &AppState,
-    message: &OrderMessage,
-    idempotency_key: &str,
-    answer: &str,
-) -> Result<(), OrdersError> {
-    let mut pipe = redis::pipe();
-    state.orders.admission.count_accepted(&mut pipe);
-    pipe.add_command(store_record(state, message)?)
-        .ignore()
-        .cmd("SET")
-        .arg(idempotency_key)
-        .arg(answer)
-        .arg("EX")
-        .arg(state.settings.orders.idempotency_ttl_secs)
-        .ignore()
-        .query_async::<()>(&mut state.redis.conn())
-        .await?;
-    Ok(())
+/// An order on its way to acceptance, and what its Idempotency-Key will answer.
+struct Accepting {
+    message: OrderMessage,
+    /// The acceptance record: the message as JSON.
+    record: String,
+    idempotency_key: String,
+    answer: String,
+}
+
+/// Why an order was not accepted.
+#[derive(Debug, Clone)]
+enum Failure {
+    /// The broker did not confirm its message: the order is not accepted.
+    NotPublished(String),
+    /// Published, but its record could not be written: accepted, and not readable yet.
+    NotRecorded(String),
+}
+
+struct Waiting {
+    order: Accepting,
+    outcome: oneshot::Sender<Result<(), Failure>>,
+}
+
+/// Where a batch's records go: Redis, for as long as an Idempotency-Key is kept.
+struct Records {
+    redis: Redis,
+    ttl_secs: u64,
+    admission: Arc<Admission>,
+}
+
+/// The batching task's handle: hands orders to it and waits for their outcome.
+pub struct Acceptor {
+    waiting: mpsc::Sender<Waiting>,
+}
+
+impl Acceptor {
+    pub fn start(
+        publisher: Arc<Publisher>,
+        queue: String,
+        settings: &crate::config::OrdersSettings,
+        redis: Redis,
+        admission: Arc<Admission>,
+    ) -> Self {
+        let max_batch = settings.publish_batch_max.max(1);
+        let linger = Duration::from_millis(settings.publish_linger_ms);
+        let records = Arc::new(Records {
+            redis,
+            ttl_secs: settings.idempotency_ttl_secs,
+            admission,
+        });
+        let (waiting, mut inbox) = mpsc::channel::<Waiting>(max_batch * 64);
+        tokio::spawn(async move {
+            while let Some(first) = inbox.recv().await {
+                // The confirm timeout runs from the first order's handover, linger included.
+                let confirm_by = tokio::time::Instant::now() + publisher.confirm_timeout();
+                let mut batch = vec![first];
+                let lingered = tokio::time::sleep(linger);
+                tokio::pin!(lingered);
+                while batch.len() < max_batch {
+                    tokio::select! {
+                        next = inbox.recv() => match next {
+                            Some(next) => batch.push(next),
+                            None => break,
+                        },
+                        _ = &mut lingered => break,
+                    }
+                }
+                // Batches go concurrently, so confirms pipeline.
+                tokio::spawn(accept_batch(
+                    publisher.clone(),
+                    queue.clone(),
+                    records.clone(),
+                    batch,
+                    confirm_by,
+                ));
+            }
+        });
+        Self { waiting }
+    }
+
+    /// Returns once the order is accepted (published and recorded), or why not. Every step
+    /// of a batch is bounded (the confirm timeout from handover, the record's retries), so
+    /// this always returns.
+    async fn accept(&self, order: Accepting) -> Result<(), Failure> {
+        let (outcome, answered) = oneshot::channel();
+        self.waiting
+            .send(Waiting { order, outcome })
+            .await
+            .map_err(|_| Failure::NotPublished("order acceptor stopped".into()))?;
+        answered
+            .await
+            .map_err(|_| Failure::NotPublished("order acceptor dropped the order".into()))?
+    }
+}
+
+async fn accept_batch(
+    publisher: Arc<Publisher>,
+    queue: String,
+    records: Arc<Records>,
+    batch: Vec<Waiting>,
+    confirm_by: tokio::time::Instant,
+) {
+    let (orders, outcomes): (Vec<Accepting>, Vec<_>) =
+        batch.into_iter().map(|w| (w.order, w.outcome)).unzip();
+    let messages: Vec<&OrderMessage> = orders.iter().map(|o| &o.message).collect();
+    let published = tokio::time::timeout_at(
+        confirm_by,
+        queue::publish_orders(&publisher, &queue, &messages),
+    )
+    .await
+    .unwrap_or_else(|_| Err("no confirm within the timeout".into()));
+    let outcome = match published {
+        // The message may still arrive: its consumer finds the units given back and fails
+        // the order.
+        Err(reason) => Err(Failure::NotPublished(reason)),
+        // Accepted now: a blip must not turn it into an error the client would retry.
+        Ok(()) => (|| records.write(&orders))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(20))
+                    .with_max_times(3),
+            )
+            .sleep(tokio::time::sleep)
+            .await
+            .map_err(|e| Failure::NotRecorded(e.to_string())),
+    };
+    for answer in outcomes {
+        // A request that stopped waiting is gone; nothing to tell it.
+        let _ = answer.send(outcome.clone());
+    }
+}
+
+impl Records {
+    /// Makes the accepted orders readable (status) and stores their answers for replays of
+    /// their idempotency keys (replacing the short-lived `in progress` markers), in one
+    /// round trip.
+    async fn write(&self, orders: &[Accepting]) -> redis::RedisResult<()> {
+        let mut pipe = redis::pipe();
+        self.admission.count_accepted(&mut pipe, orders.len());
+        for order in orders {
+            let id = order.message.order.id;
+            pipe.add_command(store_record(&self.redis, id, &order.record, self.ttl_secs))
+                .ignore()
+                .cmd("SET")
+                .arg(&order.idempotency_key)
+                .arg(&order.answer)
+                .arg("EX")
+                .arg(self.ttl_secs)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.redis.conn()).await
+    }
 }
 
 /// Records an order the worker gave up on and could not persist as `failed`, so its
@@ -87,21 +236,26 @@ pub async fn record_failed(state: &AppState, message: &OrderMessage) -> Result<(
     let mut failed = message.clone();
     failed.order.status = OrderStatus::Failed;
     failed.order.updated_at = chrono::Utc::now();
-    store_record(state, &failed)?
-        .query_async::<()>(&mut state.redis.conn())
-        .await?;
+    let json = serde_json::to_string(&failed).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
+    store_record(
+        &state.redis,
+        failed.order.id,
+        &json,
+        state.settings.orders.idempotency_ttl_secs,
+    )
+    .query_async::<()>(&mut state.redis.conn())
+    .await?;
     Ok(())
 }
 
-/// The command that stores `message` as its order's acceptance record.
-fn store_record(state: &AppState, message: &OrderMessage) -> Result<redis::Cmd, OrdersError> {
-    let json = serde_json::to_string(message).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
+/// The command that stores `json` as the acceptance record of `order`.
+fn store_record(redis: &Redis, order: Uuid, json: &str, ttl_secs: u64) -> redis::Cmd {
     let mut set = redis::cmd("SET");
-    set.arg(record_key(&state.redis, message.order.id))
+    set.arg(record_key(redis, order))
         .arg(json)
         .arg("EX")
-        .arg(state.settings.orders.idempotency_ttl_secs);
-    Ok(set)
+        .arg(ttl_secs);
+    set
 }
 
 fn record_key(redis: &Redis, order: Uuid) -> String {

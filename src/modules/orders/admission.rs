@@ -191,9 +191,9 @@ impl Admission {
             }))
     }
 
-    /// Counts an accepted order (into the pipeline that records it).
-    pub fn count_accepted(&self, pipe: &mut redis::Pipeline) {
-        pipe.incr(&self.accepted_key, 1)
+    /// Counts accepted orders (into the pipeline that records them).
+    pub fn count_accepted(&self, pipe: &mut redis::Pipeline, orders: usize) {
+        pipe.incr(&self.accepted_key, orders)
             .ignore()
             .expire(&self.accepted_key, COUNTER_TTL_SECS)
             .ignore();

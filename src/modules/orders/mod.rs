@@ -4,8 +4,8 @@
 //!
 //! One file per concern: `placement` (validation and reservation), `admission` (admission
 //! control and the waiting room of the flash-sale path), `idempotency` (both
-//! routes' keys and stored answers), `acceptance` (confirmed publish and the acceptance
-//! record), `worker` (consuming and failure isolation), `settle` (a batch end to end, and
+//! routes' keys and stored answers), `acceptance` (the confirmed publish and the acceptance
+//! record, batched), `worker` (consuming and failure isolation), `settle` (a batch end to end, and
 //! what every final state needs), `refunds` (retried until done or dead-lettered), `cancel`,
 //! `lookup` (reads), `metrics`.
 
@@ -59,11 +59,11 @@ pub struct OrdersState {
     pub queues: QueueNames,
     idempotency: Idempotency,
     publisher: Arc<Publisher>,
-    order_publisher: queue::OrderPublisher,
+    acceptor: acceptance::Acceptor,
     pub payments: Payments,
     /// The simulator itself, for fault drills (failure rate at run time).
     pub simulator: Arc<PaymentSimulator>,
-    pub admission: Admission,
+    pub admission: Arc<Admission>,
 }
 
 impl OrdersState {
@@ -73,11 +73,13 @@ impl OrdersState {
         let queues = QueueNames::new(&all.amqp.queue_prefix, settings);
         let publisher = Arc::new(Publisher::open(amqp).await?);
         queue::declare(amqp, &queues, settings, all.amqp.queue_expires_ms).await?;
-        let order_publisher = queue::OrderPublisher::start(
+        let admission = Arc::new(Admission::new(&settings.admission, redis));
+        let acceptor = acceptance::Acceptor::start(
             publisher.clone(),
             queues.orders.clone(),
-            settings.publish_batch_max,
-            std::time::Duration::from_millis(settings.publish_linger_ms),
+            settings,
+            redis.clone(),
+            admission.clone(),
         );
         let simulator = Arc::new(PaymentSimulator::new(redis.clone(), &settings.payment));
         let payments = Payments::new(simulator.clone(), &settings.payment);
@@ -85,10 +87,10 @@ impl OrdersState {
             queues,
             idempotency: Idempotency::default(),
             publisher,
-            order_publisher,
+            acceptor,
             payments,
             simulator,
-            admission: Admission::new(&settings.admission, redis),
+            admission,
         })
     }
 }

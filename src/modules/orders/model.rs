@@ -139,16 +139,17 @@ pub struct OrderMessage {
 /// What one AMQP message carries: the orders the API accepted within a few milliseconds.
 /// The broker's cost is per message, so coalescing cuts it by the batch size.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct OrderEnvelope {
+pub struct OrderEnvelope<M = OrderMessage> {
     /// Schema version.
     pub v: u32,
-    pub orders: Vec<OrderMessage>,
+    pub orders: Vec<M>,
 }
 
-impl OrderEnvelope {
+impl<M> OrderEnvelope<M> {
     pub const VERSION: u32 = 1;
 
-    pub fn new(orders: Vec<OrderMessage>) -> Self {
+    /// `M` is an `OrderMessage`, or a reference to one when publishing.
+    pub fn new(orders: Vec<M>) -> Self {
         Self {
             v: Self::VERSION,
             orders,

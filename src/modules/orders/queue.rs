@@ -11,12 +11,6 @@
 
 use lapin::types::AMQPValue;
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use tokio::sync::{mpsc, oneshot};
-
-use super::error::OrdersError;
 use super::model::{OrderEnvelope, OrderMessage};
 use crate::config::OrdersSettings;
 use crate::infra::amqp::{durable, queue_args as args, text, trace_headers, Amqp, Publisher};
@@ -173,89 +167,20 @@ fn is_precondition_failed(e: &lapin::Error) -> bool {
         if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
 }
 
-/// An order waiting to be published, and who to tell when the broker confirmed it.
-struct Waiting {
-    message: OrderMessage,
-    confirmed: oneshot::Sender<Result<(), String>>,
-}
-
-/// Coalesces the orders accepted within `linger` (at most `max_batch`) into one message and
-/// answers every waiting request once the broker confirmed it. Batches are published
-/// concurrently, so confirms pipeline.
-pub struct OrderPublisher {
-    waiting: mpsc::Sender<Waiting>,
-    /// From handing the order over to the broker's confirm, including the linger.
-    confirm_timeout: Duration,
-}
-
-impl OrderPublisher {
-    pub fn start(
-        publisher: Arc<Publisher>,
-        queue: String,
-        max_batch: usize,
-        linger: Duration,
-    ) -> Self {
-        let confirm_timeout = publisher.confirm_timeout();
-        let (waiting, mut inbox) = mpsc::channel::<Waiting>(max_batch * 64);
-        tokio::spawn(async move {
-            while let Some(first) = inbox.recv().await {
-                let mut batch = vec![first];
-                let deadline = tokio::time::sleep(linger);
-                tokio::pin!(deadline);
-                while batch.len() < max_batch {
-                    tokio::select! {
-                        next = inbox.recv() => match next {
-                            Some(next) => batch.push(next),
-                            None => break,
-                        },
-                        _ = &mut deadline => break,
-                    }
-                }
-                tokio::spawn(publish_batch(publisher.clone(), queue.clone(), batch));
-            }
-        });
-        Self {
-            waiting,
-            confirm_timeout,
-        }
-    }
-
-    /// Returns once the broker has confirmed the message holding `message`; fails when that
-    /// takes longer than the confirm timeout (the message may still arrive: its consumer
-    /// finds the units given back and fails the order).
-    pub async fn publish(&self, message: OrderMessage) -> Result<(), OrdersError> {
-        let confirmed = async {
-            let (confirmed, outcome) = oneshot::channel();
-            self.waiting
-                .send(Waiting { message, confirmed })
-                .await
-                .map_err(|_| OrdersError::Queue("order publisher stopped".into()))?;
-            outcome
-                .await
-                .map_err(|_| OrdersError::Queue("order publisher dropped the order".into()))?
-                .map_err(OrdersError::Queue)
-        };
-        tokio::time::timeout(self.confirm_timeout, confirmed)
-            .await
-            .map_err(|_| OrdersError::Queue("no confirm within the timeout".into()))?
-    }
-}
-
-async fn publish_batch(publisher: Arc<Publisher>, queue: String, batch: Vec<Waiting>) {
-    let (messages, confirms): (Vec<OrderMessage>, Vec<_>) =
-        batch.into_iter().map(|w| (w.message, w.confirmed)).unzip();
+/// Publishes orders accepted together as one message and waits for the broker's confirm
+/// (bounded by the publisher's confirm timeout).
+pub async fn publish_orders(
+    publisher: &Publisher,
+    queue: &str,
+    orders: &[&OrderMessage],
+) -> Result<(), String> {
     // Each order carries its own trace context; the message's header names the first one's,
     // so tools that read only headers still join the trace.
-    let headers = trace_headers(messages.first().and_then(|m| m.traceparent.as_deref()));
-    let outcome = match serde_json::to_vec(&OrderEnvelope::new(messages)) {
-        Ok(payload) => publisher
-            .publish_with(&queue, &payload, headers)
-            .await
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    for confirm in confirms {
-        // A request that gave up waiting is gone; nothing to tell it.
-        let _ = confirm.send(outcome.clone());
-    }
+    let headers = trace_headers(orders.first().and_then(|m| m.traceparent.as_deref()));
+    let payload =
+        serde_json::to_vec(&OrderEnvelope::new(orders.to_vec())).map_err(|e| e.to_string())?;
+    publisher
+        .publish_with(queue, &payload, headers)
+        .await
+        .map_err(|e| e.to_string())
 }
