@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
+use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
 use uuid::Uuid;
@@ -53,6 +54,7 @@ pub struct Simulator {
     channel: Channel,
     settings: ProviderSettings,
     limiter: DefaultDirectRateLimiter,
+    clock: DefaultClock,
     /// Senders queue here for the limiter one at a time: a batch of sends all polling it
     /// would each arm a timer per permit handed out, a herd of wake-ups per send.
     turn: tokio::sync::Mutex<()>,
@@ -79,6 +81,7 @@ impl Simulator {
             channel,
             settings: settings.clone(),
             limiter: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
+            clock: DefaultClock::default(),
             turn: tokio::sync::Mutex::new(()),
             delivered: idempotency_window(),
             attempts: moka::sync::Cache::builder()
@@ -121,7 +124,11 @@ impl Simulator {
         // The provider's own limit: a real one answers 429 above it, so wait our turn.
         if self.limiter.check().is_err() {
             let _turn = self.turn.lock().await;
-            self.limiter.until_ready().await;
+            // On the runtime's own timer: governor's `until_ready` sleeps on a timer thread
+            // of its own, a thread crossing per permit.
+            while let Err(not_until) = self.limiter.check() {
+                tokio::time::sleep(not_until.wait_time_from(self.clock.now())).await;
+            }
         }
         if self.settings.latency_ms > 0 {
             tokio::time::sleep(Duration::from_millis(self.settings.latency_ms)).await;
