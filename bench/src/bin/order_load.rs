@@ -84,6 +84,9 @@ struct Senders {
     keys: Arc<TokenKeys>,
     /// (token, idempotency key) per buyer, when the load comes from a fixed set of buyers.
     buyers: Vec<(String, String)>,
+    /// Open loop, a new buyer per request: their tokens, minted before the load starts (a
+    /// client does not sign its own tokens; signing in the loop took the server's cores).
+    fresh_tokens: Vec<String>,
     reuse_keys: bool,
     next: std::sync::atomic::AtomicUsize,
     /// Order ids answered 201 (a replay answers an id already here).
@@ -100,9 +103,20 @@ impl Senders {
                 (token, Uuid::new_v4().to_string())
             })
             .collect();
+        let scheduled = match (args.rate, &args.buyers) {
+            (Some(rate), None) => rate.saturating_mul(args.duration_secs).min(MAX_PREMINTED),
+            _ => 0,
+        };
+        let fresh_tokens = (0..scheduled)
+            .map(|_| {
+                keys.issue(Uuid::now_v7(), Role::Customer, Uuid::new_v4())
+                    .expect("buyer token")
+            })
+            .collect();
         Self {
             keys,
             buyers,
+            fresh_tokens,
             reuse_keys: args.reuse_keys,
             next: Default::default(),
             accepted: Default::default(),
@@ -110,14 +124,17 @@ impl Senders {
     }
 
     fn next(&self) -> Option<(String, String)> {
+        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.buyers.is_empty() {
-            let token = self
-                .keys
-                .issue(Uuid::now_v7(), Role::Customer, Uuid::new_v4())
-                .ok()?;
+            let token = match self.fresh_tokens.get(turn) {
+                Some(token) => token.clone(),
+                None => self
+                    .keys
+                    .issue(Uuid::now_v7(), Role::Customer, Uuid::new_v4())
+                    .ok()?,
+            };
             return Some((token, Uuid::new_v4().to_string()));
         }
-        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (token, key) = &self.buyers[turn % self.buyers.len()];
         let key = if self.reuse_keys {
             key.clone()
@@ -128,7 +145,12 @@ impl Senders {
     }
 }
 
-#[tokio::main]
+/// Tokens minted before an open-loop run at most (about 0.5 GB).
+const MAX_PREMINTED: u64 = 2_000_000;
+
+// One thread, as wrk runs one event loop per thread: the generator shares the server's two
+// cores, and on a second thread its every request crossed threads (futex wake-ups) twice.
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = Args::parse();
     let settings = Settings::load_for(&args.config_dir, &args.env).expect("configuration loads");
@@ -162,8 +184,8 @@ async fn main() {
         describe(&args)
     );
 
-    let started = Instant::now();
     let senders = Arc::new(Senders::new(keys.clone(), &args));
+    let started = Instant::now();
     let total = if args.follow_retry {
         follow_buyers(&args, &client, &url, &senders).await
     } else {
