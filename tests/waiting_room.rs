@@ -137,6 +137,31 @@ async fn a_full_backlog_hands_out_tickets_and_admits_them_in_order_of_arrival() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_accepted_in_one_batch_are_each_counted_once() {
+    // A linger long enough that the six share one message and one record pipeline.
+    let app = TestApp::spawn_with(|s| {
+        s.orders.publish_linger_ms = 200;
+        s.orders.admission.sample_ms = 50;
+    })
+    .await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 10, "1.00").await;
+    let buyers: Vec<Buyer> = (0..6).map(|_| Buyer::new(&app)).collect();
+    let answers = futures_util::future::join_all(
+        buyers
+            .iter()
+            .map(|buyer| buyer.attempt(&app, product, "one-batch")),
+    )
+    .await;
+    assert!(
+        answers.iter().all(|(status, _)| *status == 201),
+        "{answers:?}"
+    );
+    // No worker settles them: the backlog is exactly the six.
+    wait_sampled(&app, "admission_backlog 6\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_room_answers_sold_out_to_every_waiter_and_reopens_when_a_unit_comes_back() {
     let app = app_admitting(2).await;
     let admin = app.register_admin(&unique_email("admin")).await;

@@ -206,6 +206,9 @@ async fn accept_batch(
         // A request that stopped waiting is gone; nothing to tell it.
         let _ = answer.send(outcome.clone());
     }
+    if !matches!(outcome, Err(Failure::NotPublished(_))) {
+        records.count_accepted(orders.len()).await;
+    }
 }
 
 impl Records {
@@ -214,7 +217,6 @@ impl Records {
     /// round trip.
     async fn write(&self, orders: &[Accepting]) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
-        self.admission.count_accepted(&mut pipe, orders.len());
         for order in orders {
             let id = order.message.order.id;
             pipe.add_command(store_record(&self.redis, id, &order.record, self.ttl_secs))
@@ -227,6 +229,16 @@ impl Records {
                 .ignore();
         }
         pipe.query_async::<()>(&mut self.redis.conn()).await
+    }
+
+    /// Counts published orders for admission control, once: a pipeline is not atomic, and a
+    /// retry of one that had counted already would leave the backlog larger for good.
+    async fn count_accepted(&self, orders: usize) {
+        let mut pipe = redis::pipe();
+        self.admission.count_accepted(&mut pipe, orders);
+        if let Err(e) = pipe.query_async::<()>(&mut self.redis.conn()).await {
+            tracing::warn!(error = %e, orders, "accepted orders not counted for admission control");
+        }
     }
 }
 
