@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -35,16 +36,18 @@ pub async fn accept(
     body_hash: &str,
 ) -> Result<Placed, OrdersError> {
     let answer = idempotency::answer(&message.order, body_hash)?;
-    let record =
-        serde_json::to_string(&message).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
-    let kind = message.kind;
-    let order = message.order.clone();
+    // Serialized once: the same JSON is the order's part of the broker message and its
+    // acceptance record.
+    let record = serde_json::value::to_raw_value(&message)
+        .map_err(|e| OrdersError::Corrupt(e.to_string()))?;
     let accepting = Accepting {
-        message,
+        order_id: message.order.id,
+        traceparent: message.traceparent,
         record,
         idempotency_key: idempotency_key.to_owned(),
         answer,
     };
+    let (kind, order) = (message.kind, message.order);
     match state.orders.acceptor.accept(accepting).await {
         Ok(()) => {}
         Err(Failure::NotPublished(reason)) => {
@@ -78,9 +81,10 @@ pub async fn give_back(
 
 /// An order on its way to acceptance, and what its Idempotency-Key will answer.
 struct Accepting {
-    message: OrderMessage,
-    /// The acceptance record: the message as JSON.
-    record: String,
+    order_id: Uuid,
+    traceparent: Option<String>,
+    /// The order's message as JSON: published, then stored as its acceptance record.
+    record: Box<RawValue>,
     idempotency_key: String,
     answer: String,
 }
@@ -180,10 +184,13 @@ async fn accept_batch(
 ) {
     let (orders, outcomes): (Vec<Accepting>, Vec<_>) =
         batch.into_iter().map(|w| (w.order, w.outcome)).unzip();
-    let messages: Vec<&OrderMessage> = orders.iter().map(|o| &o.message).collect();
+    let messages: Vec<&RawValue> = orders.iter().map(|o| o.record.as_ref()).collect();
+    // Each order carries its own trace context; the message's header names the first one's,
+    // so tools that read only headers still join the trace.
+    let traceparent = orders.first().and_then(|o| o.traceparent.as_deref());
     let published = tokio::time::timeout_at(
         confirm_by,
-        queue::publish_orders(&publisher, &queue, &messages),
+        queue::publish_orders(&publisher, &queue, &messages, traceparent),
     )
     .await
     .unwrap_or_else(|_| Err("no confirm within the timeout".into()));
@@ -218,15 +225,20 @@ impl Records {
     async fn write(&self, orders: &[Accepting]) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
         for order in orders {
-            let id = order.message.order.id;
-            pipe.add_command(store_record(&self.redis, id, &order.record, self.ttl_secs))
-                .ignore()
-                .cmd("SET")
-                .arg(&order.idempotency_key)
-                .arg(&order.answer)
-                .arg("EX")
-                .arg(self.ttl_secs)
-                .ignore();
+            let record = order.record.get();
+            pipe.add_command(store_record(
+                &self.redis,
+                order.order_id,
+                record,
+                self.ttl_secs,
+            ))
+            .ignore()
+            .cmd("SET")
+            .arg(&order.idempotency_key)
+            .arg(&order.answer)
+            .arg("EX")
+            .arg(self.ttl_secs)
+            .ignore();
         }
         pipe.query_async::<()>(&mut self.redis.conn()).await
     }

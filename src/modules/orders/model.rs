@@ -148,7 +148,7 @@ pub struct OrderEnvelope<M = OrderMessage> {
 impl<M> OrderEnvelope<M> {
     pub const VERSION: u32 = 1;
 
-    /// `M` is an `OrderMessage`, or a reference to one when publishing.
+    /// `M` is an `OrderMessage`, or one already serialized when publishing.
     pub fn new(orders: Vec<M>) -> Self {
         Self {
             v: Self::VERSION,

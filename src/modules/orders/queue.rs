@@ -11,7 +11,9 @@
 
 use lapin::types::AMQPValue;
 
-use super::model::{OrderEnvelope, OrderMessage};
+use serde_json::value::RawValue;
+
+use super::model::OrderEnvelope;
 use crate::config::OrdersSettings;
 use crate::infra::amqp::{durable, queue_args as args, text, trace_headers, Amqp, Publisher};
 
@@ -167,16 +169,16 @@ fn is_precondition_failed(e: &lapin::Error) -> bool {
         if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
 }
 
-/// Publishes orders accepted together as one message and waits for the broker's confirm
-/// (bounded by the publisher's confirm timeout).
+/// Publishes orders accepted together (each an `OrderMessage` already serialized) as one
+/// message with `traceparent` in its headers, and waits for the broker's confirm (bounded by
+/// the publisher's confirm timeout).
 pub async fn publish_orders(
     publisher: &Publisher,
     queue: &str,
-    orders: &[&OrderMessage],
+    orders: &[&RawValue],
+    traceparent: Option<&str>,
 ) -> Result<(), String> {
-    // Each order carries its own trace context; the message's header names the first one's,
-    // so tools that read only headers still join the trace.
-    let headers = trace_headers(orders.first().and_then(|m| m.traceparent.as_deref()));
+    let headers = trace_headers(traceparent);
     let payload =
         serde_json::to_vec(&OrderEnvelope::new(orders.to_vec())).map_err(|e| e.to_string())?;
     publisher
