@@ -187,7 +187,7 @@ async fn split_pipeline(
 pub enum IdempotencyStart {
     /// First time: the key is now marked in progress.
     Fresh,
-    /// Done before: the stored answer.
+    /// Accepted before: what the key holds (the order's id).
     Replay(String),
     InProgress,
     KeyReusedWithOtherBody,

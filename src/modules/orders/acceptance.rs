@@ -1,6 +1,6 @@
 //! Acceptance: an order is accepted once the broker confirmed its message and its acceptance
 //! record is written. The record (in Redis, keyed by order id) makes the order readable until
-//! the worker persisted it, and its answer is stored for replays of the Idempotency-Key.
+//! the worker persisted it, and replays of its Idempotency-Key read it there.
 //!
 //! Orders accepted together travel together: the ones that arrive within
 //! `orders.publish_linger_ms` (at most `orders.publish_batch_max`) share one message, and once
@@ -35,7 +35,7 @@ pub async fn accept(
     idempotency_key: &str,
     body_hash: &str,
 ) -> Result<Placed, OrdersError> {
-    let answer = idempotency::answer(&message.order, body_hash)?;
+    let accepted_key = idempotency::accepted(message.order.id, body_hash)?;
     // Serialized once: the same JSON is the order's part of the broker message and its
     // acceptance record.
     let record = serde_json::value::to_raw_value(&message)
@@ -45,7 +45,7 @@ pub async fn accept(
         traceparent: message.traceparent,
         record,
         idempotency_key: idempotency_key.to_owned(),
-        answer,
+        accepted_key,
     };
     let (kind, order) = (message.kind, message.order);
     match state.orders.acceptor.accept(accepting).await {
@@ -79,14 +79,15 @@ pub async fn give_back(
     Ok(())
 }
 
-/// An order on its way to acceptance, and what its Idempotency-Key will answer.
+/// An order on its way to acceptance, and what its Idempotency-Key will hold.
 struct Accepting {
     order_id: Uuid,
     traceparent: Option<String>,
     /// The order's message as JSON: published, then stored as its acceptance record.
     record: Box<RawValue>,
     idempotency_key: String,
-    answer: String,
+    /// The key's value once accepted: the order's id, which replays read the record by.
+    accepted_key: String,
 }
 
 /// Why an order was not accepted.
@@ -219,9 +220,9 @@ async fn accept_batch(
 }
 
 impl Records {
-    /// Makes the accepted orders readable (status) and stores their answers for replays of
-    /// their idempotency keys (replacing the short-lived `in progress` markers), in one
-    /// round trip.
+    /// Makes the accepted orders readable (status) and marks their idempotency keys
+    /// accepted (replacing the short-lived `in progress` markers), in one round trip. Each
+    /// record goes first: a key marked accepted names an order that can be read.
     async fn write(&self, orders: &[Accepting]) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
         for order in orders {
@@ -235,7 +236,7 @@ impl Records {
             .ignore()
             .cmd("SET")
             .arg(&order.idempotency_key)
-            .arg(&order.answer)
+            .arg(&order.accepted_key)
             .arg("EX")
             .arg(self.ttl_secs)
             .ignore();

@@ -1,5 +1,5 @@
 //! Idempotency of both order routes: the `Idempotency-Key` digest, the digest of a request's
-//! body, the answer stored for replays, and the key of a regular order.
+//! body, what an accepted key keeps for replays, and the key of a regular order.
 //!
 //! The flash-sale route checks and marks its key inside the reservation script (one round
 //! trip); `POST /orders` spans several products, so it marks its key first, here.
@@ -8,7 +8,6 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::error::OrdersError;
-use super::model::Order;
 use crate::app::AppState;
 use crate::infra::redis::IdempotencyStart;
 
@@ -35,30 +34,44 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The answer an idempotent request gave, stored for replays. `state` and `body_hash`
-/// are read by the Lua idempotency check.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct StoredAnswer {
-    state: String,
-    body_hash: String,
-    order: Order,
+/// What an Idempotency-Key holds once its request was accepted: the order it made, by id.
+/// The order itself is stored once, as its acceptance record (then in its shard), and a
+/// replay reads it from there. `state` and `body_hash` are read by the Lua idempotency check.
+#[derive(serde::Serialize)]
+struct AcceptedKey<'a> {
+    state: &'static str,
+    body_hash: &'a str,
+    order_id: Uuid,
 }
 
-/// The stored form of the answer `order` for a request with `body_hash`.
-pub fn answer(order: &Order, body_hash: &str) -> Result<String, OrdersError> {
-    let answer = StoredAnswer {
-        state: "done".to_owned(),
-        body_hash: body_hash.to_owned(),
-        order: order.clone(),
+/// The stored form of an accepted key for a request with `body_hash`.
+pub fn accepted(order: Uuid, body_hash: &str) -> Result<String, OrdersError> {
+    let key = AcceptedKey {
+        state: "done",
+        body_hash,
+        order_id: order,
     };
-    serde_json::to_string(&answer).map_err(|e| OrdersError::Corrupt(e.to_string()))
+    serde_json::to_string(&key).map_err(|e| OrdersError::Corrupt(e.to_string()))
 }
 
-/// The order of a stored answer.
-pub fn replay(stored: &str) -> Result<Order, OrdersError> {
-    let answer: StoredAnswer =
+/// The order an accepted key names. Keys stored before the order was kept only once held
+/// the whole order; they replay for as long as they live (`orders.idempotency_ttl_secs`).
+pub fn replayed_order_id(stored: &str) -> Result<Uuid, OrdersError> {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        order_id: Option<Uuid>,
+        order: Option<EmbeddedOrder>,
+    }
+    #[derive(serde::Deserialize)]
+    struct EmbeddedOrder {
+        id: Uuid,
+    }
+    let stored: Stored =
         serde_json::from_str(stored).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
-    Ok(answer.order)
+    stored
+        .order_id
+        .or(stored.order.map(|order| order.id))
+        .ok_or_else(|| OrdersError::Corrupt("an accepted idempotency key names no order".into()))
 }
 
 /// The key of a regular order's request (scoped per user).
@@ -85,4 +98,27 @@ pub async fn begin_regular(
             state.settings.orders.in_flight_ttl_secs,
         )
         .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_accepted_key_names_its_order() {
+        let order = Uuid::now_v7();
+        let stored = accepted(order, "digest").unwrap();
+        assert!(stored.len() < 160, "{stored}");
+        assert_eq!(replayed_order_id(&stored).unwrap(), order);
+    }
+
+    #[test]
+    fn a_key_that_embeds_the_whole_order_still_replays() {
+        let order = Uuid::now_v7();
+        let stored = format!(
+            r#"{{"state":"done","body_hash":"d","order":{{"id":"{order}","status":"pending"}}}}"#
+        );
+        assert_eq!(replayed_order_id(&stored).unwrap(), order);
+        assert!(replayed_order_id(r#"{"state":"done","body_hash":"d"}"#).is_err());
+    }
 }

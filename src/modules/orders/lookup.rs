@@ -43,6 +43,19 @@ pub async fn locate(
     Ok((found, kind))
 }
 
+/// `buyer`'s own order: its acceptance record while Redis keeps it (one round trip), else
+/// its shard.
+pub async fn find_own(
+    state: &AppState,
+    buyer: Uuid,
+    order: Uuid,
+) -> Result<Option<Order>, OrdersError> {
+    match acceptance::find(state, order).await? {
+        Some(accepted) if accepted.order.user_id == buyer => Ok(Some(accepted.order)),
+        _ => store::find(&state.db, buyer, order, ReadFrom::Primary).await,
+    }
+}
+
 pub async fn list_user_orders(
     state: &AppState,
     user: Uuid,

@@ -8,6 +8,7 @@ use super::acceptance;
 use super::admission::{Entry, Ticket};
 use super::error::OrdersError;
 use super::idempotency;
+use super::lookup;
 use super::model::{
     max_order_total, CreateOrderRequest, FlashSaleOrderRequest, Order, OrderItem, OrderKind,
     OrderMessage, OrderStatus, MAX_ADDRESS_CHARS, PAYMENT_METHODS,
@@ -27,9 +28,16 @@ pub struct Placed {
 }
 
 impl Placed {
-    fn replayed(stored: &str) -> Result<Self, OrdersError> {
+    /// The order an earlier request with the same key made. Its key was marked accepted
+    /// after its record was written, so the order is readable unless Redis lost the record
+    /// before the worker persisted it: then it is still on its way.
+    async fn replayed(state: &AppState, buyer: Uuid, stored: &str) -> Result<Self, OrdersError> {
+        let order = idempotency::replayed_order_id(stored)?;
+        let order = lookup::find_own(state, buyer, order)
+            .await?
+            .ok_or(OrdersError::RequestInProgress)?;
         Ok(Self {
-            order: idempotency::replay(stored)?,
+            order,
             replayed: true,
         })
     }
@@ -96,7 +104,9 @@ pub async fn place_flash_sale_order(
     let unit_price = match reservation {
         Reservation::Reserved { unit_price } => unit_price,
         Reservation::Replay(stored) => {
-            return Placed::replayed(&stored).map(FlashSaleAnswer::Placed)
+            return Placed::replayed(state, caller.user_id, &stored)
+                .await
+                .map(FlashSaleAnswer::Placed)
         }
         Reservation::InProgress => return Err(OrdersError::RequestInProgress),
         Reservation::KeyReusedWithOtherBody => return Err(OrdersError::IdempotencyKeyReused),
@@ -185,7 +195,9 @@ pub async fn place_order(
     let idempotency_key = idempotency::regular_key(state, caller.user_id, key_digest);
     match idempotency::begin_regular(state, &idempotency_key, &body_hash).await? {
         IdempotencyStart::Fresh => {}
-        IdempotencyStart::Replay(stored) => return Placed::replayed(&stored),
+        IdempotencyStart::Replay(stored) => {
+            return Placed::replayed(state, caller.user_id, &stored).await
+        }
         IdempotencyStart::InProgress => return Err(OrdersError::RequestInProgress),
         IdempotencyStart::KeyReusedWithOtherBody => return Err(OrdersError::IdempotencyKeyReused),
     }

@@ -288,7 +288,7 @@ pub enum Reservation {
     Reserved {
         unit_price: String,
     },
-    /// The same idempotency key already created an order; here is its stored answer.
+    /// The same idempotency key already created an order; what the key holds (its id).
     Replay(String),
     InProgress,
     KeyReusedWithOtherBody,
