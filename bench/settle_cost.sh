@@ -51,20 +51,24 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Clock ticks (user + system) of every process whose command line matches a pattern. Redis
-# counts only the node the platform uses: the local cluster's nodes fork to save, and a fork
-# child that exits between two readings would count negative.
+# Clock ticks (user + system) of every process whose command line matches a pattern; with a
+# second argument, also of the children they reaped (Redis's append-only-file rewrites run in
+# a forked child). Redis counts only the node the platform uses: the local cluster's nodes
+# fork to save, and a fork child that exits between two readings would count negative.
 ticks() {
-  local total=0 pid stat
+  local total=0 pid fields=14,15
+  [ -n "${2:-}" ] && fields=14-17
   for pid in $(pgrep -f "$1" || true); do
-    stat=$(cut -d' ' -f14,15 "/proc/$pid/stat" 2>/dev/null) || continue
-    total=$((total + ${stat% *} + ${stat#* }))
+    for t in $(cut -d' ' -f"$fields" "/proc/$pid/stat" 2>/dev/null); do total=$((total + t)); done
   done
   echo "$total"
 }
 components=(flashsale postgres redis-server beam.smp)
 patterns=('^[^ ]*/flashsale serve' '^postgres|/postgres ' '^redis-server 127.0.0.1:6379' 'beam.smp')
-snapshot() { for p in "${patterns[@]}"; do ticks "$p"; done; }
+snapshot() {
+  ticks "${patterns[0]}"; ticks "${patterns[1]}"; ticks "${patterns[2]}" children; ticks "${patterns[3]}"
+}
+aof_rewrites() { redis-cli info persistence | tr -d '\r' | sed -n 's/^aof_rewrites://p'; }
 
 wait_http() {
   for _ in $(seq 1 100); do curl -fs "$1" >/dev/null && return 0; sleep 0.2; done
@@ -138,6 +142,7 @@ open)
   )
   after=$(snapshot); t1=$(date +%s.%N)
   settled=$(grep -o 'paid [0-9]*' /tmp/settle_cost.out | awk '{print $2}')
+  echo "Redis append-only-file rewrites during the run: $(aof_rewrites) (their CPU is in redis-server)"
   report "$before" "$after" "$(echo "$t1 - $t0" | bc)" "$settled"
   load_cpu "$settled"
   redis_commands "$settled"

@@ -34,20 +34,23 @@ if ! pg_isready -h 127.0.0.1 -p 5432 -q; then
 fi
 
 # Redis keeps an append-only file (fsync every second), so a restart keeps the sales it held.
-# Correctness does not depend on it: a sale Redis lost is rebuilt from PostgreSQL.
+# Correctness does not depend on it: a sale Redis lost is rebuilt from PostgreSQL. The file is
+# rewritten only past 1 GB and five times its last rewritten size: a rewrite forks and
+# serializes the whole dataset, and at Redis's defaults (64 MB, twice) a sale's first minutes
+# rewrote it every few seconds, a fifth of a core on the 2-core box (bench/RESULTS.md).
+redis_aof=(appendfsync everysec auto-aof-rewrite-percentage 400 auto-aof-rewrite-min-size 1gb)
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   log "starting Redis"
   mkdir -p /var/lib/redis /var/log/redis
-  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" \
-    --appendonly yes --appendfsync everysec \
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly yes \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log
   wait_for Redis redis-cli -h 127.0.0.1 -p 6379 ping
 fi
 if [ "$(redis-cli -h 127.0.0.1 -p 6379 config get appendonly | tail -n 1)" != "yes" ]; then
   log "turning on Redis's append-only file"
-  redis-cli -h 127.0.0.1 -p 6379 config set appendfsync everysec >/dev/null
   redis-cli -h 127.0.0.1 -p 6379 config set appendonly yes >/dev/null
 fi
+redis-cli -h 127.0.0.1 -p 6379 config set "${redis_aof[@]}" >/dev/null
 
 # A local 3-node Redis Cluster (no replicas) for the cluster tests and benchmarks. A node
 # restarted with its nodes.conf rejoins by itself; fresh nodes are reset and joined anew.
