@@ -22,16 +22,12 @@ pub fn key_digest(key: Option<&str>) -> Result<String, OrdersError> {
     if !valid {
         return Err(OrdersError::IdempotencyKeyRequired);
     }
-    Ok(hex(&Sha256::digest(key.as_bytes())[..16]))
+    Ok(hex::encode(&Sha256::digest(key.as_bytes())[..16]))
 }
 
 /// What identifies a request's body: the same key with another body is refused.
 pub fn body_digest(canonical_body: &str) -> String {
-    hex(&Sha256::digest(canonical_body.as_bytes()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(Sha256::digest(canonical_body.as_bytes()))
 }
 
 /// What an Idempotency-Key holds once its request was accepted: the order it made, by id.
