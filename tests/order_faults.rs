@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,12 +23,26 @@ async fn buy_many(
     count: usize,
     concurrency: usize,
 ) -> Vec<(u16, Option<Uuid>, String)> {
+    buy_many_counting(app, product, count, concurrency, &AtomicUsize::new(0)).await
+}
+
+/// `buy_many`, counting the orders accepted so far in `accepted` as the answers come.
+async fn buy_many_counting(
+    app: &Arc<TestApp>,
+    product: Uuid,
+    count: usize,
+    concurrency: usize,
+    accepted: &AtomicUsize,
+) -> Vec<(u16, Option<Uuid>, String)> {
     let requests = (0..count).map(|i| {
         let app = app.clone();
         async move {
             let token = app.mint_token(Uuid::now_v7());
             let res = app.buy(&token, product, &format!("k{i}"), &json!({})).await;
             let status = res.status().as_u16();
+            if status == 201 {
+                accepted.fetch_add(1, Ordering::Relaxed);
+            }
             let body: Value = res.json().await.unwrap_or(Value::Null);
             (
                 status,
@@ -204,7 +219,7 @@ async fn an_unfinished_request_holds_its_key_for_seconds_not_a_day() {
     let token = app.mint_token(user);
     // An API pod reserved for this request and died before publishing it. The body digest
     // is the one the flash-sale route computes for `{}`.
-    let body_hash = hex(&Sha256::digest(format!("{product}|1|card|None").as_bytes()));
+    let body_hash = hex::encode(Sha256::digest(format!("{product}|1|card|None").as_bytes()));
     let key_digest = orders::idempotency_digest(Some("retry-me")).unwrap();
     app.reserve_unpublished(product, user, Uuid::now_v7(), &body_hash, &key_digest)
         .await;
@@ -269,21 +284,24 @@ async fn regular_reservations_whose_order_never_arrived_are_released() {
     assert_eq!(app.remaining(product).await, 4);
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_broker_connection_under_load_confirms_or_compensates_every_order() {
     let app = Arc::new(TestApp::spawn().await);
     let admin = app.register_admin(&unique_email("admin")).await;
     let product = app.flash_sale_product(&admin.access, 300, "1.00").await;
 
+    let accepted_so_far = Arc::new(AtomicUsize::new(0));
     let load = {
-        let app = app.clone();
-        tokio::spawn(async move { buy_many(&app, product, 300, 20).await })
+        let (app, accepted) = (app.clone(), accepted_so_far.clone());
+        tokio::spawn(async move { buy_many_counting(&app, product, 300, 20, &accepted).await })
     };
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The drop comes mid-load, once some orders went through (a slow machine takes a while
+    // for its first ones).
+    common::until("some orders accepted", || {
+        let accepted = accepted_so_far.load(Ordering::Relaxed);
+        async move { accepted >= 20 }
+    })
+    .await;
     app.state
         .amqp
         .connection()
