@@ -70,10 +70,14 @@ impl History {
         notifications: &[&Notification],
     ) -> Result<Vec<Admission>, NotificationsError> {
         let ids: Vec<String> = notifications.iter().map(|n| n.id.to_string()).collect();
+        let items: Vec<String> = notifications
+            .iter()
+            .map(|n| redis.key(item_key(n.user_id, n.id)))
+            .collect();
         // Who holds each dedupe key (taking it when free: `SET NX GET` answers the holder
         // before, nil if none), and how far each notification got.
         let mut look = redis::pipe();
-        for (n, id) in notifications.iter().zip(&ids) {
+        for ((n, id), item) in notifications.iter().zip(&ids).zip(&items) {
             look.cmd("SET")
                 .arg(redis.key(dedupe_key(n.user_id, &n.dedupe_key)))
                 .arg(id)
@@ -81,7 +85,7 @@ impl History {
                 .arg("GET")
                 .arg("EX")
                 .arg(self.dedupe_ttl_secs)
-                .hget(redis.key(item_key(n.user_id, n.id)), "status");
+                .hget(item, "status");
         }
         let seen: Vec<Option<String>> = look.query_async(&mut redis.conn()).await?;
         if seen.len() != 2 * notifications.len() {
@@ -93,14 +97,15 @@ impl History {
         }
         let (mut queue, mut entering) = (redis::pipe(), false);
         let mut admissions = Vec::with_capacity(notifications.len());
-        for ((n, id), reply) in notifications.iter().zip(&ids).zip(seen.chunks_exact(2)) {
+        let entries = notifications.iter().zip(&ids).zip(&items);
+        for (((n, id), item), reply) in entries.zip(seen.chunks_exact(2)) {
             let (holder, status) = (reply[0].as_deref(), reply[1].as_deref());
             admissions.push(match status {
                 _ if holder.is_some_and(|holder| holder != id) => Admission::Duplicate,
                 Some("sent" | "failed") => Admission::Done,
                 Some(_) => Admission::Send,
                 None => {
-                    self.enter_history(&mut queue, redis, n, id);
+                    self.enter_history(&mut queue, redis, n, id, item);
                     entering = true;
                     Admission::Send
                 }
@@ -114,17 +119,21 @@ impl History {
 
     /// Adds a new notification to its user's history as `queued` (never over a status a
     /// concurrent delivery of it already wrote), keeping the newest `history_cap`.
-    fn enter_history(&self, pipe: &mut redis::Pipeline, redis: &Redis, n: &Notification, id: &str) {
-        let (item, list) = (
-            redis.key(item_key(n.user_id, n.id)),
-            redis.key(list_key(n.user_id)),
-        );
+    fn enter_history(
+        &self,
+        pipe: &mut redis::Pipeline,
+        redis: &Redis,
+        n: &Notification,
+        id: &str,
+        item: &str,
+    ) {
+        let list = redis.key(list_key(n.user_id));
         let ttl = i64::try_from(self.ttl_secs).unwrap_or(i64::MAX);
         let keep = isize::try_from(self.cap).unwrap_or(isize::MAX);
-        pipe.hset_nx(&item, "status", "queued")
+        pipe.hset_nx(item, "status", "queued")
             .ignore()
             .hset_multiple(
-                &item,
+                item,
                 &[
                     ("channel", n.channel.as_str().to_owned()),
                     ("priority", n.priority.as_str().to_owned()),
@@ -133,7 +142,7 @@ impl History {
                 ],
             )
             .ignore()
-            .expire(&item, ttl)
+            .expire(item, ttl)
             .ignore()
             .zadd(&list, id, 0)
             .ignore()
