@@ -242,6 +242,36 @@ async fn idempotency_key_replays_the_same_order_and_guards_the_body() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_after_the_record_is_gone_reads_the_persisted_order() {
+    let app = TestApp::spawn().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 3, "2.00").await;
+    let buyer = app.register(&unique_email("buyer")).await;
+    let body = json!({"quantity": 1});
+    let first = app.buy(&buyer.access, product, "kept-key", &body).await;
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    let id: Uuid = first["id"].as_str().unwrap().parse().unwrap();
+    let _worker = app.spawn_worker().await;
+    assert_eq!(app.wait_settled(&buyer.access, id).await, "paid");
+
+    // The key outlives the acceptance record (expired, or lost with a Redis node): the
+    // replay answers the order from its shard.
+    let _: () = redis::cmd("DEL")
+        .arg(app.state.redis.key(format_args!("order:{id}")))
+        .query_async(&mut app.state.redis.conn())
+        .await
+        .unwrap();
+    let replay = app.buy(&buyer.access, product, "kept-key", &body).await;
+    assert_eq!(replay.status(), 201);
+    assert_eq!(replay.headers()["idempotency-replayed"], "true");
+    let replay: Value = replay.json().await.unwrap();
+    assert_eq!(replay["id"], first["id"]);
+    assert_eq!(replay["status"], "paid");
+    assert_eq!(app.remaining(product).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_releases_stock_exactly_once_and_refunds_paid_orders() {
     let app = Arc::new(TestApp::spawn().await);
     let admin = app.register_admin(&unique_email("admin")).await;
