@@ -16,7 +16,7 @@
 //!                --connections 256 [--rate 6000] [--path /orders/flash-sale/{product}]
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -95,7 +95,7 @@ struct Senders {
     /// client does not sign its own tokens; signing in the loop took the server's cores).
     fresh_tokens: Vec<String>,
     reuse_keys: bool,
-    next: std::sync::atomic::AtomicUsize,
+    next: AtomicUsize,
     /// Order ids answered 201 (a replay answers an id already here).
     accepted: std::sync::Mutex<std::collections::HashSet<Uuid>>,
 }
@@ -131,7 +131,7 @@ impl Senders {
     }
 
     fn next(&self) -> Option<(String, String)> {
-        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
         if self.buyers.is_empty() {
             let token = match self.fresh_tokens.get(turn) {
                 Some(token) => token.clone(),

@@ -4,7 +4,7 @@
 //!
 //! One file per concern: `placement` (validation and reservation), `admission` (admission
 //! control and the waiting room of the flash-sale path), `idempotency` (both
-//! routes' keys and stored answers), `acceptance` (the confirmed publish and the acceptance
+//! routes' keys and what an accepted one keeps), `acceptance` (the confirmed publish and the acceptance
 //! record, batched), `worker` (consuming and failure isolation), `settle` (a batch end to end, and
 //! what every final state needs), `refunds` (retried until done or dead-lettered), `cancel`,
 //! `lookup` (reads), `metrics`.

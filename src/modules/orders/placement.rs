@@ -23,7 +23,7 @@ use crate::modules::products::{self, Reservation, ReserveRequest};
 /// The outcome of an order request.
 pub struct Placed {
     pub order: Order,
-    /// True when this is the stored answer to an earlier request with the same key.
+    /// True when this answers again an earlier request with the same key.
     pub replayed: bool,
 }
 
