@@ -17,7 +17,11 @@ async fn no_key_lives_forever() {
         s.orders.admission.max_settle_secs = 0.0;
     })
     .await;
-    let _worker = app.spawn_worker().await;
+    // This test releases at once by hand; its worker's own reconciler waits the default.
+    let default_timeout = common::test_settings().orders.reservation_timeout_secs;
+    let _worker = app
+        .spawn_worker_with(|s| s.orders.reservation_timeout_secs = default_timeout)
+        .await;
     let _notifier = app.spawn_notify_worker().await;
 
     // Sessions: register, log in, refresh, log out.

@@ -22,6 +22,27 @@ const TEMPLATE_SHARD: &str = "fst_tpl_shard";
 /// Serialises template migration and cloning across parallel test processes.
 const TEMPLATE_LOCK: i64 = 0x0f1a_5a1e;
 
+/// An order's final status, as `wait_settled` found it. It compares with a status name; a
+/// failed assertion shows why the worker failed it.
+#[derive(Debug)]
+pub struct Settled {
+    pub order: Uuid,
+    pub status: String,
+    pub failure_reason: Option<String>,
+}
+
+impl PartialEq<&str> for Settled {
+    fn eq(&self, other: &&str) -> bool {
+        self.status == *other
+    }
+}
+
+impl std::fmt::Display for Settled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.status)
+    }
+}
+
 pub fn test_settings() -> Settings {
     Settings::load_for(Path::new("config"), "test").expect("config/test.toml loads")
 }
@@ -427,8 +448,17 @@ impl Worker {
 impl TestApp {
     /// The order-worker role: the consumer and the reconciler (stopped together by `kill`).
     pub async fn spawn_worker(&self) -> Worker {
+        self.spawn_worker_with(|_| {}).await
+    }
+
+    /// The order worker with settings of its own: a test that releases reservations at
+    /// once by hand (`reservation_timeout_secs = 0`) keeps its worker's reconciler from
+    /// releasing those of orders still on their way.
+    pub async fn spawn_worker_with(&self, tweak: impl FnOnce(&mut Settings)) -> Worker {
         use flashsale::modules::orders;
-        self.spawn_role(|state: AppState| async move {
+        let mut settings = (*self.state.settings).clone();
+        tweak(&mut settings);
+        self.spawn_role_with(settings, |state: AppState| async move {
             tokio::select! {
                 stopped = orders::run_worker(state.clone()) => stopped,
                 stopped = orders::run_refunds(state.clone()) => stopped,
@@ -465,7 +495,16 @@ impl TestApp {
         Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
         E: std::fmt::Display,
     {
-        let settings = (*self.state.settings).clone();
+        self.spawn_role_with((*self.state.settings).clone(), run)
+            .await
+    }
+
+    async fn spawn_role_with<F, Fut, E>(&self, settings: Settings, run: F) -> Worker
+    where
+        F: FnOnce(AppState) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
         let state = AppState::build(settings).await.expect("worker state");
         let running = run(state.clone());
         let task = tokio::spawn(async move {
@@ -534,7 +573,7 @@ impl TestApp {
     }
 
     /// Polls until the order leaves `pending` (never sleeps past the deadline).
-    pub async fn wait_settled(&self, token: &str, order: Uuid) -> String {
+    pub async fn wait_settled(&self, token: &str, order: Uuid) -> Settled {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let res = self
@@ -544,11 +583,39 @@ impl TestApp {
             let body: Value = res.json().await.expect("status body");
             let status = body["status"].as_str().expect("status").to_owned();
             if status != "pending" {
-                return status;
+                let failure_reason = match status.as_str() {
+                    "failed" => self.failure_reason(order).await,
+                    _ => None,
+                };
+                return Settled {
+                    order,
+                    status,
+                    failure_reason,
+                };
             }
             assert!(Instant::now() < deadline, "order {order} still pending");
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+
+    /// The reason the worker stored for a failed order (none if it never reached a shard).
+    async fn failure_reason(&self, order: Uuid) -> Option<String> {
+        #[derive(QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+            failure_reason: Option<String>,
+        }
+        let sql = format!("SELECT failure_reason FROM orders WHERE id = '{order}'");
+        for i in 0..self.state.settings.database.shards.len() {
+            let rows: Vec<Row> = diesel::sql_query(&sql)
+                .load(&mut self.shard_conn(i).await)
+                .await
+                .expect("failure reason");
+            if let Some(row) = rows.into_iter().next() {
+                return row.failure_reason;
+            }
+        }
+        None
     }
 
     /// The sale's counters as Redis holds them, summed over its buckets. Unlike the
@@ -797,7 +864,7 @@ impl TestApp {
         &self,
         product: Uuid,
         payment_method: &str,
-    ) -> (Session, Uuid, String) {
+    ) -> (Session, Uuid, Settled) {
         let buyer = self.register(&unique_email("buyer")).await;
         let body = json!({ "payment_method": payment_method });
         let res = self.buy(&buyer.access, product, "k", &body).await;
