@@ -4,10 +4,16 @@
 //! On a Redis Cluster (`redis.cluster`) the same handle goes through the cluster client. Every
 //! script and transaction keeps its keys under one hash tag (one slot); a plain pipeline may
 //! span slots, and is split here per tag and sent to each slot's node concurrently.
+//!
+//! The cluster client can wedge: after a node paused its writers (`CLIENT PAUSE`) and then
+//! crashed, its slot refresh never ended and every request timed out until the process
+//! restarted. A watchdog replaces such a client with a new one (`Redis::connect`).
 
 use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use futures_util::future::try_join_all;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
@@ -19,10 +25,15 @@ use crate::config::RedisSettings;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 const RETRIES: u32 = 3;
+/// How often the watchdog pings the cluster, and how long a ping may take.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// Failed pings in a row after which the watchdog tries a new cluster client.
+const WEDGED_AFTER_PINGS: u32 = 3;
 
 #[derive(Clone)]
 pub struct Redis {
-    conn: RedisConnection,
+    /// Swapped whole by the cluster watchdog; every clone sees the swap.
+    conn: Arc<ArcSwap<RedisConnection>>,
     prefix: String,
 }
 
@@ -35,31 +46,40 @@ pub enum RedisConnection {
 
 impl Redis {
     pub async fn connect(settings: &RedisSettings) -> redis::RedisResult<Self> {
-        let conn = if settings.cluster {
+        if settings.cluster {
             let seeds = settings.url.split(',').map(str::trim);
             let client = ClusterClient::builder(seeds)
                 .connection_timeout(CONNECT_TIMEOUT)
                 .response_timeout(RESPONSE_TIMEOUT)
                 .retries(RETRIES)
                 .build()?;
-            RedisConnection::Cluster(client.get_async_connection().await?)
+            let conn = RedisConnection::Cluster(client.get_async_connection().await?);
+            let redis = Self::with(conn, settings);
+            // It stops once every handle is gone.
+            tokio::spawn(watch_cluster(Arc::downgrade(&redis.conn), client));
+            Ok(redis)
         } else {
             let client = redis::Client::open(settings.url.as_str())?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(CONNECT_TIMEOUT))
                 .set_response_timeout(Some(RESPONSE_TIMEOUT))
                 .set_number_of_retries(RETRIES as usize);
-            RedisConnection::Single(client.get_connection_manager_with_config(config).await?)
-        };
-        Ok(Self {
-            conn,
+            let conn =
+                RedisConnection::Single(client.get_connection_manager_with_config(config).await?);
+            Ok(Self::with(conn, settings))
+        }
+    }
+
+    fn with(conn: RedisConnection, settings: &RedisSettings) -> Self {
+        Self {
+            conn: Arc::new(ArcSwap::from_pointee(conn)),
             prefix: settings.key_prefix.clone(),
-        })
+        }
     }
 
     /// A connection handle; cheap to clone, all clones share one multiplexed socket (per node).
     pub fn conn(&self) -> RedisConnection {
-        self.conn.clone()
+        RedisConnection::clone(&self.conn.load())
     }
 
     /// The full key for `suffix` under this process's prefix.
@@ -83,11 +103,60 @@ impl Redis {
     }
 
     pub async fn ping(&self) -> redis::RedisResult<()> {
-        redis::cmd("PING")
-            .query_async::<String>(&mut self.conn())
-            .await
-            .map(drop)
+        ping(&mut self.conn()).await
     }
+}
+
+async fn ping(conn: &mut RedisConnection) -> redis::RedisResult<()> {
+    redis::cmd("PING")
+        .query_async::<String>(conn)
+        .await
+        .map(drop)
+}
+
+/// Pings the cluster through the shared client every `WATCH_INTERVAL`. After
+/// `WEDGED_AFTER_PINGS` failures in a row it opens a new client; if that one answers, it
+/// takes the old one's place. A cluster that is really down answers neither, and the old
+/// client, which repairs itself from such outages, stays.
+async fn watch_cluster(shared: Weak<ArcSwap<RedisConnection>>, client: ClusterClient) {
+    // Registered at zero, so "never replaced" is a 0 on the dashboard rather than no data.
+    metrics::counter!("redis_cluster_client_replaced_total").increment(0);
+    let mut failed_pings = 0;
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let mut current = RedisConnection::clone(&shared.load());
+        if answers(&mut current).await {
+            failed_pings = 0;
+            continue;
+        }
+        failed_pings += 1;
+        if failed_pings < WEDGED_AFTER_PINGS {
+            continue;
+        }
+        let fresh = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_connection()).await;
+        let Ok(Ok(fresh)) = fresh else {
+            continue;
+        };
+        let mut fresh = RedisConnection::Cluster(fresh);
+        if answers(&mut fresh).await {
+            shared.store(Arc::new(fresh));
+            failed_pings = 0;
+            metrics::counter!("redis_cluster_client_replaced_total").increment(1);
+            tracing::warn!(
+                "Redis Cluster client replaced: it stopped answering while a new one could"
+            );
+        }
+    }
+}
+
+async fn answers(conn: &mut RedisConnection) -> bool {
+    matches!(
+        tokio::time::timeout(WATCH_INTERVAL, ping(conn)).await,
+        Ok(Ok(()))
+    )
 }
 
 impl ConnectionLike for RedisConnection {
