@@ -271,17 +271,44 @@ async fn a_publish_without_a_confirm_in_time_is_503_with_the_units_back() {
 async fn regular_reservations_whose_order_never_arrived_are_released() {
     let app = TestApp::spawn_with(|s| s.orders.reservation_timeout_secs = 0).await;
     let admin = app.register_admin(&unique_email("admin")).await;
-    let product = app.regular_product(&admin.access, 4, "2.00").await;
-    let reserved =
-        products::reserve_regular(&app.state, product, Uuid::now_v7(), 3, Uuid::now_v7())
-            .await
-            .unwrap();
-    assert!(matches!(reserved, products::Reservation::Reserved { .. }));
-    assert_eq!(app.remaining(product).await, 1);
+    // One pass reads every product's reservations together: two products with requests
+    // that died after reserving, and one whose stock Redis no longer holds.
+    let mut products_with_stock = vec![];
+    for held in [3, 1] {
+        let product = app.regular_product(&admin.access, 4, "2.00").await;
+        for _ in 0..held {
+            let reserved =
+                products::reserve_regular(&app.state, product, Uuid::now_v7(), 1, Uuid::now_v7())
+                    .await
+                    .unwrap();
+            assert!(matches!(reserved, products::Reservation::Reserved { .. }));
+        }
+        assert_eq!(app.remaining(product).await, 4 - held);
+        products_with_stock.push(product);
+    }
+    let expired = app.regular_product(&admin.access, 4, "2.00").await;
+    products::reserve_regular(&app.state, expired, Uuid::now_v7(), 1, Uuid::now_v7())
+        .await
+        .unwrap();
+    app.lose_sale(expired).await;
     tokio::time::sleep(Duration::from_millis(5)).await;
+
     let repairs = reconcile_once(&app.state).await.unwrap();
-    assert_eq!(repairs.released, 1, "{repairs:?}");
-    assert_eq!(app.remaining(product).await, 4);
+    assert_eq!(repairs.released, 4, "{repairs:?}");
+    for product in &products_with_stock {
+        assert_eq!(app.remaining(*product).await, 4);
+    }
+    // The product whose keys are gone is no longer tracked; the others still are.
+    let tracked: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(app.state.redis.key("stock:regular"))
+        .query_async(&mut app.state.redis.conn())
+        .await
+        .unwrap();
+    let tracked: Vec<Uuid> = tracked.iter().map(|m| m.parse().unwrap()).collect();
+    assert!(!tracked.contains(&expired));
+    assert!(products_with_stock.iter().all(|p| tracked.contains(p)));
+    let again = reconcile_once(&app.state).await.unwrap();
+    assert_eq!(again.released, 0, "released exactly once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -83,6 +83,8 @@ pub async fn reconcile_once(state: &AppState) -> Result<Repairs, OrdersError> {
     let every_shard = (0..state.db.shard_count()).collect();
     settle::apply_stock_moves(state, &every_shard).await?;
     let timeout = chrono::Duration::seconds(state.settings.orders.reservation_timeout_secs);
+    // Reservations made before it, and still only reserved, are stale.
+    let cutoff = chrono::Utc::now() - timeout;
     for product in products::due_sales(state).await? {
         match products::sale_state(state, product.id).await? {
             products::SaleState::Open => {}
@@ -99,22 +101,23 @@ pub async fn reconcile_once(state: &AppState) -> Result<Repairs, OrdersError> {
             }
         }
         repairs.moves_finished += products::finish_stuck_moves(state, product.id).await?;
-        repairs.released += release_stale(state, product.id, timeout).await?;
+        let stale = products::stale_reservations(state, product.id, cutoff).await?;
+        repairs.released += release_unpersisted(state, stale).await?;
     }
-    for product in products::regular_stock(state).await? {
-        repairs.released += release_stale(state, product, timeout).await?;
-    }
+    let stale = products::stale_regular_reservations(state, cutoff).await?;
+    repairs.released += release_unpersisted(state, stale).await?;
     Ok(repairs)
 }
 
-/// Releases the reservations of `product` older than `timeout` whose order never reached
-/// PostgreSQL (an API that died before publishing, a message dead-lettered by the broker).
-async fn release_stale(
+/// Releases the stale reservations whose order never reached PostgreSQL (an API that died
+/// before publishing, a message dead-lettered by the broker).
+async fn release_unpersisted(
     state: &AppState,
-    product: uuid::Uuid,
-    timeout: chrono::Duration,
+    stale: Vec<products::StaleReservation>,
 ) -> Result<usize, OrdersError> {
-    let stale = products::stale_reservations(state, product, timeout).await?;
+    if stale.is_empty() {
+        return Ok(0);
+    }
     let owners: Vec<store::OrderOwner> = stale
         .iter()
         .map(|s| store::OrderOwner {
@@ -125,7 +128,7 @@ async fn release_stale(
     let persisted = store::statuses(&state.db, &owners).await?;
     let mut released = 0;
     for stale in stale {
-        let order = stale.order;
+        let (order, product) = (stale.order, stale.product);
         if persisted.contains_key(&order) {
             continue;
         }

@@ -12,7 +12,7 @@ mod store;
 
 use std::sync::Arc;
 
-use chrono::{Duration, Utc};
+use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
 pub use auditor::{audit_once, run as run_auditor, SaleFindings};
@@ -440,12 +440,12 @@ async fn books_off(state: &AppState, products: &[Uuid]) -> Result<Vec<(Uuid, i64
     store::books_off(&state.db, products).await
 }
 
+/// The reservations of `product` made before `cutoff` and still only reserved.
 pub async fn stale_reservations(
     state: &AppState,
     product: Uuid,
-    older_than: Duration,
+    cutoff: DateTime<Utc>,
 ) -> Result<Vec<StaleReservation>, ProductsError> {
-    let cutoff = Utc::now() - older_than;
     Ok(state
         .products
         .stock
@@ -478,9 +478,17 @@ pub async fn room_ticket(
         .await?)
 }
 
-/// Products whose regular-order stock is in Redis (their reservations are reconciled too).
-pub async fn regular_stock(state: &AppState) -> Result<Vec<Uuid>, ProductsError> {
-    Ok(state.products.stock.regular_stock(&state.redis).await?)
+/// The stale reservations of every product whose regular-order stock is in Redis (read a
+/// page of products per round trip).
+pub async fn stale_regular_reservations(
+    state: &AppState,
+    cutoff: DateTime<Utc>,
+) -> Result<Vec<StaleReservation>, ProductsError> {
+    Ok(state
+        .products
+        .stock
+        .stale_regular_reservations(&state.redis, cutoff)
+        .await?)
 }
 
 /// Rebuilds a sale's counters from PostgreSQL after Redis lost them: the stock is the

@@ -314,9 +314,13 @@ pub struct ReservedUnits {
 /// A reservation still only reserved after the timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StaleReservation {
+    pub product: Uuid,
     pub order: Uuid,
     pub buyer: Uuid,
 }
+
+/// Products whose regular stock one reconciler round trip looks at.
+const REGULAR_PAGE: usize = 500;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitOutcome {
@@ -1155,26 +1159,74 @@ impl StockScripts {
             .await
     }
 
-    /// Products whose regular stock is in Redis; forgets those whose keys expired.
-    pub async fn regular_stock(&self, redis: &Redis) -> redis::RedisResult<Vec<Uuid>> {
+    /// The stale reservations (see `stale_reservations`) of every product whose regular stock
+    /// is in Redis, a page of products per round trip; forgets the products whose keys
+    /// expired.
+    pub async fn stale_regular_reservations(
+        &self,
+        redis: &Redis,
+        cutoff: DateTime<Utc>,
+    ) -> redis::RedisResult<Vec<StaleReservation>> {
         let set = redis.key("stock:regular");
         let members: Vec<String> = redis::cmd("SMEMBERS")
             .arg(&set)
             .query_async(&mut redis.conn())
             .await?;
-        let mut tracked = Vec::with_capacity(members.len());
-        for product in members.iter().filter_map(|m| Uuid::try_parse(m).ok()) {
-            if self.state(redis, product).await? == SaleState::Missing {
-                redis::cmd("SREM")
-                    .arg(&set)
-                    .arg(product.simple().to_string())
-                    .query_async::<()>(&mut redis.conn())
-                    .await?;
-            } else {
-                tracked.push(product);
+        let products: Vec<Uuid> = members
+            .iter()
+            .filter_map(|m| Uuid::try_parse(m).ok())
+            .collect();
+        let (mut stale, mut candidates, mut gone) = (vec![], vec![], vec![]);
+        for page in products.chunks(REGULAR_PAGE) {
+            let keys: Vec<SaleKeys> = page.iter().map(|p| SaleKeys::new(redis, *p, 0)).collect();
+            let mut pipe = redis::pipe();
+            for bucket in &keys {
+                pipe.hget(&bucket.sale, "buckets")
+                    .exists(&bucket.epoch)
+                    .exists(&bucket.stock);
+                pending_before(&mut pipe, bucket, cutoff);
+            }
+            let replies: Vec<redis::Value> = pipe.query_async(&mut redis.conn()).await?;
+            for ((&product, bucket), reply) in page.iter().zip(keys).zip(replies.chunks(4)) {
+                let [buckets, epoch, stock, pending] = reply else {
+                    continue;
+                };
+                let buckets: Option<u32> = redis::from_redis_value_ref(buckets)?;
+                if buckets.unwrap_or(1) > 1 {
+                    // Loaded in buckets (as a flash sale once): every bucket is read.
+                    match self.state(redis, product).await? {
+                        SaleState::Missing => gone.push(product),
+                        _ => stale.extend(self.stale_reservations(redis, product, cutoff).await?),
+                    }
+                    continue;
+                }
+                let loaded: (bool, bool) = (
+                    redis::from_redis_value_ref(epoch)?,
+                    redis::from_redis_value_ref(stock)?,
+                );
+                if loaded != (true, true) {
+                    self.layouts.invalidate(&product);
+                    gone.push(product);
+                    continue;
+                }
+                let orders: Vec<String> = redis::from_redis_value_ref(pending)?;
+                candidates.extend(
+                    orders
+                        .into_iter()
+                        .map(|order| (bucket.reservations.clone(), product, order)),
+                );
             }
         }
-        Ok(tracked)
+        if !gone.is_empty() {
+            let gone: Vec<String> = gone.iter().map(|p| p.simple().to_string()).collect();
+            redis::cmd("SREM")
+                .arg(&set)
+                .arg(gone)
+                .query_async::<()>(&mut redis.conn())
+                .await?;
+        }
+        stale.extend(still_reserved(redis, candidates).await?);
+        Ok(stale)
     }
 
     /// Notes that the sale was found lost (once); answers when it was first found, in ms.
@@ -1270,42 +1322,29 @@ impl StockScripts {
             .collect())
     }
 
-    /// Reservations older than `cutoff` that are still only reserved: (order, user).
+    /// Reservations of `product` older than `cutoff` that are still only reserved.
     pub async fn stale_reservations(
         &self,
         redis: &Redis,
         product: Uuid,
         cutoff: DateTime<Utc>,
     ) -> redis::RedisResult<Vec<StaleReservation>> {
-        let mut stale = vec![];
-        for keys in self.layout(redis, product).await?.every(redis) {
-            let orders: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-                .arg(&keys.pending)
-                .arg("-inf")
-                .arg(cutoff.timestamp_millis())
-                .arg("LIMIT")
-                .arg(0)
-                .arg(1000)
-                .query_async(&mut redis.conn())
-                .await?;
-            for order in orders {
-                let record: Option<String> = redis::cmd("HGET")
-                    .arg(&keys.reservations)
-                    .arg(&order)
-                    .query_async(&mut redis.conn())
-                    .await?;
-                let parsed = record.as_deref().and_then(|r| {
-                    let mut parts = r.split(':');
-                    let (_state, user) = (parts.next()?, parts.next()?);
-                    Some(StaleReservation {
-                        order: Uuid::try_parse(&order).ok()?,
-                        buyer: Uuid::try_parse(user).ok()?,
-                    })
-                });
-                stale.extend(parsed);
-            }
+        let every = self.layout(redis, product).await?.every(redis);
+        let mut pipe = redis::pipe();
+        for bucket in &every {
+            pending_before(&mut pipe, bucket, cutoff);
         }
-        Ok(stale)
+        let pending: Vec<Vec<String>> = pipe.query_async(&mut redis.conn()).await?;
+        let candidates = every
+            .into_iter()
+            .zip(pending)
+            .flat_map(|(bucket, orders)| {
+                orders
+                    .into_iter()
+                    .map(move |order| (bucket.reservations.clone(), product, order))
+            })
+            .collect();
+        still_reserved(redis, candidates).await
     }
 
     /// Replaces the counters from PostgreSQL's truth after a Redis loss (the stock dealt out
@@ -1345,6 +1384,48 @@ impl StockScripts {
         self.layouts.insert(product, layout.buckets);
         self.load(redis, product, 0, terms).await.map(drop)
     }
+}
+
+/// Adds to `pipe` the read of `bucket`'s orders pending since before `cutoff` (a bounded page:
+/// the next pass takes the rest).
+fn pending_before(pipe: &mut redis::Pipeline, bucket: &SaleKeys, cutoff: DateTime<Utc>) {
+    pipe.cmd("ZRANGEBYSCORE")
+        .arg(&bucket.pending)
+        .arg("-inf")
+        .arg(cutoff.timestamp_millis())
+        .arg("LIMIT")
+        .arg(0)
+        .arg(1000);
+}
+
+/// Of `candidates` (reservations key, product, order), those whose reservation record is
+/// still there, read in one round trip.
+async fn still_reserved(
+    redis: &Redis,
+    candidates: Vec<(String, Uuid, String)>,
+) -> redis::RedisResult<Vec<StaleReservation>> {
+    if candidates.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut pipe = redis::pipe();
+    for (reservations, _, order) in &candidates {
+        pipe.hget(reservations, order);
+    }
+    let records: Vec<Option<String>> = pipe.query_async(&mut redis.conn()).await?;
+    Ok(candidates
+        .into_iter()
+        .zip(records)
+        .filter_map(|((_, product, order), record)| {
+            let record = record?;
+            let mut parts = record.split(':');
+            let (_state, buyer) = (parts.next()?, parts.next()?);
+            Some(StaleReservation {
+                product,
+                order: Uuid::try_parse(&order).ok()?,
+                buyer: Uuid::try_parse(buyer).ok()?,
+            })
+        })
+        .collect())
 }
 
 /// Buyers in `buyers_key` holding more than `limit` units, read a page at a time.
