@@ -243,7 +243,7 @@ run() { # scenario; prints its row, answers 1 when a guarantee broke
   # The sale is over: later scenarios' auditor and reconciler passes need not visit it.
   psql -h 127.0.0.1 -U postgres -d flashsale_global -qc \
     "UPDATE products SET flash_sale_end = now() WHERE id = '$product'" >/dev/null
-  printf '%-18s %9s %7s %7s | %8s %5s %14s %13s %7s %6s\n' "$scenario" "$accepted" "$paid" \
+  printf '%-22s %9s %7s %7s | %8s %5s %14s %13s %7s %6s\n' "$scenario" "$accepted" "$paid" \
     "$failed" "$oversold" "$lost" "$double" "$broken" "$auditor" "$unsent"
   [ "$recovered" = 1 ] && [ "$auditor" = 0 ] && [ $((oversold + lost + double + broken + unsent)) -eq 0 ]
 }
@@ -253,7 +253,7 @@ start_kafka
 start api
 start order-worker
 start notify-worker
-printf '%-18s %9s %7s %7s | %8s %5s %14s %13s %7s %6s\n' scenario accepted paid failed \
+printf '%-22s %9s %7s %7s | %8s %5s %14s %13s %7s %6s\n' scenario accepted paid failed \
   oversold lost double-charged limits-broken auditor unsent
 verdict=0
 for scenario in "${scenarios[@]}"; do

@@ -42,6 +42,10 @@ pub struct HttpSettings {
     /// An idle keep-alive connection stays open this long (shoppers in a waiting room poll
     /// every few seconds; reconnecting each time costs more than the idle socket).
     pub keep_alive_secs: u64,
+    /// Connections the kernel holds for the API before it accepts them (capped by the
+    /// kernel's `net.core.somaxconn`). A full queue drops a shopper's SYN, and their client
+    /// tries again only after a second.
+    pub listen_backlog: u32,
     /// The API also serves `/metrics` on its own port (development); production keeps it
     /// to `ops_port`, which no ingress routes.
     pub metrics_on_api_port: bool,

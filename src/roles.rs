@@ -83,7 +83,7 @@ pub async fn serve(state: AppState, role: Role) -> Result<(), StartupError> {
     ));
     let mut servers = vec![];
     if role.runs_api() {
-        let listener = TcpListener::bind((http.host.as_str(), http.port))?;
+        let listener = crate::infra::http::listen(&http.host, http.port, http.listen_backlog)?;
         tracing::info!(address = %listener.local_addr()?, "api listening");
         tokio::spawn(app::api_upkeep(state.clone()));
         tokio::spawn(products::run_indexer(state.clone()));
