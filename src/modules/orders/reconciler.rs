@@ -115,9 +115,6 @@ async fn release_unpersisted(
     state: &AppState,
     stale: Vec<products::StaleReservation>,
 ) -> Result<usize, OrdersError> {
-    if stale.is_empty() {
-        return Ok(0);
-    }
     let owners: Vec<store::OrderOwner> = stale
         .iter()
         .map(|s| store::OrderOwner {
