@@ -301,3 +301,59 @@ async fn paging_while_products_are_inserted_skips_and_repeats_nothing() {
         "every product that existed is listed"
     );
 }
+
+/// A rename that races a sale must not write its stale `inventory` back: the test holds the
+/// product's row lock, lets the PATCH read the row and block on its UPDATE, sells three units
+/// meanwhile (a relative update, as the worker's ledger does), then lets the PATCH go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_racing_a_sale_never_writes_inventory_back() {
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    let app = TestApp::spawn().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.regular_product(&admin.access, 10, "5.00").await;
+
+    let mut seller = app.global_conn().await;
+    let mut watcher = app.global_conn().await;
+    let patch = app
+        .client
+        .patch(app.url(&format!("/products/{product}")))
+        .bearer_auth(&admin.access)
+        .json(&json!({"name": "Renamed"}))
+        .send();
+    let patch = tokio::spawn(patch);
+    seller
+        .transaction::<_, diesel::result::Error, _>(async |conn| {
+            diesel::sql_query(format!(
+                "SELECT id FROM products WHERE id = '{product}' FOR UPDATE"
+            ))
+            .execute(conn)
+            .await?;
+            let waiting = "SELECT count(*) AS n FROM pg_stat_activity \
+                           WHERE datname = current_database() AND wait_event_type = 'Lock'";
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while app.count(&mut watcher, waiting).await == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the PATCH never waited"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            diesel::sql_query(format!(
+                "UPDATE products SET inventory = inventory - 3 WHERE id = '{product}'"
+            ))
+            .execute(conn)
+            .await?;
+            Ok(())
+        })
+        .await
+        .expect("the seller's transaction");
+    let res = patch.await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["name"], "Renamed");
+    assert_eq!(
+        app.inventory(product).await,
+        7,
+        "the PATCH wrote a stale count back"
+    );
+}

@@ -90,10 +90,23 @@ pub async fn find(db: &Databases, id: Uuid, from: ReadFrom) -> Result<Product, P
         .ok_or(ProductsError::NotFound)
 }
 
+/// Writes a product's descriptive fields and sale terms. Never `inventory`: the on-hand count
+/// changes only by relative, checked updates (`set_inventory`, `apply_moves`), so an edit
+/// racing a sale neither brings sold units back nor loses returned ones.
 pub async fn update(db: &Databases, product: &Product) -> Result<Product, ProductsError> {
     let mut conn = db.global().write_conn().await?;
     diesel::update(products::table.find(product.id))
-        .set(product)
+        .set((
+            products::name.eq(&product.name),
+            products::description.eq(&product.description),
+            products::price.eq(&product.price),
+            products::category_id.eq(product.category_id),
+            products::is_flash_sale.eq(product.is_flash_sale),
+            products::flash_sale_price.eq(&product.flash_sale_price),
+            products::flash_sale_start.eq(product.flash_sale_start),
+            products::flash_sale_end.eq(product.flash_sale_end),
+            products::updated_at.eq(product.updated_at),
+        ))
         .returning(Product::as_returning())
         .get_result(&mut conn)
         .await
