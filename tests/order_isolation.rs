@@ -50,6 +50,7 @@ async fn publish_together(app: &TestApp, orders: Vec<Order>) {
             attempt: 0,
             traceparent: None,
             failure_reason: None,
+            idempotency_key: None,
         })
         .collect();
     let payload = serde_json::to_vec(&OrderEnvelope::new(messages)).unwrap();

@@ -244,3 +244,50 @@ async fn a_sale_known_sold_out_is_answered_from_memory() {
     let (status, body) = Buyer::new(&app).attempt(&app, product, "k").await;
     assert_eq!((status, body["code"].as_str()), (409, Some("sold_out")));
 }
+
+/// Orders cancelled before any worker settled them leave the backlog: their cancel wrote the
+/// final row and counted it, and the worker that meets their messages later counts nothing
+/// again. Before, each one stayed in the backlog for good, and enough of them closed the
+/// waiting room to everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_cancelled_before_settling_leave_no_backlog_behind() {
+    let app = TestApp::spawn_with(|s| s.orders.admission.sample_ms = 50).await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 10, "1.00").await;
+    let buyers: Vec<Buyer> = (0..4).map(|_| Buyer::new(&app)).collect();
+    for buyer in &buyers {
+        let (status, order) = buyer.attempt(&app, product, "cancel-me").await;
+        assert_eq!(status, 201, "{order}");
+        let order: Uuid = order["id"].as_str().unwrap().parse().unwrap();
+        assert_eq!(app.cancel(&buyer.token, order).await.status(), 200);
+    }
+    wait_sampled(&app, "admission_backlog 0\n").await;
+    // The worker meets the four messages, finds their rows cancelled and counts none again;
+    // a fifth order, queued behind them, is settled once they were.
+    let _worker = app.spawn_worker().await;
+    let fifth = Buyer::new(&app);
+    let (status, order) = fifth.attempt(&app, product, "fifth").await;
+    assert_eq!(status, 201, "{order}");
+    let order: Uuid = order["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(app.wait_settled(&fifth.token, order).await, "paid");
+    let settled = || async {
+        redis::cmd("GET")
+            .arg(app.state.redis.key("admission:settled"))
+            .query_async::<Option<i64>>(&mut app.state.redis.conn())
+            .await
+            .unwrap()
+    };
+    common::until("five orders counted out", || async {
+        settled().await == Some(5)
+    })
+    .await;
+    common::until("the order queue to drain", || async {
+        app.queue_depth(&app.state.orders.queues.orders).await == 0
+    })
+    .await;
+    assert_eq!(
+        settled().await,
+        Some(5),
+        "each order counted out exactly once"
+    );
+}

@@ -5,4 +5,5 @@ pub mod auth;
 pub mod notifications;
 pub mod orders;
 pub mod products;
+pub mod stock;
 pub mod users;

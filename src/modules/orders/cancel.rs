@@ -36,8 +36,13 @@ pub async fn cancel_order(
                 status: OrderStatus::Cancelled,
                 failure_reason: None,
                 traceparent,
+                // The worker's row, if it comes later, is the one that claims the key.
+                idempotency_key: None,
             };
-            store::insert_batch(&state.db, &[cancelled]).await?;
+            // Whoever writes an order's final row counts it out of the admission backlog
+            // (the worker that finds the row later counts nothing).
+            let inserted = store::insert_batch(&state.db, &[cancelled]).await?;
+            settle::count_settled(state, inserted.len()).await;
             if store::end(&state.db, &order, OrderStatus::Cancelled, None, traceparent).await?
                 == Some(OrderStatus::Paid)
             {

@@ -3,11 +3,19 @@
 //!
 //! The flash-sale route checks and marks its key inside the reservation script (one round
 //! trip); `POST /orders` spans several products, so it marks its key first, here.
+//!
+//! Redis can forget a key (a restart, a lost node). PostgreSQL cannot: each order is written
+//! with its request's key (scoped to the route), unique per user. A regular order's fresh key
+//! is looked up there every time; a flash sale's only while Redis may have forgotten it (its
+//! sale was rebuilt within the key's lifetime), which keeps the hot path off PostgreSQL. A
+//! second order that slips through (a key lost while its first order was still queued) is
+//! stopped by the worker before any charge (`settle`).
 
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::error::OrdersError;
+use super::store;
 use crate::app::AppState;
 use crate::infra::redis::IdempotencyStart;
 
@@ -68,6 +76,55 @@ pub fn replayed_order_id(stored: &str) -> Result<Uuid, OrdersError> {
         .order_id
         .or(stored.order.map(|order| order.id))
         .ok_or_else(|| OrdersError::Corrupt("an accepted idempotency key names no order".into()))
+}
+
+/// A flash-sale request's key as its order keeps it in PostgreSQL (one per user and key).
+pub fn durable_flash(product: Uuid, key_digest: &str) -> String {
+    format!("flash:{}:{key_digest}", product.simple())
+}
+
+/// A regular order's request key as its order keeps it in PostgreSQL.
+pub fn durable_regular(key_digest: &str) -> String {
+    format!("orders:{key_digest}")
+}
+
+/// Whether Redis may have forgotten keys accepted within their lifetime: the sale was
+/// rebuilt after a loss less than `orders.idempotency_ttl_secs` ago.
+pub fn may_be_forgotten(state: &AppState, rebuilt_at_ms: Option<i64>) -> bool {
+    let kept_ms = i64::try_from(state.settings.orders.idempotency_ttl_secs)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000);
+    rebuilt_at_ms.is_some_and(|at| chrono::Utc::now().timestamp_millis() - at < kept_ms)
+}
+
+/// The order PostgreSQL says holds `user`'s durable key, if any; Redis's key is set to name
+/// it again, so the next replay is answered from Redis.
+pub async fn held_in_db(
+    state: &AppState,
+    user: Uuid,
+    durable_key: &str,
+    redis_key: &str,
+    body_hash: &str,
+) -> Result<Option<Uuid>, OrdersError> {
+    let owner = store::KeyOwner {
+        user,
+        key: durable_key,
+    };
+    let Some(order) = store::orders_holding(&state.db, &[owner])
+        .await?
+        .get(&owner)
+        .copied()
+    else {
+        return Ok(None);
+    };
+    redis::cmd("SET")
+        .arg(redis_key)
+        .arg(accepted(order, body_hash)?)
+        .arg("EX")
+        .arg(state.settings.orders.idempotency_ttl_secs)
+        .query_async::<()>(&mut state.redis.conn())
+        .await?;
+    Ok(Some(order))
 }
 
 /// The key of a regular order's request (scoped per user).

@@ -134,6 +134,10 @@ pub struct OrderMessage {
     /// Why the worker gave up on it (set on the copy in the dead-letter queue).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_reason: Option<String>,
+    /// The request's Idempotency-Key, scoped to its route (see `idempotency::scoped`): the
+    /// order is written with it, and one user's key names one order in PostgreSQL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// What one AMQP message carries: the orders the API accepted within a few milliseconds.

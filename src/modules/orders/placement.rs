@@ -28,6 +28,25 @@ pub struct Placed {
 }
 
 impl Placed {
+    /// The order PostgreSQL says holds the key (Redis forgot it), if any.
+    async fn replayed_from_db(
+        state: &AppState,
+        buyer: Uuid,
+        durable_key: &str,
+        redis_key: &str,
+        body_hash: &str,
+    ) -> Result<Option<Self>, OrdersError> {
+        match idempotency::held_in_db(state, buyer, durable_key, redis_key, body_hash).await? {
+            Some(order) => Ok(Some(Self {
+                order: lookup::find_own(state, buyer, order)
+                    .await?
+                    .ok_or(OrdersError::RequestInProgress)?,
+                replayed: true,
+            })),
+            None => Ok(None),
+        }
+    }
+
     /// The order an earlier request with the same key made. Its key was marked accepted
     /// after its record was written, so the order is readable unless Redis lost the record
     /// before the worker persisted it: then it is still on its way.
@@ -101,8 +120,38 @@ pub async fn place_flash_sale_order(
         },
     )
     .await?;
+    let idempotency_key =
+        products::idempotency_key(state, product, caller.user_id, key_digest).await?;
+    let durable_key = idempotency::durable_flash(product, key_digest);
     let unit_price = match reservation {
-        Reservation::Reserved { unit_price } => unit_price,
+        Reservation::Reserved {
+            unit_price,
+            rebuilt_at_ms,
+        } => {
+            if idempotency::may_be_forgotten(state, rebuilt_at_ms) {
+                let replayed = Placed::replayed_from_db(
+                    state,
+                    caller.user_id,
+                    &durable_key,
+                    &idempotency_key,
+                    &body_hash,
+                )
+                .await?;
+                if let Some(replayed) = replayed {
+                    // The units this attempt reserved go back; the key names the first order.
+                    products::release(
+                        state,
+                        product,
+                        caller.user_id,
+                        order_id,
+                        products::Releaser::Owner,
+                    )
+                    .await?;
+                    return Ok(FlashSaleAnswer::Placed(replayed));
+                }
+            }
+            unit_price
+        }
         Reservation::Replay(stored) => {
             return Placed::replayed(state, caller.user_id, &stored)
                 .await
@@ -139,9 +188,8 @@ pub async fn place_flash_sale_order(
         attempt: 0,
         traceparent: telemetry::current_traceparent(),
         failure_reason: None,
+        idempotency_key: Some(durable_key),
     };
-    let idempotency_key =
-        products::idempotency_key(state, product, caller.user_id, key_digest).await?;
     acceptance::accept(state, message, &idempotency_key, &body_hash)
         .await
         .map(FlashSaleAnswer::Placed)
@@ -193,8 +241,21 @@ pub async fn place_order(
     let body_hash =
         idempotency::body_digest(&format!("{items:?}|{payment_method}|{shipping_address:?}"));
     let idempotency_key = idempotency::regular_key(state, caller.user_id, key_digest);
+    let durable_key = idempotency::durable_regular(key_digest);
     match idempotency::begin_regular(state, &idempotency_key, &body_hash).await? {
-        IdempotencyStart::Fresh => {}
+        IdempotencyStart::Fresh => {
+            let replayed = Placed::replayed_from_db(
+                state,
+                caller.user_id,
+                &durable_key,
+                &idempotency_key,
+                &body_hash,
+            )
+            .await?;
+            if let Some(replayed) = replayed {
+                return Ok(replayed);
+            }
+        }
         IdempotencyStart::Replay(stored) => {
             return Placed::replayed(state, caller.user_id, &stored).await
         }
@@ -214,7 +275,7 @@ pub async fn place_order(
         )
         .await
         {
-            Ok(Reservation::Reserved { unit_price }) => {
+            Ok(Reservation::Reserved { unit_price, .. }) => {
                 reserved.push(OrderItem {
                     product_id: item.product_id,
                     quantity: i32::try_from(item.quantity).unwrap_or(1),
@@ -252,6 +313,7 @@ pub async fn place_order(
         attempt: 0,
         traceparent: telemetry::current_traceparent(),
         failure_reason: None,
+        idempotency_key: Some(durable_key),
     };
     acceptance::accept(state, message, &idempotency_key, &body_hash).await
 }

@@ -110,12 +110,15 @@ pub async fn reconcile_once(state: &AppState) -> Result<Repairs, OrdersError> {
 }
 
 /// Releases the stale reservations whose order never reached PostgreSQL (an API that died
-/// before publishing, a message dead-lettered by the broker).
+/// before publishing, a message dead-lettered by the broker). The fence comes first: once a
+/// reservation is `releasing`, no worker can commit it, so what PostgreSQL says next still
+/// holds when the units go back (a worker that committed before the fence keeps them).
 async fn release_unpersisted(
     state: &AppState,
     stale: Vec<products::StaleReservation>,
 ) -> Result<usize, OrdersError> {
-    let owners: Vec<store::OrderOwner> = stale
+    let fenced = products::fence(state, stale).await?;
+    let owners: Vec<store::OrderOwner> = fenced
         .iter()
         .map(|s| store::OrderOwner {
             order: s.order,
@@ -124,18 +127,24 @@ async fn release_unpersisted(
         .collect();
     let persisted = store::statuses(&state.db, &owners).await?;
     let mut released = 0;
-    for stale in stale {
+    for stale in fenced {
         let (order, product) = (stale.order, stale.product);
-        if persisted.contains_key(&order) {
+        let outcome = products::release(
+            state,
+            product,
+            stale.buyer,
+            order,
+            products::Releaser::Reconciler,
+        )
+        .await?;
+        // Persisted without a commit: failed or cancelled, and its owner's release did not
+        // happen (it died first). The units go back all the same.
+        if persisted.contains_key(&order) || outcome != products::ReleaseOutcome::Released {
             continue;
         }
-        if let products::ReleaseOutcome::Released =
-            products::release(state, product, stale.buyer, order).await?
-        {
-            tracing::warn!(%order, %product, "released a reservation whose order never arrived");
-            abandon(state, order).await?;
-            released += 1;
-        }
+        tracing::warn!(%order, %product, "released a reservation whose order never arrived");
+        abandon(state, order).await?;
+        released += 1;
     }
     Ok(released)
 }
@@ -178,8 +187,10 @@ async fn reopen_when_settled(
 }
 
 /// An order whose message never reached the worker (the broker dead-lettered it after its
-/// delivery limit): it reads `failed` from now on, and its buyer is told. A message still on
-/// its way finds the reservation released and fails the order the same way.
+/// delivery limit): it is written `failed` in its shard now, so it has its final state
+/// whatever becomes of the message, and its buyer is told. A message still on its way finds
+/// the reservation released and the row written, and settles nothing twice. Whoever writes
+/// an order's final row counts it out of the admission backlog, once.
 async fn abandon(state: &AppState, order: uuid::Uuid) -> Result<(), OrdersError> {
     let Some(message) = acceptance::find(state, order).await? else {
         return Ok(());
@@ -187,6 +198,9 @@ async fn abandon(state: &AppState, order: uuid::Uuid) -> Result<(), OrdersError>
     if message.order.status != OrderStatus::Pending {
         return Ok(());
     }
+    let row = settle::final_row(&message, OrderStatus::Failed, Some("reservation_released"));
+    let inserted = store::insert_batch(&state.db, std::slice::from_ref(&row)).await?;
+    settle::count_settled(state, inserted.len()).await;
     acceptance::record_failed(state, &message).await?;
     let failed = Settled {
         order: &message.order,

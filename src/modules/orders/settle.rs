@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 
 use futures_util::future::{join_all, try_join_all};
+use uuid::Uuid;
 
 use super::error::OrdersError;
 use super::metrics;
@@ -92,6 +93,17 @@ pub async fn settle_batch<'a>(
             }),
         }
     }
+    // A second order under a key another order holds (Redis forgot the key while the first
+    // was on its way) fails here, before any charge.
+    let duplicates = held_by_others(state, &to_charge).await?;
+    let (duplicate, to_charge): (Vec<&OrderMessage>, Vec<&OrderMessage>) = to_charge
+        .into_iter()
+        .partition(|m| duplicates.contains(&m.order.id));
+    rows.extend(
+        duplicate
+            .into_iter()
+            .map(|m| refused_for_key(final_row(m, OrderStatus::Failed, None))),
+    );
     let charges: Vec<Charge<'_>> = to_charge
         .iter()
         .map(|m| Charge {
@@ -127,7 +139,7 @@ pub async fn settle_batch<'a>(
         .iter()
         .partition(|row| inserted.contains(&row.order.id));
     let mut settled: Vec<Settled<'_>> = Vec::with_capacity(rows.len());
-    let settled_now = fresh.len();
+    let mut settled_now = fresh.len();
     for row in fresh {
         metrics::record_settled(row.order, row.status, row.kind);
         settled.push(row.into());
@@ -135,13 +147,26 @@ pub async fn settle_batch<'a>(
     // Rare: a redelivery, or a cancel that got there first.
     let owners: Vec<store::OrderOwner> = written_before.iter().map(|r| r.order.into()).collect();
     let existing = store::statuses(&state.db, &owners).await?;
+    let mut refused = vec![];
     for row in written_before {
+        let charged = charged.contains(&row.order.id);
         match existing.get(&row.order.id) {
             Some(status) if *status == row.status => settled.push(row.into()),
-            _ if charged.contains(&row.order.id) => refunds::refund(state, row.order.id).await,
-            _ => {}
+            Some(_) if charged => refunds::refund(state, row.order.id).await,
+            Some(_) => {}
+            // Not written, and no row of its own: another order took its key meanwhile (a
+            // worker beside this one). It fails; a charge it got is refunded.
+            None => {
+                if charged {
+                    refunds::refund(state, row.order.id).await;
+                }
+                refused.push(refused_for_key(*row));
+            }
         }
     }
+    let inserted = store::insert_batch(&state.db, &refused).await?;
+    settled_now += inserted.len();
+    settled.extend(refused.iter().map(Settled::from));
     finish(state, &settled).await?;
     count_settled(state, settled_now).await;
     Ok(deferred)
@@ -252,6 +277,50 @@ async fn commit_reservations(
     Ok(per_order)
 }
 
+/// The final row of an order refused because another order holds its Idempotency-Key: it
+/// does not claim the key.
+fn refused_for_key(row: NewOrder<'_>) -> NewOrder<'_> {
+    NewOrder {
+        status: OrderStatus::Failed,
+        failure_reason: Some("duplicate_request"),
+        idempotency_key: None,
+        ..row
+    }
+}
+
+/// Of `messages`, the orders whose Idempotency-Key another order holds: one written
+/// already, or one earlier in this batch.
+async fn held_by_others(
+    state: &AppState,
+    messages: &[&OrderMessage],
+) -> Result<BTreeSet<Uuid>, OrdersError> {
+    let keyed: Vec<(store::KeyOwner<'_>, Uuid)> = messages
+        .iter()
+        .filter_map(|m| {
+            let key = m.idempotency_key.as_deref()?;
+            Some((
+                store::KeyOwner {
+                    user: m.order.user_id,
+                    key,
+                },
+                m.order.id,
+            ))
+        })
+        .collect();
+    if keyed.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let owners: Vec<store::KeyOwner<'_>> = keyed.iter().map(|(owner, _)| *owner).collect();
+    let mut holders = store::orders_holding(&state.db, &owners).await?;
+    let mut duplicates = BTreeSet::new();
+    for (owner, order) in keyed {
+        if *holders.entry(owner).or_insert(order) != order {
+            duplicates.insert(order);
+        }
+    }
+    Ok(duplicates)
+}
+
 pub fn final_row<'a>(
     message: &'a OrderMessage,
     status: OrderStatus,
@@ -263,18 +332,25 @@ pub fn final_row<'a>(
         status,
         failure_reason,
         traceparent: message.traceparent.as_deref(),
+        idempotency_key: message.idempotency_key.as_deref(),
     }
 }
 
 /// Gives every item's reserved units of `orders` back to the sale in Redis (the shelf in
-/// PostgreSQL follows the order's status). The reservation state machine makes a repeat
-/// a no-op.
+/// PostgreSQL follows the order's status). Only for orders that end failed or cancelled (or
+/// were never accepted): it releases committed units too. The reservation state machine
+/// makes a repeat a no-op.
 pub async fn release_stock(state: &AppState, orders: &[&Order]) -> Result<(), OrdersError> {
     let releases = orders.iter().flat_map(|order| {
-        order
-            .items
-            .iter()
-            .map(|item| products::release(state, item.product_id, order.user_id, order.id))
+        order.items.iter().map(|item| {
+            products::release(
+                state,
+                item.product_id,
+                order.user_id,
+                order.id,
+                products::Releaser::Owner,
+            )
+        })
     });
     for released in join_all(releases).await {
         released?;

@@ -28,6 +28,7 @@ diesel::table! {
         shipping_address -> Nullable<Text>,
         failure_reason -> Nullable<Text>,
         created_at -> Timestamptz,
+        idempotency_key -> Nullable<Text>,
         updated_at -> Timestamptz,
     }
 }
@@ -76,6 +77,7 @@ struct ItemRow {
 }
 
 /// An order to persist, with the status it starts in.
+#[derive(Clone, Copy)]
 pub struct NewOrder<'a> {
     pub order: &'a Order,
     pub kind: OrderKind,
@@ -83,6 +85,8 @@ pub struct NewOrder<'a> {
     pub failure_reason: Option<&'static str>,
     /// Trace context carried into the order's events.
     pub traceparent: Option<&'a str>,
+    /// The request's scoped Idempotency-Key (None: a row that must not claim it).
+    pub idempotency_key: Option<&'a str>,
 }
 
 /// An `order.<event>` event of `order` now in `status`.
@@ -158,11 +162,15 @@ async fn insert_into_shard(
     let conn: &mut AsyncPgConnection = &mut pooled;
     conn.transaction(async |conn| {
         let fresh = insert_orders(conn, &batch).await?;
-        insert_items(conn, &batch).await?;
-        let written: Vec<&&NewOrder<'_>> = batch
+        // Only the orders written now: a redelivered one has its items, and a row refused
+        // for its Idempotency-Key (another order holds it) has no order to hang them on.
+        let written: Vec<&NewOrder<'_>> = batch
             .iter()
+            .copied()
             .filter(|n| fresh.contains(&n.order.id))
             .collect();
+        insert_items(conn, &written).await?;
+        let written: Vec<&&NewOrder<'_>> = written.iter().collect();
         let events: Vec<Vec<OrderEvent>> = written.iter().map(|n| events_of_new(n)).collect();
         let changes: Vec<Change<'_>> = events.iter().map(|e| Change { events: e }).collect();
         events::append(conn, &changes).await?;
@@ -184,9 +192,9 @@ async fn insert_orders(
 ) -> Result<Vec<Uuid>, OrdersError> {
     let inserted: Vec<Inserted> = diesel::sql_query(
         "INSERT INTO orders (id, user_id, status, kind, total_amount, payment_method, \
-                             shipping_address, failure_reason, created_at) \
+                             shipping_address, failure_reason, created_at, idempotency_key) \
          SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::numeric[], \
-                              $6::text[], $7::text[], $8::text[], $9::timestamptz[]) \
+                              $6::text[], $7::text[], $8::text[], $9::timestamptz[], $10::text[]) \
          ON CONFLICT DO NOTHING RETURNING id",
     )
     .bind::<Array<SqlUuid>, _>(batch.iter().map(|n| n.order.id).collect::<Vec<_>>())
@@ -213,6 +221,7 @@ async fn insert_orders(
     )
     .bind::<Array<Nullable<Text>>, _>(batch.iter().map(|n| n.failure_reason).collect::<Vec<_>>())
     .bind::<Array<Timestamptz>, _>(batch.iter().map(|n| n.order.created_at).collect::<Vec<_>>())
+    .bind::<Array<Nullable<Text>>, _>(batch.iter().map(|n| n.idempotency_key).collect::<Vec<_>>())
     .load(conn)
     .await?;
     Ok(inserted.into_iter().map(|row| row.id).collect())
@@ -280,6 +289,50 @@ pub async fn statuses(
             let status =
                 OrderStatus::parse(&status).ok_or_else(|| OrdersError::Corrupt(status.clone()))?;
             found.insert(id, status);
+        }
+    }
+    Ok(found)
+}
+
+/// A user's request identified by its scoped Idempotency-Key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeyOwner<'a> {
+    pub user: Uuid,
+    pub key: &'a str,
+}
+
+/// The orders that hold some users' Idempotency-Keys (from their shards' primaries): the
+/// key of each found, and the order holding it.
+pub async fn orders_holding<'a>(
+    db: &Databases,
+    keys: &[KeyOwner<'a>],
+) -> Result<BTreeMap<KeyOwner<'a>, Uuid>, OrdersError> {
+    let mut by_shard: BTreeMap<usize, Vec<KeyOwner<'a>>> = BTreeMap::new();
+    for owner in keys {
+        by_shard
+            .entry(shard_index(owner.user, db.shard_count()))
+            .or_default()
+            .push(*owner);
+    }
+    let mut found = BTreeMap::new();
+    for (shard, owners) in by_shard {
+        let mut conn = db.shards()[shard].write_conn().await?;
+        let users: Vec<Uuid> = owners.iter().map(|o| o.user).collect();
+        let wanted: Vec<&str> = owners.iter().map(|o| o.key).collect();
+        let rows: Vec<(Uuid, Uuid, Option<String>)> = orders::table
+            .filter(orders::user_id.eq_any(&users))
+            .filter(orders::idempotency_key.eq_any(&wanted))
+            .select((orders::id, orders::user_id, orders::idempotency_key))
+            .load(&mut conn)
+            .await?;
+        for (id, user, key) in rows {
+            // Users and keys were matched apart: keep only the pairs asked for.
+            if let Some(owner) = owners
+                .iter()
+                .find(|o| o.user == user && Some(o.key) == key.as_deref())
+            {
+                found.insert(*owner, id);
+            }
         }
     }
     Ok(found)

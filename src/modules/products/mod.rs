@@ -7,7 +7,6 @@ mod error;
 mod handlers;
 mod model;
 mod search;
-mod stock;
 mod store;
 
 use std::sync::Arc;
@@ -15,22 +14,22 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
+pub use crate::modules::stock::{
+    CommitOutcome, ReleaseOutcome, Releaser, Reservation, ReserveRequest, ReservedUnits,
+    RoomAnswer, RoomRequest, SaleKind, SaleState, SaleTerms, StaleReservation,
+};
 pub use auditor::{audit_once, run as run_auditor, SaleFindings};
 pub use error::ProductsError;
 pub use model::{FlashSaleItem, NewProduct, Product, ProductPatch};
-pub use stock::{
-    CommitOutcome, ReleaseOutcome, Reservation, ReserveRequest, ReservedUnits, RoomAnswer,
-    RoomRequest, SaleKind, SaleState, SaleTerms, StaleReservation,
-};
 pub use store::StockMove;
 
 use crate::app::AppState;
 use crate::config::{SalesSettings, Settings};
 use crate::infra::db::ReadFrom;
 use crate::infra::http::paging::PageRequest;
+use crate::modules::stock::StockScripts;
 use cache::ProductCache;
 use search::{IndexPass, SearchIndex};
-use stock::StockScripts;
 
 pub use handlers::configure;
 
@@ -376,18 +375,27 @@ pub async fn commit(
     Ok(outcomes)
 }
 
-/// Releases the units `buyer` reserved for `order`.
+/// Releases the units `buyer` reserved for `order`, if `by` may (see `Releaser`).
 pub async fn release(
     state: &AppState,
     product: Uuid,
     buyer: Uuid,
     order: Uuid,
+    by: Releaser,
 ) -> Result<ReleaseOutcome, ProductsError> {
     Ok(state
         .products
         .stock
-        .release(&state.redis, product, buyer, order)
+        .release(&state.redis, product, buyer, order, by)
         .await?)
+}
+
+/// Fences stale reservations for the reconciler's release; answers those fenced.
+pub async fn fence(
+    state: &AppState,
+    stale: Vec<StaleReservation>,
+) -> Result<Vec<StaleReservation>, ProductsError> {
+    Ok(state.products.stock.fence(&state.redis, stale).await?)
 }
 
 /// Finishes moves of units between a sale's buckets that a process left half done;

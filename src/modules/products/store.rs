@@ -8,10 +8,10 @@ use uuid::Uuid;
 
 use super::error::ProductsError;
 use super::model::Product;
-use super::stock::StockScripts;
 use crate::infra::db::{Databases, ReadFrom};
 use crate::infra::http::paging::PageRequest;
 use crate::infra::redis::Redis;
+use crate::modules::stock::StockScripts;
 
 diesel::table! {
     products (id) {

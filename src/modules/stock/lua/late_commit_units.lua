@@ -2,7 +2,12 @@
 if redis.call('EXISTS', epoch_key) == 0 then return {'not_loaded'} end
 local stock = redis.call('GET', stock_key)
 if not stock then return {'not_loaded'} end
-if redis.call('HGET', reservations_key, order) then return {'committed'} end
+-- A record made meanwhile (a redelivery's late commit) decides; a released one stays released.
+local rec = redis.call('HGET', reservations_key, order)
+if rec then
+  if string.sub(rec, 1, 1) == 'c' then return {'committed'} end
+  return {'released'}
+end
 if tonumber(stock) < units then return {'sold_out'} end
 local limit = tonumber(redis.call('HGET', sale_key, 'limit') or '0')
 if tonumber(redis.call('HGET', buyers_key, user) or '0') + units > limit then return {'limit'} end

@@ -11,6 +11,8 @@ redis.call('SET', stock_key, stock)
 -- Moves between buckets in flight are void: the rebuilt stock already counts their units.
 redis.call('DEL', buyers_key, reservations_key, pending_key, out_key, in_key)
 for i = 4, #ARGV, 2 do redis.call('HSET', buyers_key, ARGV[i], ARGV[i + 1]) end
-redis.call('HSET', sale_key, 'units', stock, 'committed', 0, 'recovering', 1, 'buckets', buckets)
+local now = redis.call('TIME')
+redis.call('HSET', sale_key, 'units', stock, 'committed', 0, 'recovering', 1, 'buckets', buckets,
+  'rebuilt', now[1] * 1000 + math.floor(now[2] / 1000))
 redis.call('SET', epoch_key, epoch)
 return 1

@@ -1,4 +1,7 @@
-//! Flash-sale stock in Redis: the only place units are reserved, committed and released.
+//! The stock engine: the only place units are reserved, committed and released, for flash
+//! sales and regular products alike. It takes the Redis handle it works on (never the
+//! application's state); products and orders call this public API, and PostgreSQL stays
+//! theirs (the engine is told the numbers it rebuilds from).
 //!
 //! A sale's stock is split into buckets (`sales.stock_buckets`, fixed at the sale's first
 //! load), so one hot sale spreads over several Redis Cluster nodes. Every key of one bucket
@@ -9,10 +12,28 @@
 //! two scripts (give, then take, recorded so a crash in between is finished by the
 //! reconciler), and each bucket's books balance at every step. Bucket 0 also holds what
 //! belongs to the sale as a whole: the waiting room and the lost note.
-//! A reservation moves through one atomic state change:
-//! `r` (reserved) -> `c` (committed, by the worker before it persists the order) or
-//! `r`/`c` -> `x` (released: reconciler, cancel, failure). Whoever changes it first decides;
-//! the loser sees the new state and backs off.
+//! ## A reservation's states
+//!
+//! Every transition is one compare-and-set inside one script; whoever changes a record
+//! first decides, and the loser sees the new state and backs off:
+//!
+//! ```text
+//!              commit (worker, before it persists the order)
+//!   reserve -> r ─────────────────────────────────────────────> c   units sold
+//!              │ \                                              │
+//!              │  fence (reconciler, before it reads PostgreSQL) │ release (owner: the order
+//!              │   \                                            │ is failed or cancelled in
+//!              │    f ──── release (fenced) ──> x <──────────────┘ PostgreSQL)
+//!              │                                ^
+//!              └──── release (owner) ───────────┘
+//! ```
+//!
+//! - `r` reserved, `c` committed, `f` releasing (fenced), `x` released.
+//! - A commit finds `f` or `x` and answers `released`: the order fails, its units go back.
+//! - The reconciler's release takes only `f`: it never hands back units a worker committed
+//!   (it answers `kept`). Only an order's owner (its failure, its cancel, a publish that
+//!   never happened), which knows the order's final state, releases a committed one.
+//! - A release of `x` does nothing (`already`): units go back exactly once.
 //!
 //! The counter `stock` is the units neither reserved nor sold. It exists only while the
 //! `epoch` key does: a missing epoch means Redis lost the sale (a restart), and the order
@@ -83,6 +104,7 @@ const LATE_COMMIT: &str = concat!(
     include_str!("lua/late_commit_done.lua"),
 );
 
+/// The stock engine's scripts and its cache of sale layouts.
 pub struct StockScripts {
     /// Buckets a new flash sale is split into.
     flash_buckets: u32,
@@ -93,6 +115,7 @@ pub struct StockScripts {
     commit: Script,
     late_commit: Script,
     release: Script,
+    fence: Script,
     load: Script,
     adjust: Script,
     rebuild: Script,
@@ -116,6 +139,7 @@ impl StockScripts {
             commit: Script::new(include_str!("lua/commit.lua")),
             late_commit: Script::new(LATE_COMMIT),
             release: Script::new(include_str!("lua/release.lua")),
+            fence: Script::new(include_str!("lua/fence.lua")),
             load: Script::new(include_str!("lua/load.lua")),
             adjust: Script::new(include_str!("lua/adjust.lua")),
             rebuild: Script::new(include_str!("lua/rebuild.lua")),
@@ -287,6 +311,10 @@ pub enum Reservation {
     /// Reserved; carries the unit price the sale charges.
     Reserved {
         unit_price: String,
+        /// When the sale was last rebuilt after a Redis loss (ms since the epoch): Redis
+        /// may have forgotten Idempotency-Keys accepted before, which PostgreSQL still
+        /// holds.
+        rebuilt_at_ms: Option<i64>,
     },
     /// The same idempotency key already created an order; what the key holds (its id).
     Replay(String),
@@ -311,7 +339,7 @@ pub struct ReservedUnits {
     pub units: u32,
 }
 
-/// A reservation still only reserved after the timeout.
+/// A reservation still only reserved (or fenced, not yet released) after the timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StaleReservation {
     pub product: Uuid,
@@ -389,7 +417,28 @@ pub enum ReleaseOutcome {
     /// Units given back (the shelf in PostgreSQL follows the order's status).
     Released,
     AlreadyReleased,
+    /// The reservation is in a state this release may not take it from (a worker committed
+    /// it): nothing changed.
+    Kept,
     Unknown,
+}
+
+/// Who releases a reservation, and so from which states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Releaser {
+    /// The order's own end (failed, cancelled, never published): from any live state.
+    Owner,
+    /// The reconciler, after its fence: only from `f` (releasing).
+    Reconciler,
+}
+
+impl Releaser {
+    fn allowed_states(self) -> &'static str {
+        match self {
+            Releaser::Owner => "rcf",
+            Releaser::Reconciler => "f",
+        }
+    }
 }
 
 /// A sale's units left over its buckets' counters; None when bucket 0 (the sale's home) is
@@ -412,8 +461,9 @@ fn add_move_args(invocation: &mut redis::ScriptInvocation<'_>, borrowed: Option<
 
 fn reservation_from(reply: &[String], now: DateTime<Utc>) -> Reservation {
     match reply {
-        [ok, price] if ok == "ok" => Reservation::Reserved {
+        [ok, price, rest @ ..] if ok == "ok" => Reservation::Reserved {
             unit_price: price.clone(),
+            rebuilt_at_ms: rest.first().and_then(|at| at.parse().ok()),
         },
         [s] if s == "not_active" => Reservation::NotActive,
         [s] if s == "limit" => Reservation::PurchaseLimit,
@@ -871,6 +921,7 @@ impl StockScripts {
             .await?;
         Ok(match reply.first().map(String::as_str) {
             Some("committed") => CommitOutcome::Committed,
+            Some("released") => CommitOutcome::Released,
             Some("sold_out") => CommitOutcome::SoldOut,
             Some("limit") => CommitOutcome::OverLimit,
             _ => CommitOutcome::NotLoaded,
@@ -883,6 +934,7 @@ impl StockScripts {
         product: Uuid,
         buyer: Uuid,
         order: Uuid,
+        by: Releaser,
     ) -> redis::RedisResult<ReleaseOutcome> {
         let keys = self.layout(redis, product).await?.home_keys(redis, buyer);
         let outcome: String = self
@@ -893,13 +945,51 @@ impl StockScripts {
             .key(&keys.pending)
             .key(&keys.sale)
             .arg(order.to_string())
+            .arg(by.allowed_states())
             .invoke_async(&mut redis.conn())
             .await?;
         Ok(match outcome.as_str() {
-            "r" | "c" => ReleaseOutcome::Released,
+            "r" | "c" | "f" => ReleaseOutcome::Released,
             "already" => ReleaseOutcome::AlreadyReleased,
+            kept if kept.starts_with("kept:") => ReleaseOutcome::Kept,
             _ => ReleaseOutcome::Unknown,
         })
+    }
+
+    /// The reconciler's fence: `reserved -> releasing` for each of `stale` (one script per
+    /// bucket). Answers those now fenced (by this call or an earlier pass): only they may be
+    /// released by the reconciler, and no worker can commit them any more.
+    pub async fn fence(
+        &self,
+        redis: &Redis,
+        stale: Vec<StaleReservation>,
+    ) -> redis::RedisResult<Vec<StaleReservation>> {
+        let mut by_bucket: std::collections::BTreeMap<(Uuid, u32), Vec<StaleReservation>> =
+            Default::default();
+        for reservation in stale {
+            let layout = self.layout(redis, reservation.product).await?;
+            by_bucket
+                .entry((reservation.product, layout.home(reservation.buyer)))
+                .or_default()
+                .push(reservation);
+        }
+        let mut fenced = vec![];
+        for ((product, bucket), reservations) in by_bucket {
+            let keys = SaleKeys::new(redis, product, bucket);
+            let mut invocation = self.fence.key(&keys.reservations);
+            for reservation in &reservations {
+                invocation.arg(reservation.order.to_string());
+            }
+            let outcomes: Vec<String> = invocation.invoke_async(&mut redis.conn()).await?;
+            fenced.extend(
+                reservations
+                    .into_iter()
+                    .zip(outcomes)
+                    .filter(|(_, outcome)| outcome == "fenced")
+                    .map(|(reservation, _)| reservation),
+            );
+        }
+        Ok(fenced)
     }
 
     /// Loads a sale's terms into every bucket, and its counters (`inventory` dealt out over
@@ -1398,8 +1488,8 @@ fn pending_before(pipe: &mut redis::Pipeline, bucket: &SaleKeys, cutoff: DateTim
         .arg(1000);
 }
 
-/// Of `candidates` (reservations key, product, order), those whose reservation record is
-/// still there, read in one round trip.
+/// Of `candidates` (reservations key, product, order), those still reserved (or fenced),
+/// read in one round trip.
 async fn still_reserved(
     redis: &Redis,
     candidates: Vec<(String, Uuid, String)>,
@@ -1418,7 +1508,11 @@ async fn still_reserved(
         .filter_map(|((_, product, order), record)| {
             let record = record?;
             let mut parts = record.split(':');
-            let (_state, buyer) = (parts.next()?, parts.next()?);
+            let (state, buyer) = (parts.next()?, parts.next()?);
+            // Reserved, or fenced by a reconciler pass that did not get to release it.
+            if state != "r" && state != "f" {
+                return None;
+            }
             Some(StaleReservation {
                 product,
                 order: Uuid::try_parse(&order).ok()?,

@@ -1,6 +1,7 @@
 -- reserved -> committed for each order in ARGV (one call per product per worker batch), the
 -- units counted in the sale's `committed` (what the auditor reads instead of every record).
--- Answers, per order: committed | already | released | missing.
+-- Answers, per order: committed | already | released (released, or fenced by the reconciler
+-- for release: the order must not proceed) | missing.
 local reservations_key, pending_key, sale_key = KEYS[1], KEYS[2], KEYS[3]
 local out = {}
 local committed = 0
@@ -11,7 +12,7 @@ for i = 1, #ARGV do
     out[i] = 'missing'
   else
     local state = string.sub(rec, 1, 1)
-    if state == 'x' then
+    if state == 'x' or state == 'f' then
       out[i] = 'released'
     elseif state == 'c' then
       out[i] = 'already'

@@ -2,7 +2,7 @@
 if redis.call('EXISTS', epoch_key) == 0 then return {'not_loaded'} end
 local stock = redis.call('GET', stock_key)
 if not stock then return {'not_loaded'} end
-local sale = redis.call('HMGET', sale_key, 'start', 'end', 'limit', 'price', 'kind', 'recovering', 'buckets')
+local sale = redis.call('HMGET', sale_key, 'start', 'end', 'limit', 'price', 'kind', 'recovering', 'buckets', 'rebuilt')
 -- Rebuilt after a loss, and closed until the orders in flight then have settled.
 if sale[6] then return {'not_loaded'} end
 -- The caller chose this bucket with another bucket count (a stale layout): it looks again.

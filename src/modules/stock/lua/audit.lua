@@ -1,5 +1,5 @@
 -- The auditor's look at one sale's books, atomic and as cheap as the orders in flight:
--- available + reserved (the records of the pending orders) + committed (a counter the commit,
+-- available + reserved (the records of the pending orders, fenced ones included) + committed (a counter the commit,
 -- late commit and release scripts keep beside their records) against the units the sale
 -- holds. Settled records are not read again: a sale of millions of units would hold Redis
 -- for as long as it took to read them. Answers {state, units_off, per-buyer limit}.
@@ -21,7 +21,7 @@ for first = 1, #pending, 1000 do
   for _, rec in ipairs(records) do
     if rec then
       local rec_state, units = string.match(rec, '^(%a):[^:]+:(%d+)$')
-      if rec_state == 'r' then held = held + tonumber(units) end
+      if rec_state == 'r' or rec_state == 'f' then held = held + tonumber(units) end
     end
   end
 end
