@@ -26,6 +26,9 @@ fi
 TANSU_BIN="$(tansu_bin || true)"
 export TANSU_BIN
 
+# The stock protocol's model test: cases per run (each up to 60 random steps, then a drain).
+export STOCK_MODEL_CASES="${STOCK_MODEL_CASES:-128}"
+
 # Tests wait on I/O far more than on CPU; run more of them than there are cores.
 cargo nextest run --no-fail-fast --test-threads "${TEST_THREADS:-6}" "$@"
 

@@ -201,6 +201,7 @@ impl<'a> Model<'a> {
                             key_digest: &key,
                             in_flight_ttl_secs: 60,
                             attempts_per_minute: 1_000_000,
+                            verify_window_ms: 0,
                         },
                     )
                     .await

@@ -668,6 +668,7 @@ impl TestApp {
                 key_digest,
                 in_flight_ttl_secs: self.state.settings.orders.in_flight_ttl_secs,
                 attempts_per_minute: 1_000,
+                verify_window_ms: 0,
             },
         )
         .await

@@ -88,15 +88,6 @@ pub fn durable_regular(key_digest: &str) -> String {
     format!("orders:{key_digest}")
 }
 
-/// Whether Redis may have forgotten keys accepted within their lifetime: the sale was
-/// rebuilt after a loss less than `orders.idempotency_ttl_secs` ago.
-pub fn may_be_forgotten(state: &AppState, rebuilt_at_ms: Option<i64>) -> bool {
-    let kept_ms = i64::try_from(state.settings.orders.idempotency_ttl_secs)
-        .unwrap_or(i64::MAX)
-        .saturating_mul(1000);
-    rebuilt_at_ms.is_some_and(|at| chrono::Utc::now().timestamp_millis() - at < kept_ms)
-}
-
 /// The order PostgreSQL says holds `user`'s durable key, if any; Redis's key is set to name
 /// it again, so the next replay is answered from Redis.
 pub async fn held_in_db(

@@ -106,52 +106,38 @@ pub async fn place_flash_sale_order(
         Entry::SoldOut => return Err(OrdersError::SoldOut),
     }
     let order_id = Uuid::now_v7();
-    let reservation = products::reserve(
-        state,
-        &ReserveRequest {
-            product,
-            user: caller.user_id,
-            quantity: u32::try_from(quantity).unwrap_or(1),
-            order_id,
-            body_hash: &body_hash,
-            key_digest,
-            in_flight_ttl_secs: settings.in_flight_ttl_secs,
-            attempts_per_minute: settings.flash_sale_attempts_per_minute,
-        },
-    )
-    .await?;
+    let mut request = ReserveRequest {
+        product,
+        user: caller.user_id,
+        quantity: u32::try_from(quantity).unwrap_or(1),
+        order_id,
+        body_hash: &body_hash,
+        key_digest,
+        in_flight_ttl_secs: settings.in_flight_ttl_secs,
+        attempts_per_minute: settings.flash_sale_attempts_per_minute,
+        verify_window_ms: settings.idempotency_ttl_secs.saturating_mul(1000),
+    };
     let idempotency_key =
         products::idempotency_key(state, product, caller.user_id, key_digest).await?;
-    let durable_key = idempotency::durable_flash(product, key_digest);
-    let unit_price = match reservation {
-        Reservation::Reserved {
-            unit_price,
-            rebuilt_at_ms,
-        } => {
-            if idempotency::may_be_forgotten(state, rebuilt_at_ms) {
-                let replayed = Placed::replayed_from_db(
-                    state,
-                    caller.user_id,
-                    &durable_key,
-                    &idempotency_key,
-                    &body_hash,
-                )
-                .await?;
-                if let Some(replayed) = replayed {
-                    // The units this attempt reserved go back; the key names the first order.
-                    products::release(
-                        state,
-                        product,
-                        caller.user_id,
-                        order_id,
-                        products::Releaser::Owner,
-                    )
-                    .await?;
-                    return Ok(FlashSaleAnswer::Placed(replayed));
-                }
-            }
-            unit_price
+    let mut reservation = products::reserve(state, &request).await?;
+    if reservation == Reservation::Unverified {
+        let durable_key = idempotency::durable_flash(product, key_digest);
+        let replayed = Placed::replayed_from_db(
+            state,
+            caller.user_id,
+            &durable_key,
+            &idempotency_key,
+            &body_hash,
+        )
+        .await?;
+        if let Some(replayed) = replayed {
+            return Ok(FlashSaleAnswer::Placed(replayed));
         }
+        request.verify_window_ms = 0;
+        reservation = products::reserve(state, &request).await?;
+    }
+    let unit_price = match reservation {
+        Reservation::Reserved { unit_price } => unit_price,
         Reservation::Replay(stored) => {
             return Placed::replayed(state, caller.user_id, &stored)
                 .await
@@ -159,6 +145,8 @@ pub async fn place_flash_sale_order(
         }
         Reservation::InProgress => return Err(OrdersError::RequestInProgress),
         Reservation::KeyReusedWithOtherBody => return Err(OrdersError::IdempotencyKeyReused),
+        // PostgreSQL was asked already; a sale rebuilt again meanwhile is not worth a loop.
+        Reservation::Unverified => return Err(OrdersError::StockUnavailable),
         Reservation::NotLoaded => return Err(not_loaded_reason(&listed)),
         Reservation::NotActive => return Err(OrdersError::SaleNotActive),
         Reservation::PurchaseLimit => return Err(OrdersError::PurchaseLimit),
@@ -188,7 +176,7 @@ pub async fn place_flash_sale_order(
         attempt: 0,
         traceparent: telemetry::current_traceparent(),
         failure_reason: None,
-        idempotency_key: Some(durable_key),
+        idempotency_key: Some(idempotency::durable_flash(product, key_digest)),
     };
     acceptance::accept(state, message, &idempotency_key, &body_hash)
         .await

@@ -311,11 +311,11 @@ pub enum Reservation {
     /// Reserved; carries the unit price the sale charges.
     Reserved {
         unit_price: String,
-        /// When the sale was last rebuilt after a Redis loss (ms since the epoch): Redis
-        /// may have forgotten Idempotency-Keys accepted before, which PostgreSQL still
-        /// holds.
-        rebuilt_at_ms: Option<i64>,
     },
+    /// The sale was rebuilt after a Redis loss within `verify_window_ms`: Redis may have
+    /// forgotten the key, so nothing was reserved. The caller asks PostgreSQL, then tries
+    /// again with a window of 0.
+    Unverified,
     /// The same idempotency key already created an order; what the key holds (its id).
     Replay(String),
     InProgress,
@@ -461,10 +461,10 @@ fn add_move_args(invocation: &mut redis::ScriptInvocation<'_>, borrowed: Option<
 
 fn reservation_from(reply: &[String], now: DateTime<Utc>) -> Reservation {
     match reply {
-        [ok, price, rest @ ..] if ok == "ok" => Reservation::Reserved {
+        [ok, price] if ok == "ok" => Reservation::Reserved {
             unit_price: price.clone(),
-            rebuilt_at_ms: rest.first().and_then(|at| at.parse().ok()),
         },
+        [s] if s == "verify" => Reservation::Unverified,
         [s] if s == "not_active" => Reservation::NotActive,
         [s] if s == "limit" => Reservation::PurchaseLimit,
         [s] if s == "sold_out" => Reservation::SoldOut,
@@ -485,6 +485,9 @@ pub struct ReserveRequest<'a> {
     /// How long the key stays `in progress` if the request never finishes.
     pub in_flight_ttl_secs: u64,
     pub attempts_per_minute: u32,
+    /// A sale rebuilt less than this long ago answers `Unverified` to a key it does not
+    /// know (the Idempotency-Key's lifetime; 0 once PostgreSQL was asked).
+    pub verify_window_ms: u64,
 }
 
 impl StockScripts {
@@ -569,6 +572,7 @@ impl StockScripts {
                         .arg(req.attempts_per_minute)
                         .arg(layout.buckets);
                     add_move_args(&mut invocation, borrowed);
+                    invocation.arg(req.verify_window_ms);
                     invocation
                 },
             )

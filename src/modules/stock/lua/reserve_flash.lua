@@ -8,3 +8,4 @@ local user, units, order, now_ms = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber
 local sale_kind, body_hash, idem_ttl_secs, attempts_per_minute = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
 local buckets, in_key = ARGV[9], KEYS[9]
 local move, move_units, move_epoch = ARGV[10], tonumber(ARGV[11]), ARGV[12]
+local verify_window_ms = tonumber(ARGV[13])

@@ -5,3 +5,5 @@ local reservations_key, pending_key = KEYS[5], KEYS[6]
 local user, units, order, now_ms = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local sale_kind, buckets, in_key = ARGV[5], ARGV[6], KEYS[7]
 local move, move_units, move_epoch = ARGV[7], tonumber(ARGV[8]), ARGV[9]
+-- A regular order's key was checked against PostgreSQL before its first item.
+local verify_window_ms = 0

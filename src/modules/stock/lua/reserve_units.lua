@@ -7,6 +7,12 @@ local sale = redis.call('HMGET', sale_key, 'start', 'end', 'limit', 'price', 'ki
 if sale[6] then return {'not_loaded'} end
 -- The caller chose this bucket with another bucket count (a stale layout): it looks again.
 if (sale[7] or '1') ~= buckets then return {'not_loaded'} end
+-- Rebuilt after a loss less than the keys' lifetime ago: Redis may have forgotten this
+-- request's Idempotency-Key, which PostgreSQL keeps with its order. The caller asks it, and
+-- comes back with a window of 0 when it holds no order.
+if verify_window_ms > 0 and sale[8] and now_ms - tonumber(sale[8]) < verify_window_ms then
+  return {'verify'}
+end
 if not sale[1] or sale[5] ~= sale_kind then return {'not_active'} end
 if now_ms < tonumber(sale[1]) or now_ms >= tonumber(sale[2]) then return {'not_active'} end
 local bought = tonumber(redis.call('HGET', buyers_key, user) or '0')
