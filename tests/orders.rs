@@ -525,3 +525,23 @@ async fn sales_that_are_not_on_answer_409_and_attempts_are_rate_limited() {
     assert!(res.headers().contains_key("retry-after"));
     assert_problem(res, 429, "rate_limited").await;
 }
+
+/// The attempt limit counts attempts, not replays: an accepted request retried past the
+/// limit is still answered with its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_of_an_accepted_request_are_replayed_past_the_attempt_limit() {
+    let app = TestApp::spawn_with(|s| s.orders.flash_sale_attempts_per_minute = 2).await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
+    let buyer = app.mint_token(Uuid::now_v7());
+    let first = app.buy(&buyer, product, "once", &json!({})).await;
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    for _ in 0..4 {
+        let res = app.buy(&buyer, product, "once", &json!({})).await;
+        assert_eq!(res.status(), 201);
+        assert!(res.headers().contains_key("idempotency-replayed"));
+        let again: Value = res.json().await.unwrap();
+        assert_eq!(again["id"], first["id"]);
+    }
+}

@@ -77,8 +77,9 @@ const MOVE_LANDING: Duration = Duration::from_millis(2);
 /// Each script names its KEYS and ARGV at the top; the shared fragments read those names.
 const RESERVE_FLASH: &str = concat!(
     include_str!("lua/reserve_flash.lua"),
-    include_str!("lua/attempt_limit.lua"),
+    // A replay first: an accepted request's retries are answered, never counted as attempts.
     include_str!("../../infra/lua/idempotency_check.lua"),
+    include_str!("lua/attempt_limit.lua"),
     include_str!("lua/take_units.lua"),
     include_str!("lua/reserve_units.lua"),
     include_str!("lua/expire_with_sale.lua"),
