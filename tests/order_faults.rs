@@ -570,3 +570,53 @@ async fn a_failed_refund_is_retried_and_one_that_keeps_failing_is_dead_lettered(
         "{metrics}"
     );
 }
+
+/// A count edited by hand below what was sold refuses that product's stock moves only: the
+/// buyer's other orders (same shard, other product) settle and reach the books, the refused
+/// moves wait in their shard, and once the row is mended the reconciler applies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_product_whose_count_refuses_its_moves_stalls_no_other_product() {
+    let app = TestApp::spawn().await;
+    let _worker = app.spawn_worker().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let edited = app.regular_product(&admin.access, 10, "2.00").await;
+    let other = app.regular_product(&admin.access, 10, "3.00").await;
+    let buyer = app.register(&unique_email("buyer")).await;
+    let one_of = |product: Uuid| json!({"items": [{"product_id": product, "quantity": 1}]});
+    let place = |key: &'static str, product: Uuid| {
+        let (app, token, body) = (&app, buyer.access.clone(), one_of(product));
+        async move {
+            let res = app.order(&token, key, &body).await;
+            assert_eq!(res.status(), 201);
+            let order: Value = res.json().await.unwrap();
+            let order: Uuid = order["id"].as_str().unwrap().parse().unwrap();
+            app.wait_settled(&token, order).await
+        }
+    };
+    assert_eq!(place("first", edited).await, "paid");
+    app.wait_inventory(edited, 9).await;
+    let mut global = app.global_conn().await;
+    let set_count = |n: i32| format!("UPDATE products SET inventory = {n} WHERE id = '{edited}'");
+    diesel_async::RunQueryDsl::execute(diesel::sql_query(set_count(0)), &mut global)
+        .await
+        .unwrap();
+
+    assert_eq!(place("second", edited).await, "paid");
+    assert_eq!(place("third", other).await, "paid");
+    app.wait_inventory(other, 9).await;
+    assert_eq!(
+        app.inventory(edited).await,
+        0,
+        "the refused move was not applied"
+    );
+
+    diesel_async::RunQueryDsl::execute(diesel::sql_query(set_count(5)), &mut global)
+        .await
+        .unwrap();
+    reconcile_once(&app.state).await.unwrap();
+    assert_eq!(
+        app.inventory(edited).await,
+        4,
+        "the held-back move, applied once"
+    );
+}

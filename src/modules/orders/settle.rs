@@ -223,16 +223,29 @@ pub async fn apply_stock_moves(
         if moves.is_empty() {
             return Ok(());
         }
-        products::apply_stock_moves(state, &moves).await?;
+        let refused = products::apply_stock_moves(state, &moves).await?;
+        // A refused product's moves stay recorded (and are tried again); the rest go.
+        let applied: Vec<Vec<StockMove>> = pending
+            .iter()
+            .map(|moves| {
+                moves
+                    .iter()
+                    .filter(|m| !refused.contains(&m.product_id))
+                    .copied()
+                    .collect()
+            })
+            .collect();
         try_join_all(
             shards
                 .iter()
-                .zip(&pending)
+                .zip(&applied)
                 .filter(|(_, moves)| !moves.is_empty())
                 .map(|(shard, moves)| store::clear_moves(&state.db, *shard, moves)),
         )
         .await?;
-        if pending.iter().all(|m| (m.len() as i64) < MOVES_PER_PASS) {
+        // Another page only while pages came full and this one moved something.
+        let full = pending.iter().any(|m| (m.len() as i64) >= MOVES_PER_PASS);
+        if !full || applied.iter().all(Vec::is_empty) {
             return Ok(());
         }
     }

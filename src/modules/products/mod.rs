@@ -409,9 +409,15 @@ pub async fn finish_stuck_moves(state: &AppState, product: Uuid) -> Result<usize
 }
 
 /// Moves stock moves recorded in a shard into the ledger and the on-hand counts, once each.
-pub async fn apply_stock_moves(state: &AppState, moves: &[StockMove]) -> Result<(), ProductsError> {
-    let changed = store::apply_moves(&state.db, moves).await?;
-    written(state, &changed).await
+/// Answers the products whose moves were refused (their count would go below zero): those
+/// moves stay where they were recorded.
+pub async fn apply_stock_moves(
+    state: &AppState,
+    moves: &[StockMove],
+) -> Result<std::collections::BTreeSet<Uuid>, ProductsError> {
+    let applied = store::apply_moves(&state.db, moves).await?;
+    written(state, &applied.changed).await?;
+    Ok(applied.refused)
 }
 
 pub async fn sale_state(state: &AppState, product: Uuid) -> Result<SaleState, ProductsError> {

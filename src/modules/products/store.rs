@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::error::ProductsError;
 use super::model::Product;
-use crate::infra::db::{Databases, ReadFrom};
+use crate::infra::db::{Databases, DbError, ReadFrom};
 use crate::infra::http::paging::PageRequest;
 use crate::infra::redis::Redis;
 use crate::modules::stock::StockScripts;
@@ -270,16 +270,66 @@ pub struct StockMove {
     pub delta: i32,
 }
 
+/// What one `apply_moves` did.
+#[derive(Debug, Default)]
+pub struct AppliedMoves {
+    /// The products whose on-hand count changed.
+    pub changed: Vec<Product>,
+    /// Products whose moves would take the count below zero (a row edited by hand): their
+    /// moves stay where they were recorded, and nothing of theirs was applied.
+    pub refused: std::collections::BTreeSet<Uuid>,
+}
+
 /// Records stock moves in the ledger and applies them to the on-hand counts, each once
-/// whoever applies it and however often (the ledger is keyed by the move's source). Answers
-/// the products whose count changed.
+/// whoever applies it and however often (the ledger is keyed by the move's source). Each
+/// product in its own savepoint: one product's count refusing its moves (`CHECK (inventory
+/// >= 0)`) never fails another product's.
 pub async fn apply_moves(
     db: &Databases,
     moves: &[StockMove],
-) -> Result<Vec<Product>, ProductsError> {
-    if moves.is_empty() {
-        return Ok(vec![]);
+) -> Result<AppliedMoves, ProductsError> {
+    let mut per_product: std::collections::BTreeMap<Uuid, Vec<&StockMove>> = Default::default();
+    for m in moves {
+        per_product.entry(m.product_id).or_default().push(m);
     }
+    if per_product.is_empty() {
+        return Ok(AppliedMoves::default());
+    }
+    let mut pooled = db.global().write_conn().await?;
+    let conn: &mut AsyncPgConnection = &mut pooled;
+    conn.transaction(async |conn| {
+        let mut applied = AppliedMoves::default();
+        // In product order, so concurrent appliers never wait on each other in a cycle.
+        for (product, moves) in per_product {
+            let outcome = conn
+                .transaction(async |conn| apply_product_moves(conn, product, &moves).await)
+                .await;
+            match outcome {
+                Ok(Some(changed)) => applied.changed.push(changed),
+                Ok(None) => {}
+                Err(ProductsError::Db(DbError::Query(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::CheckViolation,
+                    _,
+                )))) => {
+                    tracing::error!(%product, "stock moves would take the on-hand count below zero; held back until the row is mended");
+                    metrics::counter!("stock_moves_refused_total").increment(moves.len() as u64);
+                    applied.refused.insert(product);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok::<_, ProductsError>(applied)
+    })
+    .await
+}
+
+/// One product's moves into the ledger and its count (the caller's savepoint); answers the
+/// product when its count changed.
+async fn apply_product_moves(
+    conn: &mut AsyncPgConnection,
+    product: Uuid,
+    moves: &[&StockMove],
+) -> Result<Option<Product>, ProductsError> {
     let rows: Vec<_> = moves
         .iter()
         .map(|m| {
@@ -292,36 +342,26 @@ pub async fn apply_moves(
             )
         })
         .collect();
-    let mut pooled = db.global().write_conn().await?;
-    let conn: &mut AsyncPgConnection = &mut pooled;
-    conn.transaction(async |conn| {
-        let fresh: Vec<(Uuid, i32)> = diesel::insert_into(inventory_ledger::table)
-            .values(&rows)
-            .on_conflict_do_nothing()
-            .returning((inventory_ledger::product_id, inventory_ledger::delta))
-            .get_results(conn)
-            .await?;
-        let mut per_product: std::collections::BTreeMap<Uuid, i32> = Default::default();
-        for (product, delta) in fresh {
-            *per_product.entry(product).or_default() += delta;
-        }
-        // In product order, so concurrent appliers never wait on each other in a cycle.
-        let mut changed = Vec::with_capacity(per_product.len());
-        for (product, delta) in per_product.into_iter().filter(|(_, d)| *d != 0) {
-            changed.push(
-                diesel::update(products::table.find(product))
-                    .set((
-                        products::inventory.eq(products::inventory + delta),
-                        products::updated_at.eq(diesel::dsl::now),
-                    ))
-                    .returning(Product::as_returning())
-                    .get_result(conn)
-                    .await?,
-            );
-        }
-        Ok::<_, ProductsError>(changed)
-    })
-    .await
+    let fresh: Vec<i32> = diesel::insert_into(inventory_ledger::table)
+        .values(&rows)
+        .on_conflict_do_nothing()
+        .returning(inventory_ledger::delta)
+        .get_results(conn)
+        .await?;
+    let delta: i32 = fresh.iter().sum();
+    if delta == 0 {
+        return Ok(None);
+    }
+    Ok(Some(
+        diesel::update(products::table.find(product))
+            .set((
+                products::inventory.eq(products::inventory + delta),
+                products::updated_at.eq(diesel::dsl::now),
+            ))
+            .returning(Product::as_returning())
+            .get_result(conn)
+            .await?,
+    ))
 }
 
 /// Records that the sale starting at `sale_start` was loaded into Redis, with the on-hand
