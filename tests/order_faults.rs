@@ -620,3 +620,49 @@ async fn a_product_whose_count_refuses_its_moves_stalls_no_other_product() {
         "the held-back move, applied once"
     );
 }
+
+/// A rebuilt sale stays closed while a worker still holds an order that was in flight at the
+/// loss (its charge is slow: the delivery is unacked, and the queue shows nothing ready), and
+/// opens once that order has settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_sale_waits_for_deliveries_a_worker_still_holds() {
+    let app = TestApp::spawn_with(|s| {
+        s.orders.payment.latency_ms = 4_000;
+        s.orders.payment.timeout_ms = 10_000;
+    })
+    .await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
+    let _worker = app
+        .spawn_worker_with(|s| s.orders.reconcile_interval_secs = 3_600)
+        .await;
+    let buyer = app.mint_token(Uuid::now_v7());
+    let res = app.buy(&buyer, product, "slow", &json!({})).await;
+    assert_eq!(res.status(), 201);
+    let order: Value = res.json().await.unwrap();
+    let order: Uuid = order["id"].as_str().unwrap().parse().unwrap();
+    common::until("the worker to take the order", || async {
+        app.queue_depth(&app.state.orders.queues.orders).await == 0
+    })
+    .await;
+
+    app.lose_sale(product).await;
+    common::until("the sale rebuilt", || async {
+        reconcile_once(&app.state).await.unwrap();
+        products::sale_state(&app.state, product).await.unwrap() != products::SaleState::Missing
+    })
+    .await;
+    reconcile_once(&app.state).await.unwrap();
+    assert_eq!(
+        products::sale_state(&app.state, product).await.unwrap(),
+        products::SaleState::Recovering,
+        "reopened while a worker held an order in flight"
+    );
+
+    assert_eq!(app.wait_settled(&buyer, order).await, "paid");
+    common::until("the sale open again", || async {
+        reconcile_once(&app.state).await.unwrap();
+        products::sale_state(&app.state, product).await.unwrap() == products::SaleState::Open
+    })
+    .await;
+}

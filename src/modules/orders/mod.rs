@@ -14,6 +14,7 @@ mod admission;
 mod cancel;
 mod error;
 mod handlers;
+mod holding;
 mod idempotency;
 mod lookup;
 mod metrics;

@@ -21,6 +21,7 @@ use lapin::types::FieldTable;
 
 use super::acceptance;
 use super::error::OrdersError;
+use super::holding;
 use super::model::OrderStatus;
 use super::settle::{self, Settled};
 use super::store;
@@ -210,8 +211,12 @@ async fn abandon(state: &AppState, order: uuid::Uuid) -> Result<(), OrdersError>
     settle::notify(state, &[failed]).await
 }
 
-/// True when no order message waits in the order queue or a retry queue.
+/// True when no order message waits in the order queue or a retry queue, and no worker holds
+/// deliveries (in a batch, or prefetched): the queue depth counts only ready messages.
 async fn order_queues_drained(state: &AppState) -> Result<bool, OrdersError> {
+    if holding::any_held(&state.redis).await? {
+        return Ok(false);
+    }
     let channel = state.amqp.connection().create_channel().await?;
     let queues = &state.orders.queues;
     let mut waiting = 0;

@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use super::acceptance;
 use super::error::OrdersError;
+use super::holding::Holding;
 use super::metrics;
 use super::model::{OrderEnvelope, OrderMessage, OrderStatus};
 use super::refunds;
@@ -42,15 +43,27 @@ pub async fn run(state: AppState) -> Result<(), OrdersError> {
         .await?;
     tracing::info!(queue = %state.orders.queues.orders, "order-worker consuming");
     let linger = Duration::from_millis(settings.batch_linger_ms);
+    let mut holding = Holding::new(&state.redis, settings.stock_restore_wait_secs);
     loop {
-        let first = tokio::select! {
-            biased;
-            () = stopping.cancelled() => break,
-            next = consumer.next() => match next {
-                Some(delivery) => delivery?,
-                None => break,
-            },
+        // A delivery already buffered (prefetched) is taken at once; only a consumer with
+        // nothing buffered holds nothing, and says so before it waits.
+        let buffered = tokio::time::timeout(Duration::ZERO, consumer.next()).await;
+        let next = match buffered {
+            Ok(next) => next,
+            Err(_) => {
+                holding.release(&state.redis).await;
+                tokio::select! {
+                    biased;
+                    () = stopping.cancelled() => break,
+                    next = consumer.next() => next,
+                }
+            }
         };
+        let first = match next {
+            Some(delivery) => delivery?,
+            None => break,
+        };
+        holding.hold(&state.redis).await;
         // A batch holds whole deliveries until it has batch_size orders (or the linger
         // ends); under a backlog the prefetched deliveries fill it at once.
         let mut batch = vec![parse(first)];
@@ -72,6 +85,7 @@ pub async fn run(state: AppState) -> Result<(), OrdersError> {
     if let Err(e) = channel.close(200, "order-worker stopping".into()).await {
         tracing::warn!(error = %e, "closing the order channel");
     }
+    holding.release(&state.redis).await;
     tracing::info!("order-worker stopped");
     Ok(())
 }
