@@ -666,3 +666,79 @@ async fn a_rebuilt_sale_waits_for_deliveries_a_worker_still_holds() {
     })
     .await;
 }
+
+/// An order whose worker committed its reservation and whose message was then lost (the
+/// broker dead-lettered it, or a retry queue lost it) is neither pending nor persisted: the
+/// reconciler finds it in the committed set, sends it again and a worker pays it. One sent
+/// too often already is failed, its unit back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_order_whose_message_was_lost_is_sent_again_or_failed() {
+    let app = TestApp::spawn_with(|s| {
+        s.orders.reservation_timeout_secs = 0;
+        s.orders.stock_restore_wait_secs = 0;
+        s.orders.retry_delays_ms = vec![1];
+    })
+    .await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
+    let mut lost = vec![];
+    for key in ["redriven", "given-up"] {
+        let token = app.mint_token(Uuid::now_v7());
+        let res = app.buy(&token, product, key, &json!({})).await;
+        assert_eq!(res.status(), 201);
+        let order: Value = res.json().await.unwrap();
+        let id: Uuid = order["id"].as_str().unwrap().parse().unwrap();
+        let buyer: Uuid = order["user_id"].as_str().unwrap().parse().unwrap();
+        lost.push((id, buyer, token));
+    }
+    // A worker committed both, then their messages were lost.
+    let lines: Vec<products::ReservedUnits> = lost
+        .iter()
+        .map(|(order, buyer, _)| products::ReservedUnits {
+            order: *order,
+            product,
+            buyer: *buyer,
+            units: 1,
+        })
+        .collect();
+    let outcomes = products::commit(&app.state, &lines).await.unwrap();
+    assert!(outcomes
+        .iter()
+        .all(|o| *o == products::CommitOutcome::Committed));
+    let channel = app.state.amqp.connection().create_channel().await.unwrap();
+    channel
+        .queue_purge(
+            app.state.orders.queues.orders.as_str().into(),
+            lapin::options::QueuePurgeOptions::default(),
+        )
+        .await
+        .unwrap();
+    // The second was sent as often as it may be.
+    redis::cmd("SET")
+        .arg(
+            app.state
+                .redis
+                .key(format_args!("orders:redriven:{}", lost[1].0)),
+        )
+        .arg(3)
+        .query_async::<()>(&mut app.state.redis.conn())
+        .await
+        .unwrap();
+
+    tokio::time::sleep(Duration::from_millis(5)).await; // past the (1 ms) cutoff
+    let repairs = reconcile_once(&app.state).await.unwrap();
+    assert_eq!(repairs.redriven, 2, "{repairs:?}");
+    let _worker = app
+        .spawn_worker_with(|s| s.orders.reconcile_interval_secs = 3_600)
+        .await;
+    let (redriven, given_up) = (&lost[0], &lost[1]);
+    assert_eq!(app.wait_settled(&redriven.2, redriven.0).await, "paid");
+    assert!(app.charged(redriven.0).await);
+    let failed = app.wait_settled(&given_up.2, given_up.0).await;
+    assert_eq!(failed, "failed");
+    assert_eq!(failed.failure_reason.as_deref(), Some("lost_in_delivery"));
+    assert_eq!(app.remaining(product).await, 4, "one sold, one back");
+    // Both are out of the committed set: the next pass finds nothing.
+    let repairs = reconcile_once(&app.state).await.unwrap();
+    assert_eq!(repairs.redriven, 0, "{repairs:?}");
+}

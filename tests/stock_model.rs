@@ -1,4 +1,5 @@
-//! A model test of the stock protocol: random interleavings of reserve, commit, persist,
+//! A model test of the stock protocol: random interleavings of reserve, commit, persist
+//! (written, then `committed -> persisted`),
 //! decline, the reconciler's fence and release, cancel, a lost bucket or a whole flush,
 //! rebuild and reopen, driven through the real Lua scripts on the real Redis. PostgreSQL's
 //! part (which orders are written, in which state, and the on-hand count the rebuild reads)
@@ -255,6 +256,12 @@ impl<'a> Model<'a> {
                 } else if self.write(i, Final::Failed) {
                     self.release(i, Releaser::Owner).await?;
                 }
+                // committed -> persisted, once its row is written.
+                let units = self.reserved_units(i);
+                self.engine
+                    .persist(self.redis, self.product, &[&units])
+                    .await
+                    .map_err(fail)?;
             }
             Step::Fence(index) => {
                 let Some(i) = self.pick(index) else {

@@ -11,6 +11,11 @@
 //!
 //! - A move of units between two buckets of a sale that its mover left half done (it died
 //!   between giving and taking) is finished.
+//! - An order committed and never persisted (its message was dead-lettered by the delivery
+//!   limit, or lost from a retry queue) is found in its sale's committed set once it is older
+//!   than any path from commit to persist, and sent again from its acceptance record; after
+//!   `MAX_REDRIVES` sends it is failed (units back, any charge refunded). One whose row is
+//!   written (its worker died before persisting) is marked persisted.
 //!
 //! One reconciler acts per interval, whatever the number of replicas (a Redis lease).
 
@@ -25,6 +30,7 @@ use super::holding;
 use super::model::OrderStatus;
 use super::settle::{self, Settled};
 use super::store;
+use super::worker;
 use crate::app::AppState;
 use crate::modules::products;
 
@@ -35,6 +41,8 @@ pub struct Repairs {
     pub reopened: usize,
     /// Moves of units between a sale's buckets left half done, finished.
     pub moves_finished: usize,
+    /// Orders committed and never persisted, sent to a worker again (or failed).
+    pub redriven: usize,
     /// Lost sales waiting for their rebuild, or rebuilt ones for the orders in flight.
     pub waiting: usize,
 }
@@ -104,10 +112,87 @@ pub async fn reconcile_once(state: &AppState) -> Result<Repairs, OrdersError> {
         repairs.moves_finished += products::finish_stuck_moves(state, product.id).await?;
         let stale = products::stale_reservations(state, product.id, cutoff).await?;
         repairs.released += release_unpersisted(state, stale).await?;
+        let lost = products::stale_committed(state, Some(product.id), lost_cutoff(state)).await?;
+        repairs.redriven += redrive(state, lost).await?;
     }
     let stale = products::stale_regular_reservations(state, cutoff).await?;
     repairs.released += release_unpersisted(state, stale).await?;
+    let lost = products::stale_committed(state, None, lost_cutoff(state)).await?;
+    repairs.redriven += redrive(state, lost).await?;
     Ok(repairs)
+}
+
+/// Sends of one committed order before it is failed.
+const MAX_REDRIVES: i64 = 3;
+
+/// An order's send count outlives its sends by far (one per reconciler pass past the cutoff).
+const REDRIVES_KEPT_SECS: i64 = 86_400;
+
+/// Orders committed before this and not persisted are lost: it is longer ago than any
+/// order waits between commit and persist (the reservation timeout, the retry delays and
+/// the wait for a rebuilt sale, together).
+fn lost_cutoff(state: &AppState) -> chrono::DateTime<chrono::Utc> {
+    let orders = &state.settings.orders;
+    let retries_ms: u64 = orders.retry_delays_ms.iter().map(|d| u64::from(*d)).sum();
+    let patience = chrono::Duration::seconds(orders.reservation_timeout_secs)
+        + chrono::Duration::seconds(orders.stock_restore_wait_secs)
+        + chrono::Duration::milliseconds(i64::try_from(retries_ms).unwrap_or(i64::MAX));
+    chrono::Utc::now() - patience
+}
+
+/// Sends committed orders that never reached PostgreSQL to a worker again, from their
+/// acceptance records; fails those sent `MAX_REDRIVES` times already. Every step is
+/// idempotent for the worker (the commit answers `already`, the charge its first outcome).
+async fn redrive(
+    state: &AppState,
+    lost: Vec<products::StaleReservation>,
+) -> Result<usize, OrdersError> {
+    if lost.is_empty() {
+        return Ok(0);
+    }
+    let owners: Vec<store::OrderOwner> = lost
+        .iter()
+        .map(|s| store::OrderOwner {
+            order: s.order,
+            user: s.buyer,
+        })
+        .collect();
+    let written = store::statuses(&state.db, &owners).await?;
+    let mut redriven = 0;
+    for stale in lost {
+        if written.contains_key(&stale.order) {
+            // Its worker wrote it and died before marking it persisted.
+            let line = products::ReservedUnits {
+                order: stale.order,
+                product: stale.product,
+                buyer: stale.buyer,
+                units: 0,
+            };
+            products::persist(state, &[line]).await?;
+            continue;
+        }
+        let Some(message) = acceptance::find(state, stale.order).await? else {
+            tracing::error!(order = %stale.order, "a committed order lost its acceptance record; it needs an operator");
+            continue;
+        };
+        let counter = state
+            .redis
+            .key(format_args!("orders:redriven:{}", stale.order));
+        let (sends,): (i64,) = redis::pipe()
+            .incr(&counter, 1)
+            .expire(&counter, REDRIVES_KEPT_SECS)
+            .ignore()
+            .query_async(&mut state.redis.conn())
+            .await?;
+        if sends > MAX_REDRIVES {
+            worker::give_up(state, &message, "lost_in_delivery").await?;
+        } else {
+            tracing::warn!(order = %stale.order, sends, "a committed order never reached PostgreSQL; sent again");
+            worker::publish_alone(state, &state.orders.queues.orders, message).await?;
+        }
+        redriven += 1;
+    }
+    Ok(redriven)
 }
 
 /// Releases the stale reservations whose order never reached PostgreSQL (an API that died
@@ -245,4 +330,6 @@ fn record_repairs(repairs: &Repairs) {
         .increment(repairs.reopened as u64);
     metrics::counter!("reconciler_repairs_total", "kind" => "moves_finished")
         .increment(repairs.moves_finished as u64);
+    metrics::counter!("reconciler_repairs_total", "kind" => "redriven")
+        .increment(repairs.redriven as u64);
 }

@@ -67,6 +67,12 @@ pub async fn settle_batch<'a>(
     messages: &'a [OrderMessage],
 ) -> Result<Vec<Deferred<'a>>, OrdersError> {
     let commits = commit_reservations(state, messages).await?;
+    let committed: Vec<&OrderMessage> = messages
+        .iter()
+        .zip(&commits)
+        .filter(|(_, outcome)| **outcome == CommitOutcome::Committed)
+        .map(|(message, _)| message)
+        .collect();
     let mut rows = Vec::with_capacity(messages.len());
     let mut to_charge = vec![];
     let mut deferred = vec![];
@@ -167,6 +173,15 @@ pub async fn settle_batch<'a>(
     let inserted = store::insert_batch(&state.db, &refused).await?;
     settled_now += inserted.len();
     settled.extend(refused.iter().map(Settled::from));
+    // Committed orders now final in PostgreSQL leave the set the reconciler scans for orders
+    // lost between commit and persist (those sent to retry are still on their way).
+    let waiting: BTreeSet<Uuid> = deferred.iter().map(|d| d.message.order.id).collect();
+    let persisted: Vec<ReservedUnits> = committed
+        .iter()
+        .filter(|m| !waiting.contains(&m.order.id))
+        .flat_map(|m| reserved_lines(m))
+        .collect();
+    products::persist(state, &persisted).await?;
     finish(state, &settled).await?;
     count_settled(state, settled_now).await;
     Ok(deferred)
@@ -270,13 +285,8 @@ async fn commit_reservations(
     let mut units = vec![];
     let mut owner_of_line = vec![];
     for (index, message) in messages.iter().enumerate() {
-        for item in &message.order.items {
-            units.push(ReservedUnits {
-                order: message.order.id,
-                product: item.product_id,
-                buyer: message.order.user_id,
-                units: u32::try_from(item.quantity).unwrap_or(0),
-            });
+        for line in reserved_lines(message) {
+            units.push(line);
             owner_of_line.push(index);
         }
     }
@@ -288,6 +298,16 @@ async fn commit_reservations(
         }
     }
     Ok(per_order)
+}
+
+/// The units each item of `message`'s order reserved.
+fn reserved_lines(message: &OrderMessage) -> impl Iterator<Item = ReservedUnits> + '_ {
+    message.order.items.iter().map(|item| ReservedUnits {
+        order: message.order.id,
+        product: item.product_id,
+        buyer: message.order.user_id,
+        units: u32::try_from(item.quantity).unwrap_or(0),
+    })
 }
 
 /// The final row of an order refused because another order holds its Idempotency-Key: it

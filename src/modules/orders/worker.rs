@@ -253,7 +253,7 @@ async fn retry_later(state: &AppState, deferred: &Deferred<'_>) -> Result<bool, 
     Ok(true)
 }
 
-async fn publish_alone(
+pub(super) async fn publish_alone(
     state: &AppState,
     queue: &str,
     message: OrderMessage,
@@ -267,7 +267,7 @@ async fn publish_alone(
 /// Ends an order that cannot be settled: any charge refunded, its units released, recorded
 /// `failed` with `reason` (in its shard, or in its acceptance record when the shard cannot
 /// hold it), the buyer told, and a copy on the dead-letter queue for an operator.
-async fn give_up(
+pub(super) async fn give_up(
     state: &AppState,
     message: &OrderMessage,
     reason: &'static str,

@@ -390,6 +390,36 @@ pub async fn release(
         .await?)
 }
 
+/// committed -> persisted for `lines` whose orders' final rows are in PostgreSQL.
+pub async fn persist(state: &AppState, lines: &[ReservedUnits]) -> Result<(), ProductsError> {
+    let mut by_product: std::collections::BTreeMap<Uuid, Vec<&ReservedUnits>> = Default::default();
+    for line in lines {
+        by_product.entry(line.product).or_default().push(line);
+    }
+    let stock = &state.products.stock;
+    futures_util::future::try_join_all(
+        by_product
+            .iter()
+            .map(|(product, lines)| stock.persist(&state.redis, *product, lines)),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Orders committed before `cutoff` and never persisted: of `product`'s sale, or (None) of
+/// every product whose regular stock is in Redis.
+pub async fn stale_committed(
+    state: &AppState,
+    product: Option<Uuid>,
+    cutoff: DateTime<Utc>,
+) -> Result<Vec<StaleReservation>, ProductsError> {
+    let stock = &state.products.stock;
+    Ok(match product {
+        Some(product) => stock.stale_committed(&state.redis, product, cutoff).await?,
+        None => stock.stale_regular_committed(&state.redis, cutoff).await?,
+    })
+}
+
 /// Fences stale reservations for the reconciler's release; answers those fenced.
 pub async fn fence(
     state: &AppState,

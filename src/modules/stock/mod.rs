@@ -117,6 +117,7 @@ pub struct StockScripts {
     late_commit: Script,
     release: Script,
     fence: Script,
+    persist: Script,
     load: Script,
     adjust: Script,
     rebuild: Script,
@@ -130,6 +131,7 @@ pub struct StockScripts {
 impl StockScripts {
     pub fn new(flash_buckets: u32) -> Self {
         Self {
+            persist: Script::new(include_str!("lua/persist.lua")),
             flash_buckets: flash_buckets.max(1),
             layouts: moka::sync::Cache::builder()
                 .max_capacity(100_000)
@@ -222,6 +224,8 @@ struct SaleKeys {
     moves_out: String,
     /// Moves taken into this bucket (so a repeated take adds nothing).
     moves_in: String,
+    /// Orders committed and not yet persisted, scored by commit time.
+    committed: String,
 }
 
 impl SaleKeys {
@@ -240,6 +244,7 @@ impl SaleKeys {
             room: key("room"),
             moves_out: key("out"),
             moves_in: key("in"),
+            committed: key("committed"),
         }
     }
 
@@ -436,7 +441,7 @@ pub enum Releaser {
 impl Releaser {
     fn allowed_states(self) -> &'static str {
         match self {
-            Releaser::Owner => "rcf",
+            Releaser::Owner => "rcfp",
             Releaser::Reconciler => "f",
         }
     }
@@ -879,7 +884,10 @@ impl StockScripts {
         for (bucket, indexes) in by_bucket {
             let keys = layout.bucket(redis, bucket);
             let mut invocation = self.commit.key(&keys.reservations);
-            invocation.key(&keys.pending).key(&keys.sale);
+            invocation
+                .key(&keys.pending)
+                .key(&keys.sale)
+                .key(&keys.committed);
             for i in &indexes {
                 invocation.arg(orders[*i].order.to_string());
             }
@@ -916,6 +924,7 @@ impl StockScripts {
                         .key(&keys.sale)
                         .key(&keys.pending)
                         .key(&keys.moves_in)
+                        .key(&keys.committed)
                         .arg(reserved.order.to_string())
                         .arg(reserved.buyer.simple().to_string())
                         .arg(reserved.units);
@@ -949,12 +958,13 @@ impl StockScripts {
             .key(&keys.reservations)
             .key(&keys.pending)
             .key(&keys.sale)
+            .key(&keys.committed)
             .arg(order.to_string())
             .arg(by.allowed_states())
             .invoke_async(&mut redis.conn())
             .await?;
         Ok(match outcome.as_str() {
-            "r" | "c" | "f" => ReleaseOutcome::Released,
+            "r" | "c" | "f" | "p" => ReleaseOutcome::Released,
             "already" => ReleaseOutcome::AlreadyReleased,
             kept if kept.starts_with("kept:") => ReleaseOutcome::Kept,
             _ => ReleaseOutcome::Unknown,
@@ -995,6 +1005,85 @@ impl StockScripts {
             );
         }
         Ok(fenced)
+    }
+
+    /// committed -> persisted for orders whose final row is in PostgreSQL (one script per
+    /// bucket): they leave the committed set the reconciler scans.
+    pub async fn persist(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+        orders: &[&ReservedUnits],
+    ) -> redis::RedisResult<()> {
+        if orders.is_empty() {
+            return Ok(());
+        }
+        let layout = self.layout(redis, product).await?;
+        let mut by_bucket: std::collections::BTreeMap<u32, Vec<Uuid>> = Default::default();
+        for reserved in orders {
+            by_bucket
+                .entry(layout.home(reserved.buyer))
+                .or_default()
+                .push(reserved.order);
+        }
+        for (bucket, orders) in by_bucket {
+            let keys = layout.bucket(redis, bucket);
+            let mut invocation = self.persist.key(&keys.reservations);
+            invocation.key(&keys.committed);
+            for order in orders {
+                invocation.arg(order.to_string());
+            }
+            invocation.invoke_async::<i64>(&mut redis.conn()).await?;
+        }
+        Ok(())
+    }
+
+    /// Orders of `product` committed before `cutoff` and still not persisted: their worker
+    /// wrote nothing (its message was lost or dead-lettered), or died before persisting.
+    pub async fn stale_committed(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+        cutoff: DateTime<Utc>,
+    ) -> redis::RedisResult<Vec<StaleReservation>> {
+        let buckets: Vec<(Uuid, SaleKeys)> = self
+            .layout(redis, product)
+            .await?
+            .every(redis)
+            .into_iter()
+            .map(|keys| (product, keys))
+            .collect();
+        committed_before(redis, &buckets, cutoff).await
+    }
+
+    /// `stale_committed` for every product whose regular stock is in Redis, a page of
+    /// products per round trip.
+    pub async fn stale_regular_committed(
+        &self,
+        redis: &Redis,
+        cutoff: DateTime<Utc>,
+    ) -> redis::RedisResult<Vec<StaleReservation>> {
+        let mut stale = vec![];
+        for page in self.regular_products(redis).await?.chunks(REGULAR_PAGE) {
+            let buckets: Vec<(Uuid, SaleKeys)> = page
+                .iter()
+                .map(|p| (*p, SaleKeys::new(redis, *p, 0)))
+                .collect();
+            stale.extend(committed_before(redis, &buckets, cutoff).await?);
+        }
+        Ok(stale)
+    }
+
+    /// The products whose regular stock is in Redis (see `track_regular`).
+    async fn regular_products(&self, redis: &Redis) -> redis::RedisResult<Vec<Uuid>> {
+        let members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(redis.key("stock:regular"))
+            .query_async(&mut redis.conn())
+            .await?;
+        Ok(members
+            .iter()
+            .filter_map(|m| Uuid::try_parse(m).ok())
+            .collect())
     }
 
     /// Loads a sale's terms into every bucket, and its counters (`inventory` dealt out over
@@ -1263,14 +1352,7 @@ impl StockScripts {
         cutoff: DateTime<Utc>,
     ) -> redis::RedisResult<Vec<StaleReservation>> {
         let set = redis.key("stock:regular");
-        let members: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(&set)
-            .query_async(&mut redis.conn())
-            .await?;
-        let products: Vec<Uuid> = members
-            .iter()
-            .filter_map(|m| Uuid::try_parse(m).ok())
-            .collect();
+        let products = self.regular_products(redis).await?;
         let (mut stale, mut candidates, mut gone) = (vec![], vec![], vec![]);
         for page in products.chunks(REGULAR_PAGE) {
             let keys: Vec<SaleKeys> = page.iter().map(|p| SaleKeys::new(redis, *p, 0)).collect();
@@ -1465,6 +1547,7 @@ impl StockScripts {
             invocation
                 .key(&keys.moves_out)
                 .key(&keys.moves_in)
+                .key(&keys.committed)
                 .arg(share)
                 .arg(&epoch)
                 .arg(layout.buckets);
@@ -1518,6 +1601,54 @@ async fn still_reserved(
             if state != "r" && state != "f" {
                 return None;
             }
+            Some(StaleReservation {
+                product,
+                order: Uuid::try_parse(&order).ok()?,
+                buyer: Uuid::try_parse(buyer).ok()?,
+            })
+        })
+        .collect())
+}
+
+/// The orders committed before `cutoff` in `buckets` (product, keys) and still committed:
+/// a page per bucket from the committed sets, then their records, two round trips in all.
+async fn committed_before(
+    redis: &Redis,
+    buckets: &[(Uuid, SaleKeys)],
+    cutoff: DateTime<Utc>,
+) -> redis::RedisResult<Vec<StaleReservation>> {
+    let mut pipe = redis::pipe();
+    for (_, keys) in buckets {
+        pipe.cmd("ZRANGEBYSCORE")
+            .arg(&keys.committed)
+            .arg("-inf")
+            .arg(cutoff.timestamp_millis())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(1000);
+    }
+    let orders: Vec<Vec<String>> = pipe.query_async(&mut redis.conn()).await?;
+    let candidates: Vec<(&SaleKeys, Uuid, String)> = buckets
+        .iter()
+        .zip(orders)
+        .flat_map(|((product, keys), orders)| orders.into_iter().map(move |o| (keys, *product, o)))
+        .collect();
+    if candidates.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut pipe = redis::pipe();
+    for (keys, _, order) in &candidates {
+        pipe.hget(&keys.reservations, order);
+    }
+    let records: Vec<Option<String>> = pipe.query_async(&mut redis.conn()).await?;
+    Ok(candidates
+        .into_iter()
+        .zip(records)
+        .filter_map(|((_, product, order), record)| {
+            let record = record?;
+            let mut parts = record.split(':');
+            let (state, buyer) = (parts.next()?, parts.next()?);
+            (state == "c").then_some(())?;
             Some(StaleReservation {
                 product,
                 order: Uuid::try_parse(&order).ok()?,

@@ -1,8 +1,12 @@
 -- reserved -> committed for each order in ARGV (one call per product per worker batch), the
--- units counted in the sale's `committed` (what the auditor reads instead of every record).
--- Answers, per order: committed | already | released (released, or fenced by the reconciler
--- for release: the order must not proceed) | missing.
-local reservations_key, pending_key, sale_key = KEYS[1], KEYS[2], KEYS[3]
+-- units counted in the sale's `committed` (what the auditor reads instead of every record),
+-- and the order noted in the committed set with the time, until it is persisted (so an order
+-- whose message was lost between commit and persist is found by the reconciler).
+-- Answers, per order: committed | already (committed or persisted) | released (released, or
+-- fenced by the reconciler for release: the order must not proceed) | missing.
+local reservations_key, pending_key, sale_key, committed_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
 local out = {}
 local committed = 0
 for i = 1, #ARGV do
@@ -14,15 +18,22 @@ for i = 1, #ARGV do
     local state = string.sub(rec, 1, 1)
     if state == 'x' or state == 'f' then
       out[i] = 'released'
-    elseif state == 'c' then
+    elseif state == 'c' or state == 'p' then
       out[i] = 'already'
     else
       redis.call('HSET', reservations_key, order, 'c' .. string.sub(rec, 2))
       redis.call('ZREM', pending_key, order)
+      redis.call('ZADD', committed_key, now_ms, order)
       committed = committed + tonumber(string.match(rec, ':(%d+)$'))
       out[i] = 'committed'
     end
   end
 end
-if committed > 0 then redis.call('HINCRBY', sale_key, 'committed', committed) end
+if committed > 0 then
+  redis.call('HINCRBY', sale_key, 'committed', committed)
+  local expire_at = redis.call('EXPIRETIME', sale_key)
+  if expire_at > 0 and redis.call('TTL', committed_key) == -1 then
+    redis.call('EXPIREAT', committed_key, expire_at)
+  end
+end
 return out

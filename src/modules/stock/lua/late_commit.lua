@@ -8,4 +8,5 @@ local stock_key, epoch_key, reservations_key, buyers_key, sale_key = KEYS[1], KE
 -- always checks every key.
 local pending_key, expiring = KEYS[6], false
 local order, user, units, in_key = ARGV[1], ARGV[2], tonumber(ARGV[3]), KEYS[7]
+local committed_key = KEYS[8]
 local move, move_units, move_epoch = ARGV[4], tonumber(ARGV[5]), ARGV[6]

@@ -5,7 +5,8 @@ if not stock then return {'not_loaded'} end
 -- A record made meanwhile (a redelivery's late commit) decides; a released one stays released.
 local rec = redis.call('HGET', reservations_key, order)
 if rec then
-  if string.sub(rec, 1, 1) == 'c' then return {'committed'} end
+  local state = string.sub(rec, 1, 1)
+  if state == 'c' or state == 'p' then return {'committed'} end
   return {'released'}
 end
 if tonumber(stock) < units then return {'sold_out'} end
@@ -15,3 +16,9 @@ redis.call('DECRBY', stock_key, units)
 redis.call('HINCRBY', buyers_key, user, units)
 redis.call('HSET', reservations_key, order, 'c:' .. user .. ':' .. units)
 redis.call('HINCRBY', sale_key, 'committed', units)
+local now = redis.call('TIME')
+redis.call('ZADD', committed_key, now[1] * 1000 + math.floor(now[2] / 1000), order)
+local committed_until = redis.call('EXPIRETIME', stock_key)
+if committed_until > 0 and redis.call('TTL', committed_key) == -1 then
+  redis.call('EXPIREAT', committed_key, committed_until)
+end
