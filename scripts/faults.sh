@@ -27,7 +27,8 @@ target="${CARGO_TARGET_DIR:-$HOME/.cache/flashsale-target}/release"
 bin="${FLASHSALE_BIN:-$target/flashsale}"
 load="${ORDER_LOAD_BIN:-$target/order_load}"
 all_scenarios=(worker_killed broker_dropped redis_flushed redis_node_lost redis_node_paused_lost
-  shard_down payment_down rolling_sigterm same_key_retries kafka_down)
+  shard_down payment_down rolling_sigterm same_key_retries kafka_down worker_frozen
+  same_key_flushed)
 scenarios=("${@:-${all_scenarios[@]}}")
 
 export FLASHSALE__LOG__FILTER=error
@@ -77,11 +78,13 @@ start_kafka() { # memory storage: a restart starts empty, so the topic is create
 stop_kafka() { kill "$kafka_pid" 2>/dev/null || true; wait "$kafka_pid" 2>/dev/null || true; }
 
 declare -A pid
-start() { # role [extra env...]
+start() { # role [extra env...]; a second order-worker is the role `order-worker-2`
   local role=$1 port
   shift
-  case $role in api) port=8080 ;; order-worker) port=9091 ;; notify-worker) port=9092 ;; esac
-  env FLASHSALE__HTTP__OPS_PORT="$port" "$@" "$bin" serve --role "$role" >>"$out/$role.log" 2>&1 &
+  case $role in
+  api) port=8080 ;; order-worker) port=9091 ;; notify-worker) port=9092 ;; order-worker-2) port=9093 ;;
+  esac
+  env FLASHSALE__HTTP__OPS_PORT="$port" "$@" "$bin" serve --role "${role%-2}" >>"$out/$role.log" 2>&1 &
   pid[$role]=$!
   local path=/health
   [ "$role" = api ] && path=/ready
@@ -177,11 +180,30 @@ fault_rolling_sigterm() {
   for role in order-worker notify-worker api; do stop "$role"; start "$role"; done
 }
 fault_same_key_retries() { :; }
+# Buyers retry with their keys while Redis loses everything (the Idempotency-Keys too): a
+# retry must replay its paid order from PostgreSQL, never buy again.
+fault_same_key_flushed() { sleep 2; fault_redis_flushed; }
+# A worker frozen past the reservation timeout while another worker's reconciler runs, then
+# resumed while buyers arrive: the reconciler fences the frozen worker's reservations before
+# it reads PostgreSQL, so their late commits fail them (units back) and nothing sells twice.
+fault_worker_frozen() {
+  local short=FLASHSALE__ORDERS__RESERVATION_TIMEOUT_SECS=2
+  stop order-worker
+  start order-worker "$short"
+  start order-worker-2 "$short"
+  kill -STOP "${pid[order-worker]}"
+  sleep 6
+  kill -CONT "${pid[order-worker]}"
+  stop order-worker-2
+  stop order-worker
+  start order-worker
+}
 fault_kafka_down() { stop_kafka; sleep 10; start_kafka; }
 
 load_args() { # scenario
   case $1 in
-  same_key_retries) echo "--buyers 300 --reuse-keys --rate 600 --duration-secs 8 --stock 200" ;;
+  same_key_retries | same_key_flushed)
+    echo "--buyers 300 --reuse-keys --rate 600 --duration-secs 8 --stock 200" ;;
   *) echo "--buyers 3000 --rate 500 --duration-secs 12 --stock 4000" ;;
   esac
 }

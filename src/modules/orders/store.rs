@@ -317,25 +317,37 @@ pub async fn orders_holding<'a>(
     let mut found = BTreeMap::new();
     for (shard, owners) in by_shard {
         let mut conn = db.shards()[shard].write_conn().await?;
-        let users: Vec<Uuid> = owners.iter().map(|o| o.user).collect();
-        let wanted: Vec<&str> = owners.iter().map(|o| o.key).collect();
-        let rows: Vec<(Uuid, Uuid, Option<String>)> = orders::table
-            .filter(orders::user_id.eq_any(&users))
-            .filter(orders::idempotency_key.eq_any(&wanted))
-            .select((orders::id, orders::user_id, orders::idempotency_key))
-            .load(&mut conn)
-            .await?;
-        for (id, user, key) in rows {
-            // Users and keys were matched apart: keep only the pairs asked for.
+        // Pairs, one index probe each: `user_id = ANY(..) AND key = ANY(..)` probes every
+        // user with every key (a batch of 250 orders: 62,500 probes).
+        let rows: Vec<KeyHolder> = diesel::sql_query(
+            "SELECT o.id, o.user_id, o.idempotency_key \
+             FROM unnest($1::uuid[], $2::text[]) AS k (user_id, key) \
+             JOIN orders o ON o.user_id = k.user_id AND o.idempotency_key = k.key",
+        )
+        .bind::<Array<SqlUuid>, _>(owners.iter().map(|o| o.user).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(owners.iter().map(|o| o.key).collect::<Vec<_>>())
+        .load(&mut conn)
+        .await?;
+        for row in rows {
             if let Some(owner) = owners
                 .iter()
-                .find(|o| o.user == user && Some(o.key) == key.as_deref())
+                .find(|o| o.user == row.user_id && o.key == row.idempotency_key)
             {
-                found.insert(*owner, id);
+                found.insert(*owner, row.id);
             }
         }
     }
     Ok(found)
+}
+
+#[derive(QueryableByName)]
+struct KeyHolder {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: Uuid,
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    user_id: Uuid,
+    #[diesel(sql_type = Text)]
+    idempotency_key: String,
 }
 
 pub async fn find(
