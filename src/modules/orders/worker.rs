@@ -43,7 +43,7 @@ pub async fn run(state: AppState) -> Result<(), OrdersError> {
         .await?;
     tracing::info!(queue = %state.orders.queues.orders, "order-worker consuming");
     let linger = Duration::from_millis(settings.batch_linger_ms);
-    let mut holding = Holding::new(&state.redis, settings.stock_restore_wait_secs);
+    let holding = Holding::new(&state.redis);
     loop {
         // A delivery already buffered (prefetched) is taken at once; only a consumer with
         // nothing buffered holds nothing, and says so before it waits.
@@ -51,7 +51,7 @@ pub async fn run(state: AppState) -> Result<(), OrdersError> {
         let next = match buffered {
             Ok(next) => next,
             Err(_) => {
-                holding.release(&state.redis).await;
+                holding.release().await;
                 tokio::select! {
                     biased;
                     () = stopping.cancelled() => break,
@@ -63,7 +63,7 @@ pub async fn run(state: AppState) -> Result<(), OrdersError> {
             Some(delivery) => delivery?,
             None => break,
         };
-        holding.hold(&state.redis).await;
+        holding.hold().await;
         // A batch holds whole deliveries until it has batch_size orders (or the linger
         // ends); under a backlog the prefetched deliveries fill it at once.
         let mut batch = vec![parse(first)];
@@ -85,7 +85,7 @@ pub async fn run(state: AppState) -> Result<(), OrdersError> {
     if let Err(e) = channel.close(200, "order-worker stopping".into()).await {
         tracing::warn!(error = %e, "closing the order channel");
     }
-    holding.release(&state.redis).await;
+    holding.release().await;
     tracing::info!("order-worker stopped");
     Ok(())
 }
