@@ -45,6 +45,10 @@ pub async fn run(state: AppState) -> Result<(), OrdersError> {
     let linger = Duration::from_millis(settings.batch_linger_ms);
     let holding = Holding::new(&state.redis);
     loop {
+        // Stopping comes first: prefetched deliveries go back to the queue with the channel.
+        if stopping.is_cancelled() {
+            break;
+        }
         // A delivery already buffered (prefetched) is taken at once; only a consumer with
         // nothing buffered holds nothing, and says so before it waits.
         let buffered = tokio::time::timeout(Duration::ZERO, consumer.next()).await;
