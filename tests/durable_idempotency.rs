@@ -23,6 +23,21 @@ async fn order_id(res: reqwest::Response) -> (u16, Uuid) {
     (status, id.parse().expect("uuid"))
 }
 
+/// Deletes the one Redis key matching `pattern` (asserting there is exactly one).
+async fn forget_one_key(app: &TestApp, pattern: &str) {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(&mut app.state.redis.conn())
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    redis::cmd("DEL")
+        .arg(&keys)
+        .query_async::<()>(&mut app.state.redis.conn())
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_redis_lost_the_sale_replays_the_paid_order() {
     let app = TestApp::spawn_with(|s| s.orders.reconcile_interval_secs = 1).await;
@@ -67,17 +82,7 @@ async fn a_regular_order_retried_after_redis_forgot_its_key_replays_it() {
     assert_eq!(status, 201);
     assert_eq!(app.wait_settled(&buyer.access, first).await, "paid");
     // Redis forgets the key (a restart): PostgreSQL still names the order.
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(app.state.redis.key("*orders-idem*"))
-        .query_async(&mut app.state.redis.conn())
-        .await
-        .unwrap();
-    assert_eq!(keys.len(), 1, "{keys:?}");
-    redis::cmd("DEL")
-        .arg(&keys)
-        .query_async::<()>(&mut app.state.redis.conn())
-        .await
-        .unwrap();
+    forget_one_key(&app, &app.state.redis.key("*orders-idem*")).await;
 
     let (status, replayed) = order_id(app.order(&buyer.access, "R", &body).await).await;
     assert_eq!((status, replayed), (200, first));
@@ -97,17 +102,7 @@ async fn a_second_order_under_a_forgotten_key_is_failed_before_any_charge() {
 
     let (status, first) = order_id(app.buy(&buyer, product, "K", &json!({})).await).await;
     assert_eq!(status, 201);
-    let idem: Vec<String> = redis::cmd("KEYS")
-        .arg(app.sale_key(product, "idem:*"))
-        .query_async(&mut app.state.redis.conn())
-        .await
-        .unwrap();
-    assert_eq!(idem.len(), 1, "{idem:?}");
-    redis::cmd("DEL")
-        .arg(&idem)
-        .query_async::<()>(&mut app.state.redis.conn())
-        .await
-        .unwrap();
+    forget_one_key(&app, &app.sale_key(product, "idem:*")).await;
     let (status, second) = order_id(app.buy(&buyer, product, "K", &json!({})).await).await;
     assert_eq!(status, 201, "Redis no longer knows the key");
     assert_ne!(first, second);

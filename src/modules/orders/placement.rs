@@ -119,9 +119,9 @@ pub async fn place_flash_sale_order(
     };
     let idempotency_key =
         products::idempotency_key(state, product, caller.user_id, key_digest).await?;
+    let durable_key = idempotency::durable_flash(product, key_digest);
     let mut reservation = products::reserve(state, &request).await?;
     if reservation == Reservation::Unverified {
-        let durable_key = idempotency::durable_flash(product, key_digest);
         let replayed = Placed::replayed_from_db(
             state,
             caller.user_id,
@@ -176,7 +176,7 @@ pub async fn place_flash_sale_order(
         attempt: 0,
         traceparent: telemetry::current_traceparent(),
         failure_reason: None,
-        idempotency_key: Some(idempotency::durable_flash(product, key_digest)),
+        idempotency_key: Some(durable_key),
     };
     acceptance::accept(state, message, &idempotency_key, &body_hash)
         .await

@@ -94,6 +94,7 @@ pub async fn reconcile_once(state: &AppState) -> Result<Repairs, OrdersError> {
     let timeout = chrono::Duration::seconds(state.settings.orders.reservation_timeout_secs);
     // Reservations made before it, and still only reserved, are stale.
     let cutoff = chrono::Utc::now() - timeout;
+    let lost_before = lost_cutoff(state);
     for product in products::due_sales(state).await? {
         match products::sale_state(state, product.id).await? {
             products::SaleState::Open => {}
@@ -112,14 +113,29 @@ pub async fn reconcile_once(state: &AppState) -> Result<Repairs, OrdersError> {
         repairs.moves_finished += products::finish_stuck_moves(state, product.id).await?;
         let stale = products::stale_reservations(state, product.id, cutoff).await?;
         repairs.released += release_unpersisted(state, stale).await?;
-        let lost = products::stale_committed(state, Some(product.id), lost_cutoff(state)).await?;
+        let lost = products::stale_committed(state, Some(product.id), lost_before).await?;
         repairs.redriven += redrive(state, lost).await?;
     }
     let stale = products::stale_regular_reservations(state, cutoff).await?;
     repairs.released += release_unpersisted(state, stale).await?;
-    let lost = products::stale_committed(state, None, lost_cutoff(state)).await?;
+    let lost = products::stale_committed(state, None, lost_before).await?;
     repairs.redriven += redrive(state, lost).await?;
     Ok(repairs)
+}
+
+/// The statuses in PostgreSQL of the orders behind `reservations` (absent: not written).
+async fn written(
+    state: &AppState,
+    reservations: &[products::StaleReservation],
+) -> Result<std::collections::BTreeMap<uuid::Uuid, OrderStatus>, OrdersError> {
+    let owners: Vec<store::OrderOwner> = reservations
+        .iter()
+        .map(|s| store::OrderOwner {
+            order: s.order,
+            user: s.buyer,
+        })
+        .collect();
+    store::statuses(&state.db, &owners).await
 }
 
 /// Sends of one committed order before it is failed.
@@ -150,27 +166,24 @@ async fn redrive(
     if lost.is_empty() {
         return Ok(0);
     }
-    let owners: Vec<store::OrderOwner> = lost
-        .iter()
-        .map(|s| store::OrderOwner {
-            order: s.order,
-            user: s.buyer,
+    let written = written(state, &lost).await?;
+    let (done, lost): (Vec<_>, Vec<_>) = lost
+        .into_iter()
+        .partition(|stale| written.contains_key(&stale.order));
+    // Their workers wrote them and died before marking them persisted (persisting reads
+    // only the order and its buyer).
+    let done: Vec<products::ReservedUnits> = done
+        .into_iter()
+        .map(|stale| products::ReservedUnits {
+            order: stale.order,
+            product: stale.product,
+            buyer: stale.buyer,
+            units: 0,
         })
         .collect();
-    let written = store::statuses(&state.db, &owners).await?;
+    products::persist(state, &done).await?;
     let mut redriven = 0;
     for stale in lost {
-        if written.contains_key(&stale.order) {
-            // Its worker wrote it and died before marking it persisted.
-            let line = products::ReservedUnits {
-                order: stale.order,
-                product: stale.product,
-                buyer: stale.buyer,
-                units: 0,
-            };
-            products::persist(state, &[line]).await?;
-            continue;
-        }
         let Some(message) = acceptance::find(state, stale.order).await? else {
             tracing::error!(order = %stale.order, "a committed order lost its acceptance record; it needs an operator");
             continue;
@@ -204,14 +217,7 @@ async fn release_unpersisted(
     stale: Vec<products::StaleReservation>,
 ) -> Result<usize, OrdersError> {
     let fenced = products::fence(state, stale).await?;
-    let owners: Vec<store::OrderOwner> = fenced
-        .iter()
-        .map(|s| store::OrderOwner {
-            order: s.order,
-            user: s.buyer,
-        })
-        .collect();
-    let persisted = store::statuses(&state.db, &owners).await?;
+    let persisted = written(state, &fenced).await?;
     let mut released = 0;
     for stale in fenced {
         let (order, product) = (stale.order, stale.product);

@@ -1567,8 +1567,14 @@ impl StockScripts {
 /// Adds to `pipe` the read of `bucket`'s orders pending since before `cutoff` (a bounded page:
 /// the next pass takes the rest).
 fn pending_before(pipe: &mut redis::Pipeline, bucket: &SaleKeys, cutoff: DateTime<Utc>) {
+    page_before(pipe, &bucket.pending, cutoff);
+}
+
+/// Adds to `pipe` the read of the oldest members of the sorted set `key` scored before
+/// `cutoff`, a bounded page.
+fn page_before(pipe: &mut redis::Pipeline, key: &str, cutoff: DateTime<Utc>) {
     pipe.cmd("ZRANGEBYSCORE")
-        .arg(&bucket.pending)
+        .arg(key)
         .arg("-inf")
         .arg(cutoff.timestamp_millis())
         .arg("LIMIT")
@@ -1581,6 +1587,17 @@ fn pending_before(pipe: &mut redis::Pipeline, bucket: &SaleKeys, cutoff: DateTim
 async fn still_reserved(
     redis: &Redis,
     candidates: Vec<(String, Uuid, String)>,
+) -> redis::RedisResult<Vec<StaleReservation>> {
+    // Reserved, or fenced by a reconciler pass that did not get to release it.
+    records_in(redis, candidates, &["r", "f"]).await
+}
+
+/// Of `candidates` (reservations key, product, order), those whose record is in one of
+/// `states`, read in one round trip.
+async fn records_in(
+    redis: &Redis,
+    candidates: Vec<(String, Uuid, String)>,
+    states: &[&str],
 ) -> redis::RedisResult<Vec<StaleReservation>> {
     if candidates.is_empty() {
         return Ok(vec![]);
@@ -1597,8 +1614,7 @@ async fn still_reserved(
             let record = record?;
             let mut parts = record.split(':');
             let (state, buyer) = (parts.next()?, parts.next()?);
-            // Reserved, or fenced by a reconciler pass that did not get to release it.
-            if state != "r" && state != "f" {
+            if !states.contains(&state) {
                 return None;
             }
             Some(StaleReservation {
@@ -1619,43 +1635,19 @@ async fn committed_before(
 ) -> redis::RedisResult<Vec<StaleReservation>> {
     let mut pipe = redis::pipe();
     for (_, keys) in buckets {
-        pipe.cmd("ZRANGEBYSCORE")
-            .arg(&keys.committed)
-            .arg("-inf")
-            .arg(cutoff.timestamp_millis())
-            .arg("LIMIT")
-            .arg(0)
-            .arg(1000);
+        page_before(&mut pipe, &keys.committed, cutoff);
     }
     let orders: Vec<Vec<String>> = pipe.query_async(&mut redis.conn()).await?;
-    let candidates: Vec<(&SaleKeys, Uuid, String)> = buckets
+    let candidates = buckets
         .iter()
         .zip(orders)
-        .flat_map(|((product, keys), orders)| orders.into_iter().map(move |o| (keys, *product, o)))
-        .collect();
-    if candidates.is_empty() {
-        return Ok(vec![]);
-    }
-    let mut pipe = redis::pipe();
-    for (keys, _, order) in &candidates {
-        pipe.hget(&keys.reservations, order);
-    }
-    let records: Vec<Option<String>> = pipe.query_async(&mut redis.conn()).await?;
-    Ok(candidates
-        .into_iter()
-        .zip(records)
-        .filter_map(|((_, product, order), record)| {
-            let record = record?;
-            let mut parts = record.split(':');
-            let (state, buyer) = (parts.next()?, parts.next()?);
-            (state == "c").then_some(())?;
-            Some(StaleReservation {
-                product,
-                order: Uuid::try_parse(&order).ok()?,
-                buyer: Uuid::try_parse(buyer).ok()?,
-            })
+        .flat_map(|((product, keys), orders)| {
+            orders
+                .into_iter()
+                .map(move |order| (keys.reservations.clone(), *product, order))
         })
-        .collect())
+        .collect();
+    records_in(redis, candidates, &["c"]).await
 }
 
 /// Buyers in `buyers_key` holding more than `limit` units, read a page at a time.
