@@ -278,7 +278,7 @@ async fn regular_reservations_whose_order_never_arrived_are_released() {
         let product = app.regular_product(&admin.access, 4, "2.00").await;
         for _ in 0..held {
             let reserved =
-                products::reserve_regular(&app.state, product, Uuid::now_v7(), 1, Uuid::now_v7())
+                orders::reserve_regular(&app.state, product, Uuid::now_v7(), 1, Uuid::now_v7())
                     .await
                     .unwrap();
             assert!(matches!(reserved, products::Reservation::Reserved { .. }));
@@ -287,7 +287,7 @@ async fn regular_reservations_whose_order_never_arrived_are_released() {
         products_with_stock.push(product);
     }
     let expired = app.regular_product(&admin.access, 4, "2.00").await;
-    products::reserve_regular(&app.state, expired, Uuid::now_v7(), 1, Uuid::now_v7())
+    orders::reserve_regular(&app.state, expired, Uuid::now_v7(), 1, Uuid::now_v7())
         .await
         .unwrap();
     app.lose_sale(expired).await;
@@ -534,16 +534,7 @@ async fn a_failed_refund_is_retried_and_one_that_keeps_failing_is_dead_lettered(
     let worker = app.spawn_worker().await;
     let admin = app.register_admin(&unique_email("admin")).await;
     let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
-    let refunded = |order: Uuid| {
-        let redis = app.state.redis.clone();
-        async move {
-            redis::cmd("EXISTS")
-                .arg(redis.key(format_args!("{{paysim}}:refund:{order}")))
-                .query_async::<bool>(&mut redis.conn())
-                .await
-                .unwrap()
-        }
-    };
+    let refunded = |order: Uuid| app.refunded(order);
 
     // The gateway fails the cancel's refund; the worker's retry gets it through.
     let (buyer, order, status) = app.buy_and_settle(product, "card").await;
@@ -704,7 +695,7 @@ async fn a_committed_order_whose_message_was_lost_is_sent_again_or_failed() {
     let outcomes = products::commit(&app.state, &lines).await.unwrap();
     assert!(outcomes
         .iter()
-        .all(|o| *o == products::CommitOutcome::Committed));
+        .all(|o| matches!(o, products::CommitOutcome::Committed(_))));
     let channel = app.state.amqp.connection().create_channel().await.unwrap();
     channel
         .queue_purge(
@@ -741,4 +732,114 @@ async fn a_committed_order_whose_message_was_lost_is_sent_again_or_failed() {
     // Both are out of the committed set: the next pass finds nothing.
     let repairs = reconcile_once(&app.state).await.unwrap();
     assert_eq!(repairs.redriven, 0, "{repairs:?}");
+}
+
+/// Finding 3: a regular order committed in Redis before a loss and written sold after the
+/// rebuild put its unit back on the shelf. The rebuild (here: the next buyer's order finds
+/// the stock gone and loads it) fences the shards first, so the late write is void: the
+/// first order takes its unit again, finds it sold to the second, fails and is refunded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_from_before_a_redis_loss_cannot_sell_a_unit_the_rebuild_put_back() {
+    let app = TestApp::spawn_with(|s| {
+        s.orders.payment.latency_ms = 1_500;
+        s.orders.payment.timeout_ms = 10_000;
+    })
+    .await;
+    let worker = app.spawn_worker().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.regular_product(&admin.access, 1, "2.00").await;
+    let body = json!({"items": [{"product_id": product, "quantity": 1}]});
+    let place = |key: &'static str| {
+        let (app, body) = (&app, body.clone());
+        async move {
+            let token = app.mint_token(Uuid::now_v7());
+            let res = app.order(&token, key, &body).await;
+            assert_eq!(res.status(), 201, "{key}");
+            let order: Value = res.json().await.unwrap();
+            (
+                token,
+                order["id"].as_str().unwrap().parse::<Uuid>().unwrap(),
+            )
+        }
+    };
+    let (first_token, first) = place("first").await;
+    // Committed, and at the (slow) gateway: not yet written sold.
+    common::until("the first order at the gateway", || async {
+        worker.state.orders.simulator.attempts() >= 1
+    })
+    .await;
+    app.lose_sale(product).await;
+    let (second_token, second) = place("second").await;
+
+    assert_eq!(app.wait_settled(&second_token, second).await, "paid");
+    let failed = app.wait_settled(&first_token, first).await;
+    assert_eq!(failed, "failed");
+    assert_eq!(failed.failure_reason.as_deref(), Some("sold_out"));
+    assert!(app.refunded(first).await, "its charge was paid back");
+    app.wait_inventory(product, 0).await;
+    assert_eq!(app.refunds_owed().await, 0);
+}
+
+/// Finding 7: the gateway charged, but its answer came after the worker stopped waiting;
+/// the buyer cancels before the worker tries again. The cancel refunds the charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_that_landed_during_a_gateway_timeout_is_refunded_on_cancel() {
+    let app = TestApp::spawn_with(|s| {
+        s.orders.payment.latency_ms = 5_000;
+        s.orders.payment.timeout_ms = 50;
+    })
+    .await;
+    let worker = app.spawn_worker().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
+    let buyer = app.register(&unique_email("buyer")).await;
+    let res = app.buy(&buyer.access, product, "k", &json!({})).await;
+    assert_eq!(res.status(), 201);
+    let order: Value = res.json().await.unwrap();
+    let order: Uuid = order["id"].as_str().unwrap().parse().unwrap();
+    common::until("the charge landed", || app.charged(order)).await;
+    worker.kill().await;
+
+    assert_eq!(app.cancel(&buyer.access, order).await.status(), 200);
+    assert!(app.refunded(order).await, "the cancel paid the charge back");
+    assert_eq!(app.refunds_owed().await, 0);
+    assert_eq!(app.wait_settled(&buyer.access, order).await, "cancelled");
+}
+
+/// Finding 7: a refund the gateway failed, whose retry messages were then lost, is still
+/// owed in PostgreSQL and paid back by the reconciler once due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_whose_retry_messages_were_lost_is_paid_back_by_the_reconciler() {
+    let app = TestApp::spawn().await;
+    let worker = app.spawn_worker().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
+    let (buyer, order, status) = app.buy_and_settle(product, "card").await;
+    assert_eq!(status, "paid");
+    worker.kill().await;
+
+    app.state.orders.simulator.set_failure_rate(1.0);
+    assert_eq!(app.cancel(&buyer.access, order).await.status(), 200);
+    assert!(!app.refunded(order).await);
+    assert_eq!(app.refunds_owed().await, 1, "the debt is on the books");
+    let queues = &app.state.orders.queues;
+    let channel = app.state.amqp.connection().create_channel().await.unwrap();
+    let retries = queues.refund_retries.iter().map(|(queue, _)| queue);
+    for queue in retries.chain([&queues.refunds]) {
+        channel
+            .queue_purge(
+                queue.as_str().into(),
+                lapin::options::QueuePurgeOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+
+    app.state.orders.simulator.set_failure_rate(0.0);
+    common::until("the reconciler paid the debt back", || async {
+        reconcile_once(&app.state).await.unwrap();
+        app.refunded(order).await
+    })
+    .await;
+    assert_eq!(app.refunds_owed().await, 0);
 }

@@ -51,6 +51,7 @@ async fn publish_together(app: &TestApp, orders: Vec<Order>) {
             traceparent: None,
             failure_reason: None,
             idempotency_key: None,
+            charge_sent: false,
         })
         .collect();
     let payload = serde_json::to_vec(&OrderEnvelope::new(messages)).unwrap();

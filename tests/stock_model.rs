@@ -2,8 +2,10 @@
 //! (written, then `committed -> persisted`),
 //! decline, the reconciler's fence and release, cancel, a lost bucket or a whole flush,
 //! rebuild and reopen, driven through the real Lua scripts on the real Redis. PostgreSQL's
-//! part (which orders are written, in which state, and the on-hand count the rebuild reads)
-//! is modelled in memory: the engine is told those numbers the same way in production.
+//! part (which orders are written, in which state, the on-hand count the rebuild reads and
+//! the stock fence that voids a commit made before the rebuild) is modelled in memory: the
+//! engine is told those numbers the same way in production. A rebuild may come while
+//! orders are committed and not yet written (the race of finding 3).
 //!
 //! After every step it checks the promises:
 //! - units sold (paid, or committed on their way to paid) never exceed the stock;
@@ -91,6 +93,8 @@ struct Order {
     units: u32,
     /// The worker committed it and holds it, not yet written.
     committed: bool,
+    /// The epoch its commit answered (for the fence check when it is written).
+    committed_under: Uuid,
     /// The reconciler fenced it and has not yet released it.
     fenced: bool,
     /// Units given back to the sale at least once.
@@ -108,6 +112,8 @@ struct Model<'a> {
     buyers: Vec<Uuid>,
     orders: Vec<Order>,
     written: BTreeMap<Uuid, Final>,
+    /// The newest rebuild's epoch, as written into the shards' stock fences.
+    fence: Uuid,
 }
 
 fn check(ok: bool, what: impl FnOnce() -> String) -> Result<(), TestCaseError> {
@@ -137,6 +143,7 @@ impl<'a> Model<'a> {
             buyers: (0..BUYERS).map(|_| Uuid::now_v7()).collect(),
             orders: vec![],
             written: BTreeMap::new(),
+            fence: Uuid::nil(),
         };
         model
             .engine
@@ -213,6 +220,7 @@ impl<'a> Model<'a> {
                         buyer: self.buyers[buyer],
                         units,
                         committed: false,
+                        committed_under: Uuid::nil(),
                         fenced: false,
                         released: false,
                     });
@@ -232,7 +240,10 @@ impl<'a> Model<'a> {
                     .await
                     .map_err(fail)?[0];
                 match outcome {
-                    CommitOutcome::Committed => self.orders[i].committed = true,
+                    CommitOutcome::Committed(under) => {
+                        self.orders[i].committed = true;
+                        self.orders[i].committed_under = under.epoch;
+                    }
                     CommitOutcome::Released | CommitOutcome::SoldOut | CommitOutcome::OverLimit => {
                         self.write(i, Final::Failed);
                         self.release(i, Releaser::Owner).await?;
@@ -249,6 +260,11 @@ impl<'a> Model<'a> {
                     return Ok(());
                 }
                 self.orders[i].committed = false;
+                if matches!(step, Step::Persist(_)) && self.voided(i) {
+                    // A rebuild since counted its units back on the shelf: the write is
+                    // refused, and the message comes back to commit again (a late commit).
+                    return Ok(());
+                }
                 if matches!(step, Step::Persist(_)) {
                     // Written before (cancelled meanwhile): the charge is refunded, and the
                     // cancel released the units.
@@ -314,15 +330,17 @@ impl<'a> Model<'a> {
             }
             Step::Lose { bucket } => self.lose(bucket).await,
             Step::Rebuild => {
-                // The reconciler rebuilds a sale found lost once no order is committed and
-                // unwritten (the real one waits a pass for that batch to land).
+                // The reconciler rebuilds a sale found lost, whatever is in flight: it fences
+                // the shards with its epoch first, then reads them.
                 let lost = self
                     .engine
                     .state(self.redis, self.product)
                     .await
                     .map_err(fail)?
                     == SaleState::Missing;
-                if lost && !self.orders.iter().any(|o| o.committed) {
+                if lost {
+                    let epoch = flashsale::modules::stock::new_epoch();
+                    self.fence = epoch;
                     let on_hand = STOCK - self.units_where(|s| s == Final::Paid);
                     let mut buyers: BTreeMap<Uuid, i64> = BTreeMap::new();
                     for order in &self.orders {
@@ -332,7 +350,14 @@ impl<'a> Model<'a> {
                     }
                     let buyers: Vec<(Uuid, i64)> = buyers.into_iter().collect();
                     self.engine
-                        .rebuild(self.redis, self.product, on_hand, &buyers, &self.terms)
+                        .rebuild(
+                            self.redis,
+                            self.product,
+                            on_hand,
+                            &buyers,
+                            &self.terms,
+                            epoch,
+                        )
                         .await
                         .map_err(fail)?;
                     // Reservations the loss took are gone with it: their orders fail at
@@ -383,6 +408,11 @@ impl<'a> Model<'a> {
         }
     }
 
+    /// Whether a rebuild fenced the shards since the order's commit: it cannot be written.
+    fn voided(&self, i: usize) -> bool {
+        self.orders[i].committed_under < self.fence
+    }
+
     fn units_where(&self, status: impl Fn(Final) -> bool) -> i64 {
         self.orders
             .iter()
@@ -392,8 +422,9 @@ impl<'a> Model<'a> {
     }
 
     async fn check_promises(&self, trail: &[Step]) -> Result<(), TestCaseError> {
+        // A commit a rebuild voided will never be written paid: not selling.
         let sold_or_selling = |o: &Order| {
-            o.committed && !self.written.contains_key(&o.id)
+            o.committed && o.committed_under >= self.fence && !self.written.contains_key(&o.id)
                 || self.written.get(&o.id) == Some(&Final::Paid)
         };
         let sold: i64 = self
@@ -442,7 +473,12 @@ impl<'a> Model<'a> {
                 let steps = if round < 2 {
                     vec![Step::Commit(i), Step::Persist(i)]
                 } else {
-                    vec![Step::Fence(i), Step::ReconcileRelease(i), Step::Commit(i)]
+                    vec![
+                        Step::Fence(i),
+                        Step::ReconcileRelease(i),
+                        Step::Commit(i),
+                        Step::Persist(i),
+                    ]
                 };
                 for step in steps {
                     self.run(&step).await?;

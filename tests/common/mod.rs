@@ -763,6 +763,24 @@ impl TestApp {
         self.redis_exists(&format!("{{paysim}}:charge:{order}"))
             .await
     }
+
+    /// Whether the gateway simulator paid `order`'s charge back.
+    pub async fn refunded(&self, order: Uuid) -> bool {
+        self.redis_exists(&format!("{{paysim}}:refund:{order}"))
+            .await
+    }
+
+    /// Refunds still owed, in every shard.
+    pub async fn refunds_owed(&self) -> i64 {
+        let mut owed = 0;
+        for shard in 0..self.state.db.shard_count() {
+            let mut conn = self.shard_conn(shard).await;
+            owed += self
+                .count(&mut conn, "SELECT count(*) AS n FROM refunds_owed")
+                .await;
+        }
+        owed
+    }
 }
 
 impl TestApp {

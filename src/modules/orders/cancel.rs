@@ -25,7 +25,18 @@ pub async fn cancel_order(
     let already_cancelled = order.status == OrderStatus::Cancelled;
     let traceparent = telemetry::current_traceparent();
     let traceparent = traceparent.as_deref();
-    match store::end(&state.db, &order, OrderStatus::Cancelled, None, traceparent).await? {
+    let grace = refunds::debt_grace(state);
+    let end = || {
+        store::end(
+            &state.db,
+            &order,
+            OrderStatus::Cancelled,
+            None,
+            traceparent,
+            grace,
+        )
+    };
+    match end().await? {
         None => {
             // Accepted but not yet persisted: record it cancelled. The worker finds the row
             // and the released reservation and leaves both alone; if the worker inserted it
@@ -38,18 +49,18 @@ pub async fn cancel_order(
                 traceparent,
                 // The worker's row, if it comes later, is the one that claims the key.
                 idempotency_key: None,
+                sold_under: &[],
             };
             // Whoever writes an order's final row counts it out of the admission backlog
             // (the worker that finds the row later counts nothing).
-            let inserted = store::insert_batch(&state.db, &[cancelled]).await?;
+            let inserted = store::insert_batch(&state.db, &[cancelled]).await?.inserted;
             settle::count_settled(state, inserted.len()).await;
-            if store::end(&state.db, &order, OrderStatus::Cancelled, None, traceparent).await?
-                == Some(OrderStatus::Paid)
-            {
-                refunds::refund(state, order.id).await;
-            }
+            end().await?;
+            // Pending or paid: a charge may have landed during a gateway timeout, with the
+            // order still waiting for its retry (a refund of no charge does nothing).
+            refunds::refund(state, &order).await?;
         }
-        Some(OrderStatus::Paid) => refunds::refund(state, order.id).await,
+        Some(OrderStatus::Paid) => refunds::refund(state, &order).await?,
         Some(OrderStatus::Pending | OrderStatus::Cancelled) => {}
         Some(_) => return Err(OrdersError::NotCancellable),
     }

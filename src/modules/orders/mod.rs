@@ -13,6 +13,7 @@ mod acceptance;
 mod admission;
 mod cancel;
 mod error;
+mod fences;
 mod handlers;
 mod holding;
 mod idempotency;
@@ -33,6 +34,7 @@ use std::sync::Arc;
 pub use admission::Ticket;
 pub use cancel::cancel_order;
 pub use error::OrdersError;
+pub use fences::rebuild_stock;
 pub use handlers::configure;
 pub use idempotency::key_digest as idempotency_digest;
 pub use lookup::{find_order, list_user_orders};
@@ -41,7 +43,9 @@ pub use model::{
     OrderMessage, OrderStatus,
 };
 pub use payment::{Charge, ChargeResults, PaymentGateway, PaymentSimulator, Payments};
-pub use placement::{place_flash_sale_order, place_order, FlashSaleAnswer, Placed};
+pub use placement::{
+    place_flash_sale_order, place_order, reserve_regular, FlashSaleAnswer, Placed,
+};
 pub use queue::QueueNames;
 pub use reconciler::{reconcile_once, Repairs};
 

@@ -138,6 +138,11 @@ pub struct OrderMessage {
     /// order is written with it, and one user's key names one order in PostgreSQL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// An earlier delivery sent the order to the payment gateway, which may have charged it
+    /// (an answer lost to a timeout, a commit a rebuild voided): should it end failed, it is
+    /// refunded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub charge_sent: bool,
 }
 
 /// What one AMQP message carries: the orders the API accepted within a few milliseconds.

@@ -118,9 +118,6 @@ impl PaymentGateway for PaymentSimulator {
         Box::pin(async move {
             self.attempts
                 .fetch_add(charges.len() as u64, Ordering::Relaxed);
-            if !self.latency.is_zero() {
-                tokio::time::sleep(self.latency).await;
-            }
             let reaching: Vec<bool> = charges.iter().map(|c| !self.fails_transiently(c)).collect();
             // SET ... NX GET: the earlier outcome when there was one, else ours was stored.
             let mut pipe = redis::pipe();
@@ -146,6 +143,11 @@ impl PaymentGateway for PaymentSimulator {
                 .query_async(&mut self.redis.conn())
                 .await
                 .map_err(transient)?;
+            // The bank has the charge before the answer travels back: a caller that times
+            // out meanwhile leaves a charge standing, as a real gateway can.
+            if !self.latency.is_zero() {
+                tokio::time::sleep(self.latency).await;
+            }
             let mut earlier = earlier.into_iter();
             let outcomes = charges
                 .iter()

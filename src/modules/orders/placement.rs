@@ -7,6 +7,7 @@ use uuid::Uuid;
 use super::acceptance;
 use super::admission::{Entry, Ticket};
 use super::error::OrdersError;
+use super::fences;
 use super::idempotency;
 use super::lookup;
 use super::model::{
@@ -177,6 +178,7 @@ pub async fn place_flash_sale_order(
         traceparent: telemetry::current_traceparent(),
         failure_reason: None,
         idempotency_key: Some(durable_key),
+        charge_sent: false,
     };
     acceptance::accept(state, message, &idempotency_key, &body_hash)
         .await
@@ -254,30 +256,25 @@ pub async fn place_order(
     let mut reserved = Vec::with_capacity(items.len());
     for item in &items {
         let units = u32::try_from(item.quantity).unwrap_or(1);
-        let refused = match products::reserve_regular(
-            state,
-            item.product_id,
-            caller.user_id,
-            units,
-            order_id,
-        )
-        .await
-        {
-            Ok(Reservation::Reserved { unit_price, .. }) => {
-                reserved.push(OrderItem {
-                    product_id: item.product_id,
-                    quantity: i32::try_from(item.quantity).unwrap_or(1),
-                    price: parse_price(&unit_price)?,
-                });
-                continue;
-            }
-            Ok(Reservation::SoldOut) => OrdersError::SoldOut,
-            Ok(Reservation::PurchaseLimit) => OrdersError::PurchaseLimit,
-            Ok(Reservation::NotLoaded) => OrdersError::StockUnavailable,
-            Ok(_) => OrdersError::SaleNotActive,
-            Err(products::ProductsError::NotFound) => OrdersError::ProductNotFound,
-            Err(e) => e.into(),
-        };
+        let refused =
+            match reserve_regular(state, item.product_id, caller.user_id, units, order_id).await {
+                Ok(Reservation::Reserved { unit_price, .. }) => {
+                    reserved.push(OrderItem {
+                        product_id: item.product_id,
+                        quantity: i32::try_from(item.quantity).unwrap_or(1),
+                        price: parse_price(&unit_price)?,
+                    });
+                    continue;
+                }
+                Ok(Reservation::SoldOut) => OrdersError::SoldOut,
+                Ok(Reservation::PurchaseLimit) => OrdersError::PurchaseLimit,
+                Ok(Reservation::NotLoaded) => OrdersError::StockUnavailable,
+                Ok(_) => OrdersError::SaleNotActive,
+                Err(OrdersError::Products(products::ProductsError::NotFound)) => {
+                    OrdersError::ProductNotFound
+                }
+                Err(e) => e,
+            };
         let partial = new_order(
             order_id,
             caller.user_id,
@@ -302,8 +299,27 @@ pub async fn place_order(
         traceparent: telemetry::current_traceparent(),
         failure_reason: None,
         idempotency_key: Some(durable_key),
+        charge_sent: false,
     };
     acceptance::accept(state, message, &idempotency_key, &body_hash).await
+}
+
+/// Reserves one item of a regular order; a product whose stock is not in Redis (its first
+/// order, or a Redis loss) is loaded from PostgreSQL first, fenced like any rebuild (see
+/// `fences`), so units an order committed before a loss are never on sale twice.
+pub async fn reserve_regular(
+    state: &AppState,
+    product: Uuid,
+    user: Uuid,
+    units: u32,
+    order: Uuid,
+) -> Result<Reservation, OrdersError> {
+    let first = products::reserve_regular(state, product, user, units, order).await?;
+    if first != Reservation::NotLoaded {
+        return Ok(first);
+    }
+    fences::rebuild_stock(state, product).await?;
+    Ok(products::reserve_regular(state, product, user, units, order).await?)
 }
 
 const MAX_ITEMS: usize = 20;

@@ -3,11 +3,11 @@
 //! - A reservation whose order never reached PostgreSQL within the timeout is released
 //!   (the worker that later finds it released marks the order failed).
 //! - A sale that was loaded and lost its counters (no epoch) is rebuilt from PostgreSQL a
-//!   pass after it was found lost (so a batch that committed just before the loss is on the
-//!   books), and stays closed until the orders in flight at the loss have settled: the order
-//!   queues drained, or `orders.stock_restore_wait_secs` passed. Orders in flight take their
-//!   units at commit, within the purchase limit. Until it opens the flash-sale path
-//!   answers 503.
+//!   pass after it was found lost, fenced (see `fences`: a batch that committed before the
+//!   loss and writes after the fence takes its units again), and stays closed until the
+//!   orders in flight at the loss have settled: the order queues drained, or
+//!   `orders.stock_restore_wait_secs` passed. Orders in flight take their units at commit,
+//!   within the purchase limit. Until it opens the flash-sale path answers 503.
 //!
 //! - A move of units between two buckets of a sale that its mover left half done (it died
 //!   between giving and taking) is finished.
@@ -16,6 +16,8 @@
 //!   than any path from commit to persist, and sent again from its acceptance record; after
 //!   `MAX_REDRIVES` sends it is failed (units back, any charge refunded). One whose row is
 //!   written (its worker died before persisting) is marked persisted.
+//! - A refund owed past its due time (its retry message lost or dead-lettered) is tried
+//!   again.
 //!
 //! One reconciler acts per interval, whatever the number of replicas (a Redis lease).
 
@@ -26,8 +28,10 @@ use lapin::types::FieldTable;
 
 use super::acceptance;
 use super::error::OrdersError;
+use super::fences;
 use super::holding;
 use super::model::OrderStatus;
+use super::refunds;
 use super::settle::{self, Settled};
 use super::store;
 use super::worker;
@@ -45,10 +49,13 @@ pub struct Repairs {
     pub redriven: usize,
     /// Lost sales waiting for their rebuild, or rebuilt ones for the orders in flight.
     pub waiting: usize,
+    /// Refunds owed past their due time (their retry messages lost or dead-lettered), done.
+    pub refunds: usize,
 }
 
 /// How long a lost sale waits before its rebuild: a batch that committed in Redis just
-/// before the loss has persisted its orders and stock moves by then.
+/// before the loss has written its orders by then, rather than find its commits fenced
+/// (safe either way; this only spares those orders a round through the retry queue).
 const REBUILD_AFTER_MS: i64 = 1_000;
 
 /// Runs the reconciler and the flash-sale scheduler until the process stops.
@@ -120,6 +127,7 @@ pub async fn reconcile_once(state: &AppState) -> Result<Repairs, OrdersError> {
     repairs.released += release_unpersisted(state, stale).await?;
     let lost = products::stale_committed(state, None, lost_before).await?;
     repairs.redriven += redrive(state, lost).await?;
+    repairs.refunds += refunds::retry_due(state).await?;
     Ok(repairs)
 }
 
@@ -251,9 +259,8 @@ async fn rebuild_lost(
         repairs.waiting += 1;
         return Ok(());
     }
-    let buyers = store::live_units_by_buyer(&state.db, product).await?;
-    let stock = products::rebuild_sale(state, product, &buyers).await?;
-    tracing::warn!(%product, stock, buyers = buyers.len(), "flash-sale counters rebuilt after Redis lost them");
+    let stock = fences::rebuild_stock(state, product).await?;
+    tracing::warn!(%product, stock, "flash-sale counters rebuilt after Redis lost them");
     repairs.rebuilt += 1;
     Ok(())
 }
@@ -291,7 +298,9 @@ async fn abandon(state: &AppState, order: uuid::Uuid) -> Result<(), OrdersError>
         return Ok(());
     }
     let row = settle::final_row(&message, OrderStatus::Failed, Some("reservation_released"));
-    let inserted = store::insert_batch(&state.db, std::slice::from_ref(&row)).await?;
+    let inserted = store::insert_batch(&state.db, std::slice::from_ref(&row))
+        .await?
+        .inserted;
     settle::count_settled(state, inserted.len()).await;
     acceptance::record_failed(state, &message).await?;
     let failed = Settled {
@@ -338,4 +347,6 @@ fn record_repairs(repairs: &Repairs) {
         .increment(repairs.moves_finished as u64);
     metrics::counter!("reconciler_repairs_total", "kind" => "redriven")
         .increment(repairs.redriven as u64);
+    metrics::counter!("reconciler_repairs_total", "kind" => "refunds")
+        .increment(repairs.refunds as u64);
 }

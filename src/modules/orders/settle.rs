@@ -6,7 +6,7 @@
 //! so a batch redone after a crash at any point creates nothing twice and charges nobody
 //! twice.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures_util::future::{join_all, try_join_all};
 use uuid::Uuid;
@@ -20,7 +20,7 @@ use super::store::{self, NewOrder};
 use crate::app::AppState;
 use crate::infra::db::shard_index;
 use crate::modules::notifications::{self, Channel, Notification, Priority};
-use crate::modules::products::{self, CommitOutcome, ReservedUnits, StockMove};
+use crate::modules::products::{self, CommitEpoch, CommitOutcome, ReservedUnits, StockMove};
 
 /// An order in a final state, and the trace its notification joins.
 pub struct Settled<'a> {
@@ -33,6 +33,19 @@ pub struct Settled<'a> {
 pub struct Deferred<'a> {
     pub message: &'a OrderMessage,
     pub reason: DeferReason,
+    /// The order went to the gateway in this delivery (its charge may stand): should it
+    /// end failed, it is refunded.
+    pub charge_sent: bool,
+}
+
+impl<'a> Deferred<'a> {
+    fn new(message: &'a OrderMessage, reason: DeferReason) -> Self {
+        Self {
+            message,
+            reason,
+            charge_sent: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,60 +83,59 @@ pub async fn settle_batch<'a>(
     let committed: Vec<&OrderMessage> = messages
         .iter()
         .zip(&commits)
-        .filter(|(_, outcome)| **outcome == CommitOutcome::Committed)
+        .filter(|(_, commit)| commit.is_ok())
         .map(|(message, _)| message)
         .collect();
     let mut rows = Vec::with_capacity(messages.len());
     let mut to_charge = vec![];
     let mut deferred = vec![];
-    for (message, outcome) in messages.iter().zip(commits) {
-        match outcome {
-            CommitOutcome::Committed => to_charge.push(message),
-            CommitOutcome::Released => rows.push(final_row(
-                message,
-                OrderStatus::Failed,
-                Some("reservation_released"),
-            )),
-            CommitOutcome::SoldOut => {
-                rows.push(final_row(message, OrderStatus::Failed, Some("sold_out")))
+    for (message, commit) in messages.iter().zip(&commits) {
+        let refused = match commit {
+            Ok(under) => {
+                to_charge.push((message, under.as_slice()));
+                continue;
             }
-            CommitOutcome::OverLimit => rows.push(final_row(
-                message,
-                OrderStatus::Failed,
-                Some("purchase_limit"),
-            )),
-            // Stock not restored yet after a Redis loss: come back after a delay.
-            CommitOutcome::NotLoaded => deferred.push(Deferred {
-                message,
-                reason: DeferReason::StockRestoring,
-            }),
-        }
+            Err(CommitOutcome::Released) => "reservation_released",
+            Err(CommitOutcome::SoldOut) => "sold_out",
+            Err(CommitOutcome::OverLimit) => "purchase_limit",
+            // Stock not restored yet after a Redis loss: come back after a delay (a commit
+            // never stops an order; it only joins the arm for completeness).
+            Err(CommitOutcome::NotLoaded | CommitOutcome::Committed(_)) => {
+                deferred.push(Deferred::new(message, DeferReason::StockRestoring));
+                continue;
+            }
+        };
+        rows.push(final_row(message, OrderStatus::Failed, Some(refused)));
     }
     // A second order under a key another order holds (Redis forgot the key while the first
     // was on its way) fails here, before any charge.
-    let duplicates = held_by_others(state, &to_charge).await?;
-    let (duplicate, to_charge): (Vec<&OrderMessage>, Vec<&OrderMessage>) = to_charge
+    let keyed: Vec<&OrderMessage> = to_charge.iter().map(|(m, _)| *m).collect();
+    let duplicates = held_by_others(state, &keyed).await?;
+    let (duplicate, to_charge): (Vec<_>, Vec<_>) = to_charge
         .into_iter()
-        .partition(|m| duplicates.contains(&m.order.id));
+        .partition(|(m, _)| duplicates.contains(&m.order.id));
     rows.extend(
         duplicate
             .into_iter()
-            .map(|m| refused_for_key(final_row(m, OrderStatus::Failed, None))),
+            .map(|(m, _)| refused_for_key(final_row(m, OrderStatus::Failed, None))),
     );
     let charges: Vec<Charge<'_>> = to_charge
         .iter()
-        .map(|m| Charge {
+        .map(|(m, _)| Charge {
             order: &m.order,
             attempt: m.attempt,
         })
         .collect();
     let results = state.orders.payments.charge_batch(&charges).await;
     let mut charged = BTreeSet::new();
-    for (message, result) in to_charge.into_iter().zip(results) {
+    for ((message, under), result) in to_charge.into_iter().zip(results) {
         match result {
             Ok(ChargeOutcome::Approved) => {
                 charged.insert(message.order.id);
-                rows.push(final_row(message, OrderStatus::Paid, None));
+                rows.push(NewOrder {
+                    sold_under: under,
+                    ..final_row(message, OrderStatus::Paid, None)
+                });
             }
             Ok(ChargeOutcome::Declined) => rows.push(final_row(
                 message,
@@ -132,45 +144,64 @@ pub async fn settle_batch<'a>(
             )),
             Err(e) => {
                 tracing::warn!(order = %message.order.id, attempt = message.attempt, error = %e, "charge failed");
+                // The gateway may have charged before its answer was lost.
                 deferred.push(Deferred {
-                    message,
-                    reason: DeferReason::PaymentUnavailable,
+                    charge_sent: true,
+                    ..Deferred::new(message, DeferReason::PaymentUnavailable)
                 });
             }
         }
     }
 
-    let inserted = store::insert_batch(&state.db, &rows).await?;
+    let written = store::insert_batch(&state.db, &rows).await?;
+    // Paid orders a rebuild of their stock voided: charged, and back to take their units
+    // again under the new epoch (or fail, refunded).
+    let by_id: BTreeMap<Uuid, &'a OrderMessage> =
+        messages.iter().map(|m| (m.order.id, m)).collect();
+    for order in &written.voided {
+        tracing::warn!(%order, "a rebuild of the stock voided this order's commit; it takes its units again");
+        if let Some(message) = by_id.get(order) {
+            deferred.push(Deferred {
+                charge_sent: true,
+                ..Deferred::new(message, DeferReason::StockRestoring)
+            });
+        }
+    }
     let (fresh, written_before): (Vec<&NewOrder<'_>>, Vec<&NewOrder<'_>>) = rows
         .iter()
-        .partition(|row| inserted.contains(&row.order.id));
+        .filter(|row| !written.voided.contains(&row.order.id))
+        .partition(|row| written.inserted.contains(&row.order.id));
     let mut settled: Vec<Settled<'_>> = Vec::with_capacity(rows.len());
     let mut settled_now = fresh.len();
     for row in fresh {
         metrics::record_settled(row.order, row.status, row.kind);
         settled.push(row.into());
+        // Failed after an earlier delivery went to the gateway: that charge may stand.
+        if row.status == OrderStatus::Failed && charge_sent(&by_id, row.order.id) {
+            refunds::refund(state, row.order).await?;
+        }
     }
     // Rare: a redelivery, or a cancel that got there first.
     let owners: Vec<store::OrderOwner> = written_before.iter().map(|r| r.order.into()).collect();
     let existing = store::statuses(&state.db, &owners).await?;
     let mut refused = vec![];
     for row in written_before {
-        let charged = charged.contains(&row.order.id);
+        let charged = charged.contains(&row.order.id) || charge_sent(&by_id, row.order.id);
         match existing.get(&row.order.id) {
             Some(status) if *status == row.status => settled.push(row.into()),
-            Some(_) if charged => refunds::refund(state, row.order.id).await,
+            Some(_) if charged => refunds::refund(state, row.order).await?,
             Some(_) => {}
             // Not written, and no row of its own: another order took its key meanwhile (a
             // worker beside this one). It fails; a charge it got is refunded.
             None => {
                 if charged {
-                    refunds::refund(state, row.order.id).await;
+                    refunds::refund(state, row.order).await?;
                 }
                 refused.push(refused_for_key(*row));
             }
         }
     }
-    let inserted = store::insert_batch(&state.db, &refused).await?;
+    let inserted = store::insert_batch(&state.db, &refused).await?.inserted;
     settled_now += inserted.len();
     settled.extend(refused.iter().map(Settled::from));
     // Committed orders now final in PostgreSQL leave the set the reconciler scans for orders
@@ -185,6 +216,11 @@ pub async fn settle_batch<'a>(
     finish(state, &settled).await?;
     count_settled(state, settled_now).await;
     Ok(deferred)
+}
+
+/// Whether an earlier delivery of `order` went to the gateway (its charge may stand).
+fn charge_sent(messages: &BTreeMap<Uuid, &OrderMessage>, order: Uuid) -> bool {
+    messages.get(&order).is_some_and(|m| m.charge_sent)
 }
 
 /// Orders that left the backlog, for admission control; a miss only skews its estimate.
@@ -276,12 +312,13 @@ impl<'a> From<&NewOrder<'a>> for Settled<'a> {
     }
 }
 
-/// Commits the reservations of every item of every order (one Redis call per product);
-/// an order proceeds only if all its items were committed.
+/// Commits the reservations of every item of every order (one Redis call per product).
+/// Per order: where each item was committed, or the first outcome that stops it (an order
+/// proceeds only if all its items were committed).
 async fn commit_reservations(
     state: &AppState,
     messages: &[OrderMessage],
-) -> Result<Vec<CommitOutcome>, OrdersError> {
+) -> Result<Vec<Result<Vec<CommitEpoch>, CommitOutcome>>, OrdersError> {
     let mut units = vec![];
     let mut owner_of_line = vec![];
     for (index, message) in messages.iter().enumerate() {
@@ -291,10 +328,13 @@ async fn commit_reservations(
         }
     }
     let per_line = products::commit(state, &units).await?;
-    let mut per_order = vec![CommitOutcome::Committed; messages.len()];
+    let mut per_order: Vec<Result<Vec<CommitEpoch>, CommitOutcome>> =
+        vec![Ok(vec![]); messages.len()];
     for (index, outcome) in owner_of_line.into_iter().zip(per_line) {
-        if outcome != CommitOutcome::Committed {
-            per_order[index] = outcome;
+        match (&mut per_order[index], outcome) {
+            (Ok(under), CommitOutcome::Committed(epoch)) => under.push(epoch),
+            (order @ Ok(_), stopped) => *order = Err(stopped),
+            (Err(_), _) => {}
         }
     }
     Ok(per_order)
@@ -366,6 +406,7 @@ pub fn final_row<'a>(
         failure_reason,
         traceparent: message.traceparent.as_deref(),
         idempotency_key: message.idempotency_key.as_deref(),
+        sold_under: &[],
     }
 }
 

@@ -11,11 +11,13 @@ use futures_util::future::try_join_all;
 use uuid::Uuid;
 
 use super::error::OrdersError;
+use super::fences;
 use super::model::{Order, OrderItem, OrderKind, OrderStatus};
+use super::refunds;
 use crate::infra::db::{shard_index, Databases, ReadFrom};
 use crate::infra::events::{self, Change, OrderEvent, EVENT_VERSION};
 use crate::infra::http::paging::PageRequest;
-use crate::modules::products::StockMove;
+use crate::modules::products::{CommitEpoch, StockMove};
 
 diesel::table! {
     orders (id) {
@@ -87,6 +89,17 @@ pub struct NewOrder<'a> {
     pub traceparent: Option<&'a str>,
     /// The request's scoped Idempotency-Key (None: a row that must not claim it).
     pub idempotency_key: Option<&'a str>,
+    /// Where a paid order's units were committed in Redis: it is written only if no rebuild
+    /// has fenced them since (see `fences`). Empty for a row that sells nothing.
+    pub sold_under: &'a [CommitEpoch],
+}
+
+/// What a batch write did: the orders it inserted, and the paid ones it did not write
+/// because a rebuild of their stock voided their commits.
+#[derive(Debug, Default)]
+pub struct Written {
+    pub inserted: BTreeSet<Uuid>,
+    pub voided: BTreeSet<Uuid>,
 }
 
 /// An `order.<event>` event of `order` now in `status`.
@@ -125,12 +138,9 @@ fn events_of_new(new: &NewOrder<'_>) -> Vec<OrderEvent> {
 
 /// Writes orders into their shards, one transaction per shard (the shards at once), with
 /// their events and the stock their paid orders took (one move per product); orders that
-/// exist are left as they are (a redelivered message inserts nothing). Answers the ids it
-/// inserted.
-pub async fn insert_batch(
-    db: &Databases,
-    batch: &[NewOrder<'_>],
-) -> Result<BTreeSet<Uuid>, OrdersError> {
+/// exist are left as they are (a redelivered message inserts nothing), and so are paid
+/// orders whose commits a rebuild fenced since.
+pub async fn insert_batch(db: &Databases, batch: &[NewOrder<'_>]) -> Result<Written, OrdersError> {
     let mut by_shard: BTreeMap<usize, Vec<&NewOrder<'_>>> = BTreeMap::new();
     for new in batch {
         by_shard
@@ -138,13 +148,18 @@ pub async fn insert_batch(
             .or_default()
             .push(new);
     }
-    let written = try_join_all(
+    let per_shard = try_join_all(
         by_shard
             .into_iter()
             .map(|(shard, orders)| insert_into_shard(db, shard, orders)),
     )
     .await?;
-    Ok(written.into_iter().flatten().collect())
+    let mut written = Written::default();
+    for shard in per_shard {
+        written.inserted.extend(shard.inserted);
+        written.voided.extend(shard.voided);
+    }
+    Ok(written)
 }
 
 #[derive(QueryableByName)]
@@ -157,10 +172,20 @@ async fn insert_into_shard(
     db: &Databases,
     shard: usize,
     batch: Vec<&NewOrder<'_>>,
-) -> Result<Vec<Uuid>, OrdersError> {
+) -> Result<Written, OrdersError> {
     let mut pooled = db.shards()[shard].write_conn().await?;
     let conn: &mut AsyncPgConnection = &mut pooled;
     conn.transaction(async |conn| {
+        let sold_under: Vec<(Uuid, CommitEpoch)> = batch
+            .iter()
+            .filter(|n| n.status == OrderStatus::Paid)
+            .flat_map(|n| n.sold_under.iter().map(|under| (n.order.id, *under)))
+            .collect();
+        let voided = fences::voided(conn, &sold_under).await?;
+        let batch: Vec<&NewOrder<'_>> = batch
+            .into_iter()
+            .filter(|n| !voided.contains(&n.order.id))
+            .collect();
         let fresh = insert_orders(conn, &batch).await?;
         // Only the orders written now: a redelivered one has its items, and a row refused
         // for its Idempotency-Key (another order holds it) has no order to hang them on.
@@ -179,7 +204,10 @@ async fn insert_into_shard(
             .filter(|n| n.status == OrderStatus::Paid)
             .map(|n| n.order);
         record_moves(conn, &units_by_product(sold, -1)).await?;
-        Ok::<_, OrdersError>(fresh)
+        Ok::<_, OrdersError>(Written {
+            inserted: fresh.into_iter().collect(),
+            voided,
+        })
     })
     .await
 }
@@ -573,15 +601,17 @@ pub async fn clear_moves(
 }
 
 /// Ends a pending or paid order in `to` (cancelled, or failed with `reason`) under a row
-/// lock, with its `order.<to>` event; a paid order's units go back on the shelf. Answers
-/// the status it had (so the caller knows whether to refund), or None when there is no
-/// such order; an order in any other status is left as it is.
+/// lock, with its `order.<to>` event; a paid order's units go back on the shelf, and its
+/// refund is owed in the same transaction (due for the reconciler after `refund_grace`).
+/// Answers the status it had, or None when there is no such order; an order in any other
+/// status is left as it is.
 pub async fn end(
     db: &Databases,
     order: &Order,
     to: OrderStatus,
     reason: Option<&str>,
     traceparent: Option<&str>,
+    refund_grace: std::time::Duration,
 ) -> Result<Option<OrderStatus>, OrdersError> {
     let mut pooled = db.shard_for(order.user_id).write_conn().await?;
     let conn: &mut AsyncPgConnection = &mut pooled;
@@ -606,6 +636,7 @@ pub async fn end(
         }
         if status == OrderStatus::Paid {
             record_moves(conn, &units_by_product([order], 1)).await?;
+            refunds::owe(conn, order.id, order.user_id, refund_grace).await?;
         }
         Ok(Some(status))
     })

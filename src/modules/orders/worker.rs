@@ -251,6 +251,7 @@ async fn retry_later(state: &AppState, deferred: &Deferred<'_>) -> Result<bool, 
     };
     let next = OrderMessage {
         attempt: message.attempt + 1,
+        charge_sent: message.charge_sent || deferred.charge_sent,
         ..message.clone()
     };
     publish_alone(state, queue, next).await?;
@@ -279,7 +280,7 @@ pub(super) async fn give_up(
     tracing::error!(order = %message.order.id, reason, "order failed for good; dead-lettered");
     metrics::count_dead_lettered(reason);
     let order = &message.order;
-    refunds::refund(state, order.id).await;
+    refunds::refund(state, order).await?;
     if let Err(e) = settle::release_stock(state, &[order]).await {
         if e.is_outage() {
             return Err(e);
@@ -289,15 +290,17 @@ pub(super) async fn give_up(
     }
     let row = settle::final_row(message, OrderStatus::Failed, Some(reason));
     match store::insert_batch(&state.db, std::slice::from_ref(&row)).await {
-        Ok(inserted) if inserted.contains(&order.id) => {}
+        Ok(written) if written.inserted.contains(&order.id) => {}
         Ok(_) => {
             let traceparent = message.traceparent.as_deref();
+            let grace = refunds::debt_grace(state);
             store::end(
                 &state.db,
                 order,
                 OrderStatus::Failed,
                 Some(reason),
                 traceparent,
+                grace,
             )
             .await?;
         }

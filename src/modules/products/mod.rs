@@ -15,8 +15,8 @@ use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
 pub use crate::modules::stock::{
-    CommitOutcome, ReleaseOutcome, Releaser, Reservation, ReserveRequest, ReservedUnits,
-    RoomAnswer, RoomRequest, SaleKind, SaleState, SaleTerms, StaleReservation,
+    new_epoch, CommitEpoch, CommitOutcome, ReleaseOutcome, Releaser, Reservation, ReserveRequest,
+    ReservedUnits, RoomAnswer, RoomRequest, SaleKind, SaleState, SaleTerms, StaleReservation,
 };
 pub use auditor::{audit_once, run as run_auditor, SaleFindings};
 pub use error::ProductsError;
@@ -535,30 +535,70 @@ pub async fn stale_regular_reservations(
         .await?)
 }
 
-/// Rebuilds a sale's counters from PostgreSQL after Redis lost them: the stock is the
-/// on-hand inventory (persisted orders are already off it; the caller applied every
-/// recorded stock move first) and `buyers` the units each user holds in live orders. The
-/// sale stays closed until `reopen_sale`; orders in flight take their units at commit.
-pub async fn rebuild_sale(
-    state: &AppState,
-    product: Uuid,
-    buyers: &[(Uuid, i64)],
-) -> Result<i64, ProductsError> {
-    let product = store::find(&state.db, product, ReadFrom::Primary).await?;
-    let Some(terms) = terms(state, &product) else {
-        return Ok(0);
+/// What a rebuild of a product's stock replaces: the buckets to fence in PostgreSQL (with
+/// `epoch`) before its numbers are read.
+pub struct RebuildPlan {
+    pub product: Uuid,
+    pub kind: SaleKind,
+    pub buckets: u32,
+    pub epoch: Uuid,
+}
+
+/// Plans the rebuild of `product`'s stock in Redis, of the kind the product sells as now.
+pub async fn plan_rebuild(state: &AppState, product: Uuid) -> Result<RebuildPlan, ProductsError> {
+    let found = store::find(&state.db, product, ReadFrom::Primary).await?;
+    let kind = if found.is_flash_sale {
+        SaleKind::Flash
+    } else {
+        SaleKind::Regular
     };
-    let stock = i64::from(product.inventory);
-    state
+    let buckets = state
         .products
         .stock
-        .rebuild(&state.redis, product.id, stock, buyers, &terms)
+        .buckets_to_rebuild(&state.redis, product, kind)
         .await?;
+    Ok(RebuildPlan {
+        product,
+        kind,
+        buckets,
+        epoch: new_epoch(),
+    })
+}
+
+/// Rebuilds a product's counters from PostgreSQL after Redis lost them, under the plan's
+/// epoch (the caller fenced every shard with it, then applied every recorded stock move):
+/// the stock is the on-hand inventory (persisted orders are already off it) and `buyers` the
+/// units each user holds in live orders. A flash sale stays closed until `reopen_sale`;
+/// orders in flight take their units at commit. Answers the stock it rebuilt with.
+pub async fn rebuild_stock(
+    state: &AppState,
+    plan: &RebuildPlan,
+    buyers: &[(Uuid, i64)],
+) -> Result<i64, ProductsError> {
+    let product = store::find(&state.db, plan.product, ReadFrom::Primary).await?;
+    let terms = match plan.kind {
+        SaleKind::Flash => match terms(state, &product) {
+            Some(terms) => terms,
+            // No window any more: nothing to sell, nothing to rebuild.
+            None => return Ok(0),
+        },
+        SaleKind::Regular => regular_terms(&product),
+    };
+    let stock = i64::from(product.inventory);
+    let engine = &state.products.stock;
+    engine
+        .rebuild(&state.redis, product.id, stock, buyers, &terms, plan.epoch)
+        .await?;
+    if terms.kind == SaleKind::Regular {
+        engine.track_regular(&state.redis, product.id).await?;
+    }
     Ok(stock)
 }
 
-/// Reserves units of one item of a regular order, loading the product's stock into Redis
-/// on its first order. A product on flash sale is bought through the flash-sale path only.
+/// Reserves units of one item of a regular order. `NotLoaded`: the product's stock is not
+/// in Redis (its first order, or a Redis loss); the caller rebuilds it (fenced, see
+/// `plan_rebuild`) and tries again. A product on flash sale is bought through the flash-sale
+/// path only.
 pub async fn reserve_regular(
     state: &AppState,
     product: Uuid,
@@ -566,33 +606,18 @@ pub async fn reserve_regular(
     quantity: u32,
     order: Uuid,
 ) -> Result<Reservation, ProductsError> {
-    let stock = &state.products.stock;
-    let first = stock
+    let reserved = state
+        .products
+        .stock
         .reserve_item(&state.redis, product, user, quantity, order)
         .await?;
-    if first != Reservation::NotLoaded {
-        return Ok(first);
+    if reserved == Reservation::NotLoaded {
+        let found = store::find(&state.db, product, ReadFrom::Primary).await?;
+        if found.is_flash_sale {
+            return Ok(Reservation::NotActive);
+        }
     }
-    let found = store::find(&state.db, product, ReadFrom::Primary).await?;
-    if found.is_flash_sale {
-        return Ok(Reservation::NotActive);
-    }
-    // After a Redis loss this starts again from PostgreSQL's on-hand count; an order
-    // accepted before the loss then takes its units at commit if they are still there
-    // (the worker's late commit), so nothing is oversold. Regular stock has no buyers'
-    // allowance to forget, so it needs no closed rebuild.
-    stock
-        .load(
-            &state.redis,
-            product,
-            found.inventory,
-            &regular_terms(&found),
-        )
-        .await?;
-    stock.track_regular(&state.redis, product).await?;
-    Ok(stock
-        .reserve_item(&state.redis, product, user, quantity, order)
-        .await?)
+    Ok(reserved)
 }
 
 /// Remaining units of each sale on now (at most `limit` sales) whose stock is loaded: what

@@ -40,6 +40,18 @@
 //! path answers 503 until the reconciler rebuilt the counters from PostgreSQL and the orders
 //! in flight at the loss have settled (the sale is `recovering` meanwhile). A missing
 //! counter is never read as 0 or as unlimited.
+//!
+//! ## Epochs and the stock fence
+//!
+//! Every load or rebuild writes a new epoch (a UUIDv7: later compares greater) and every
+//! commit answers the epoch it was made under (`CommitEpoch`). A rebuild counts the units of
+//! orders committed and not yet written back on the shelf, so such a commit must never be
+//! written sold: the caller writes the rebuild's epoch into every shard's `stock_fences`
+//! before it reads PostgreSQL, and the worker writes an order paid only if no fence is newer
+//! than its commit (orders' `fences`). A voided order takes its units again (a late commit)
+//! or fails sold out, refunded. A rebuild never goes back: a bucket already at a newer
+//! epoch is left alone, and regular stock another order loaded meanwhile keeps its
+//! reservations and only moves to the new epoch.
 
 use std::time::Duration;
 
@@ -121,6 +133,7 @@ pub struct StockScripts {
     load: Script,
     adjust: Script,
     rebuild: Script,
+    rebuild_buyers: Script,
     reopen: Script,
     audit: Script,
     room: Script,
@@ -146,6 +159,7 @@ impl StockScripts {
             load: Script::new(include_str!("lua/load.lua")),
             adjust: Script::new(include_str!("lua/adjust.lua")),
             rebuild: Script::new(include_str!("lua/rebuild.lua")),
+            rebuild_buyers: Script::new(include_str!("lua/rebuild_buyers.lua")),
             reopen: Script::new(include_str!("lua/reopen.lua")),
             audit: Script::new(include_str!("lua/audit.lua")),
             room: Script::new(include_str!("lua/room.lua")),
@@ -356,9 +370,21 @@ pub struct StaleReservation {
 /// Products whose regular stock one reconciler round trip looks at.
 const REGULAR_PAGE: usize = 500;
 
+/// Where a reservation was committed: its bucket and the bucket's epoch then. A rebuild of
+/// that bucket since (after a Redis loss) voids the commit: the rebuild counted the units
+/// back on the shelf, so the order must take them again before it is written sold (the
+/// rebuild fences PostgreSQL with its new epoch first; see the orders' stock fences).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitEpoch {
+    pub product: Uuid,
+    pub bucket: u32,
+    /// Nil when the bucket had lost its epoch: any fence voids it.
+    pub epoch: Uuid,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitOutcome {
-    Committed,
+    Committed(CommitEpoch),
     /// Released before the worker got to it (timeout, cancel): the order must not proceed.
     Released,
     /// Redis lost the sale and has not been rebuilt yet: try again later.
@@ -455,6 +481,33 @@ fn units_left(counters: &[Option<i64>]) -> Option<i64> {
         .copied()
         .flatten()
         .map(|_| counters.iter().flatten().sum())
+}
+
+/// A commit's epoch as a script answered it ('' when the bucket had none).
+fn commit_epoch(product: Uuid, bucket: u32, epoch: Option<&String>) -> CommitEpoch {
+    CommitEpoch {
+        product,
+        bucket,
+        epoch: epoch
+            .and_then(|e| Uuid::try_parse(e).ok())
+            .unwrap_or(Uuid::nil()),
+    }
+}
+
+/// A new epoch for a load or a rebuild. Epochs are UUIDv7: a later one compares greater,
+/// which is what the stock fences rely on.
+pub fn new_epoch() -> Uuid {
+    Uuid::now_v7()
+}
+
+/// Buyers one rebuild call writes (each a Redis command inside one script: a big sale's
+/// rebuild is many short calls, not one long one).
+const REBUILD_BUYERS_CHUNK: usize = 1_000;
+
+fn add_buyer_args(invocation: &mut redis::ScriptInvocation<'_>, buyers: &[&(Uuid, i64)]) {
+    for (user, units) in buyers {
+        invocation.arg(user.simple().to_string()).arg(units);
+    }
 }
 
 /// The move (if any) whose units a script takes first: id, units, epoch.
@@ -887,14 +940,17 @@ impl StockScripts {
             invocation
                 .key(&keys.pending)
                 .key(&keys.sale)
-                .key(&keys.committed);
+                .key(&keys.committed)
+                .key(&keys.epoch);
             for i in &indexes {
                 invocation.arg(orders[*i].order.to_string());
             }
-            let outcomes: Vec<String> = invocation.invoke_async(&mut redis.conn()).await?;
-            for (i, outcome) in indexes.into_iter().zip(outcomes) {
+            // The bucket's epoch first, read in the same script as the commits.
+            let reply: Vec<String> = invocation.invoke_async(&mut redis.conn()).await?;
+            let under = commit_epoch(product, bucket, reply.first());
+            for (i, outcome) in indexes.into_iter().zip(reply.iter().skip(1)) {
                 committed[i] = match outcome.as_str() {
-                    "committed" | "already" => CommitOutcome::Committed,
+                    "committed" | "already" => CommitOutcome::Committed(under),
                     "released" => CommitOutcome::Released,
                     _ => self.late_commit(redis, layout, orders[i]).await?,
                 };
@@ -934,7 +990,11 @@ impl StockScripts {
             )
             .await?;
         Ok(match reply.first().map(String::as_str) {
-            Some("committed") => CommitOutcome::Committed,
+            Some("committed") => CommitOutcome::Committed(commit_epoch(
+                reserved.product,
+                layout.home(reserved.buyer),
+                reply.get(1),
+            )),
             Some("released") => CommitOutcome::Released,
             Some("sold_out") => CommitOutcome::SoldOut,
             Some("limit") => CommitOutcome::OverLimit,
@@ -1524,9 +1584,35 @@ impl StockScripts {
         still_reserved(redis, candidates).await
     }
 
+    /// The buckets a rebuild of `product` replaces (what survived of the sale tells its
+    /// bucket count; nothing did: a new layout's). The caller fences them before it reads
+    /// PostgreSQL.
+    pub async fn buckets_to_rebuild(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+        kind: SaleKind,
+    ) -> redis::RedisResult<u32> {
+        Ok(self.rebuild_layout(redis, product, kind).await?.buckets)
+    }
+
+    async fn rebuild_layout(
+        &self,
+        redis: &Redis,
+        product: Uuid,
+        kind: SaleKind,
+    ) -> redis::RedisResult<Layout> {
+        Ok(self
+            .stored_layout(redis, product)
+            .await?
+            .unwrap_or_else(|| self.new_layout(product, kind)))
+    }
+
     /// Replaces the counters from PostgreSQL's truth after a Redis loss (the stock dealt out
-    /// over the buckets, each buyer's units in their home bucket); the sale stays closed
-    /// until `reopen`.
+    /// over the buckets, each buyer's units in their home bucket), under `epoch`, which the
+    /// caller fenced PostgreSQL with before it read the numbers. A flash sale stays closed
+    /// until `reopen`; regular stock opens at once (it has no buyers' allowance to forget).
+    /// Buckets already at `epoch` or a later one are left alone.
     pub async fn rebuild(
         &self,
         redis: &Redis,
@@ -1534,15 +1620,18 @@ impl StockScripts {
         stock: i64,
         buyers: &[(Uuid, i64)],
         terms: &SaleTerms,
+        epoch: Uuid,
     ) -> redis::RedisResult<()> {
-        // What survived of the sale tells its bucket count; nothing did: a new layout.
-        let layout = self
-            .stored_layout(redis, product)
-            .await?
-            .unwrap_or_else(|| self.new_layout(product, terms.kind));
-        let epoch = Uuid::now_v7().to_string();
+        let layout = self.rebuild_layout(redis, product, terms.kind).await?;
+        let closed = if terms.kind == SaleKind::Flash { 1 } else { 0 };
+        let epoch = epoch.to_string();
         for (bucket, share) in (0..layout.buckets).zip(layout.shares(stock)) {
             let keys = layout.bucket(redis, bucket);
+            let homed: Vec<&(Uuid, i64)> = buyers
+                .iter()
+                .filter(|(user, _)| layout.home(*user) == bucket)
+                .collect();
+            let mut chunks = homed.chunks(REBUILD_BUYERS_CHUNK);
             let mut invocation = keys.invoke(&self.rebuild);
             invocation
                 .key(&keys.moves_out)
@@ -1550,14 +1639,19 @@ impl StockScripts {
                 .key(&keys.committed)
                 .arg(share)
                 .arg(&epoch)
-                .arg(layout.buckets);
-            for (user, units) in buyers
-                .iter()
-                .filter(|(user, _)| layout.home(*user) == bucket)
-            {
-                invocation.arg(user.simple().to_string()).arg(units);
+                .arg(layout.buckets)
+                .arg(closed);
+            add_buyer_args(&mut invocation, chunks.next().unwrap_or_default());
+            let rebuilt: i64 = invocation.invoke_async(&mut redis.conn()).await?;
+            if rebuilt != 1 {
+                continue;
             }
-            invocation.invoke_async::<i64>(&mut redis.conn()).await?;
+            for chunk in chunks {
+                let mut invocation = self.rebuild_buyers.key(&keys.buyers);
+                invocation.key(&keys.epoch).arg(&epoch);
+                add_buyer_args(&mut invocation, chunk);
+                invocation.invoke_async::<i64>(&mut redis.conn()).await?;
+            }
         }
         self.layouts.insert(product, layout.buckets);
         self.load(redis, product, 0, terms).await.map(drop)

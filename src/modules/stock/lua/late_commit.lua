@@ -1,8 +1,8 @@
 -- A commit for an order whose reservation Redis no longer knows (it lost its data and the
 -- counters were rebuilt without this in-flight order): take the units now if they are
 -- still there and the buyer stays within the limit.
--- Answers {committed | sold_out | limit | not_loaded}. The units a move from another bucket
--- brought this buyer are taken first (take_units.lua).
+-- Answers {committed, the epoch committed under} or {sold_out | limit | not_loaded}. The units
+-- a move from another bucket brought this buyer are taken first (take_units.lua).
 local stock_key, epoch_key, reservations_key, buyers_key, sale_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 -- Only for the expiry fragment that follows: a late commit adds no pending record, so it
 -- always checks every key.

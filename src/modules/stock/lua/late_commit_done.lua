@@ -1,1 +1,1 @@
-return {'committed'}
+return {'committed', redis.call('GET', epoch_key)}

@@ -6,7 +6,7 @@ if not stock then return {'not_loaded'} end
 local rec = redis.call('HGET', reservations_key, order)
 if rec then
   local state = string.sub(rec, 1, 1)
-  if state == 'c' or state == 'p' then return {'committed'} end
+  if state == 'c' or state == 'p' then return {'committed', redis.call('GET', epoch_key)} end
   return {'released'}
 end
 if tonumber(stock) < units then return {'sold_out'} end
