@@ -32,7 +32,10 @@ export STOCK_MODEL_CASES="${STOCK_MODEL_CASES:-128}"
 # Tests wait on I/O far more than on CPU; run more of them than there are cores.
 cargo nextest run --no-fail-fast --test-threads "${TEST_THREADS:-6}" "$@"
 
-# The whole suite (no filter given): the API contract too.
+# The whole suite (no filter given): the API contract too, and the binary started with the
+# environment the Kubernetes files give it.
 if [ "$#" -eq 0 ]; then
   bash scripts/contract.sh
+  cargo build -q --bin flashsale
+  bash scripts/k8s-env-test.sh
 fi

@@ -32,6 +32,9 @@ log "kubernetes-validate --strict"
 # chaos-mesh's Schedule is a custom resource without a schema here; yamllint covers it.
 kubernetes-validate --strict --quiet k8s/*.yaml
 
+log "every variable the manifests set is read by flashsale"
+python3 scripts/k8s_env.py check-vars
+
 log "promtool"
 promtool check config --syntax-only deploy/prometheus/prometheus.yml >/dev/null
 promtool check rules deploy/prometheus/alerts.yml >/dev/null

@@ -73,17 +73,71 @@ pub struct DatabaseSettings {
     /// PostgreSQL cancels any statement running longer (statement_timeout).
     pub statement_timeout_ms: u64,
     pub read_your_writes_secs: u64,
+    /// The password of every database URL that names a user and carries no password. The
+    /// URLs live in the deployment's ConfigMap, the password only in its Secret
+    /// (`FLASHSALE__DATABASE__PASSWORD`); libpq's `PGPASSWORD` is not read.
+    #[serde(default)]
+    pub password: Option<String>,
     pub global: DatabaseNode,
     pub shards: Vec<DatabaseNode>,
+}
+
+impl DatabaseSettings {
+    /// Every URL of every node (primaries, replicas, direct URLs), for rewriting.
+    fn urls_mut(&mut self) -> impl Iterator<Item = &mut String> {
+        std::iter::once(&mut self.global)
+            .chain(&mut self.shards)
+            .flat_map(|node| {
+                std::iter::once(&mut node.primary)
+                    .chain(&mut node.replicas)
+                    .chain(&mut node.direct)
+            })
+    }
+
+    /// Puts `password` into every URL that names a user without one.
+    fn apply_password(&mut self) -> Result<(), ConfigError> {
+        let Some(password) = self.password.clone() else {
+            return Ok(());
+        };
+        for url in self.urls_mut() {
+            let mut parsed = url::Url::parse(url).map_err(|e| ConfigError::Invalid {
+                key: "database",
+                reason: format!("a database URL does not parse: {e}"),
+            })?;
+            if parsed.username().is_empty() || parsed.password().is_some() {
+                continue;
+            }
+            parsed
+                .set_password(Some(&password))
+                .map_err(|()| ConfigError::Invalid {
+                    key: "database.password",
+                    reason: "a database URL cannot take a password".to_owned(),
+                })?;
+            *url = parsed.into();
+        }
+        Ok(())
+    }
 }
 
 /// One logical database: a primary and zero or more read replicas.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseNode {
+    /// What the request path connects to (in production a transaction-mode PgBouncer).
     pub primary: String,
     #[serde(default)]
     pub replicas: Vec<String>,
+    /// The primary server itself, bypassing any pooler: what `migrate` connects to
+    /// (migrations through a transaction-mode pooler are unsafe). Unset: `primary`.
+    #[serde(default)]
+    pub direct: Option<String>,
+}
+
+impl DatabaseNode {
+    /// The URL migrations run against.
+    pub fn migration_url(&self) -> &str {
+        self.direct.as_deref().unwrap_or(&self.primary)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -425,7 +479,7 @@ impl Settings {
 
     /// Loads the layered configuration for environment `env`.
     pub fn load_for(dir: &Path, env: &str) -> Result<Self, ConfigError> {
-        let settings: Settings = config::Config::builder()
+        let mut settings: Settings = config::Config::builder()
             .add_source(config::File::from(dir.join("default.toml")))
             .add_source(config::File::from(dir.join(format!("{env}.toml"))).required(false))
             .add_source(
@@ -438,6 +492,7 @@ impl Settings {
             )
             .build()?
             .try_deserialize()?;
+        settings.database.apply_password()?;
         settings.validate()?;
         if env == PRODUCTION {
             settings.refuse_unsafe_for_production()?;
@@ -583,5 +638,52 @@ impl Settings {
             return invalid("rate_limit", "limits must be at least 1 per minute");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(url: &str) -> DatabaseNode {
+        DatabaseNode {
+            primary: url.to_owned(),
+            replicas: vec![format!("{url}_ro")],
+            direct: Some(url.replace(":6432", ":5432")),
+        }
+    }
+
+    #[test]
+    fn the_secret_password_goes_into_every_url_that_names_a_user_without_one() {
+        let mut database = Settings::load_for(Path::new("config"), "test")
+            .expect("test settings")
+            .database;
+        database.password = Some("p@ss/word".to_owned());
+        database.global = node("postgres://flashsale@pgbouncer:6432/global");
+        database.shards = vec![
+            node("postgres://flashsale:own@pgbouncer:6432/shard_0"),
+            node("postgres://pgbouncer:6432/shard_1"),
+        ];
+        database.apply_password().expect("applied");
+        assert_eq!(
+            database.global.primary,
+            "postgres://flashsale:p%40ss%2Fword@pgbouncer:6432/global"
+        );
+        assert_eq!(
+            database.global.replicas[0],
+            "postgres://flashsale:p%40ss%2Fword@pgbouncer:6432/global_ro"
+        );
+        assert_eq!(
+            database.global.migration_url(),
+            "postgres://flashsale:p%40ss%2Fword@pgbouncer:5432/global"
+        );
+        assert_eq!(
+            database.shards[0].primary, "postgres://flashsale:own@pgbouncer:6432/shard_0",
+            "a URL's own password stays"
+        );
+        assert_eq!(
+            database.shards[1].primary, "postgres://pgbouncer:6432/shard_1",
+            "no user, no password"
+        );
     }
 }

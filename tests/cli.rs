@@ -100,20 +100,23 @@ fn production_refuses_published_keys_short_keys_and_development_settings() {
 async fn migrate_creates_missing_databases_and_is_idempotent() {
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let mut settings = test_settings().database;
-    settings.global = DatabaseNode {
-        primary: format!("{SERVER}/fst_{id}_mg"),
+    // Migrations go to each primary directly, never through the request path's pooler
+    // (here a port nothing listens on).
+    let node = |name: String| DatabaseNode {
+        primary: format!("postgres://postgres@127.0.0.1:1/{name}"),
         replicas: vec![],
+        direct: Some(format!("{SERVER}/{name}")),
     };
-    settings.shards = (0..2)
-        .map(|i| DatabaseNode {
-            primary: format!("{SERVER}/fst_{id}_ms{i}"),
-            replicas: vec![],
-        })
-        .collect();
+    settings.global = node(format!("fst_{id}_mg"));
+    settings.shards = (0..2).map(|i| node(format!("fst_{id}_ms{i}"))).collect();
     db::migrate(&settings).await.expect("first migrate");
     db::migrate(&settings)
         .await
         .expect("second migrate is a no-op");
+    // Served through the same servers, once migrated.
+    for node in std::iter::once(&mut settings.global).chain(&mut settings.shards) {
+        node.primary = node.migration_url().to_owned();
+    }
     let databases = db::Databases::connect(&settings).await.unwrap();
     let (global, shards) = databases.ping_each().await;
     global.expect("the global database answers");

@@ -211,9 +211,9 @@ impl Databases {
 /// Creates every configured database that does not exist yet, then runs the embedded
 /// migrations on each primary. Safe to run again and from several processes at once.
 pub async fn migrate(settings: &DatabaseSettings) -> Result<(), DbError> {
-    create_and_migrate(&settings.global.primary, GLOBAL_MIGRATIONS).await?;
+    create_and_migrate(settings.global.migration_url(), GLOBAL_MIGRATIONS).await?;
     for shard in &settings.shards {
-        create_and_migrate(&shard.primary, SHARD_MIGRATIONS).await?;
+        create_and_migrate(shard.migration_url(), SHARD_MIGRATIONS).await?;
     }
     Ok(())
 }
@@ -264,7 +264,13 @@ struct Exists {
     exists: bool,
 }
 
+/// Creates the database named in `url` unless it exists. A database that exists is found
+/// by connecting to it, so a role that may not open the server's `postgres` database (the
+/// databases made beforehand by an operator) migrates all the same.
 pub async fn create_database_if_missing(url: &str) -> Result<(), DbError> {
+    if AsyncPgConnection::establish(url).await.is_ok() {
+        return Ok(());
+    }
     create_database(url, None).await
 }
 

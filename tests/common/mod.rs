@@ -92,6 +92,7 @@ impl TestAppBuilder {
         settings.database.global = DatabaseNode {
             primary: global,
             replicas: vec![],
+            direct: None,
         };
         settings.database.shards = (0..self.shards)
             .map(|i| {
@@ -104,7 +105,11 @@ impl TestAppBuilder {
                 } else {
                     vec![]
                 };
-                DatabaseNode { primary, replicas }
+                DatabaseNode {
+                    primary,
+                    replicas,
+                    direct: None,
+                }
             })
             .collect();
         settings.redis.key_prefix = format!("t:{id}:");

@@ -87,6 +87,7 @@ async fn main() {
     settings.database.shards = vec![DatabaseNode {
         primary: args.scratch_url.clone(),
         replicas: vec![],
+        direct: None,
     }];
     let dbs = Databases::connect(&settings.database).await.expect("pools");
     let relay = Relay::new(&settings.kafka).expect("relay");
