@@ -545,3 +545,100 @@ async fn retries_of_an_accepted_request_are_replayed_past_the_attempt_limit() {
         assert_eq!(again["id"], first["id"]);
     }
 }
+
+/// Finding 5 of issue 24: an admin moves a paid order on, paid -> shipped -> completed, each
+/// step with its event and the buyer's notification; a shipped order is no longer
+/// cancellable, and no other move is allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_ships_then_completes_a_paid_order_and_cancel_follows_the_rules() {
+    let app = TestApp::spawn().await;
+    let _worker = app.spawn_worker().await;
+    let _notify = app.spawn_notify_worker().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
+    let (buyer, order, status) = app.buy_and_settle(product, "card").await;
+    assert_eq!(status, "paid");
+    let path = format!("/orders/{order}/status");
+    let set = |token: String, status: &'static str| {
+        let (app, path) = (&app, path.clone());
+        async move {
+            app.put_json(&path, &json!({ "status": status }), &token)
+                .await
+        }
+    };
+
+    let res = set(buyer.access.clone(), "shipped").await;
+    assert_problem(res, 403, "forbidden").await;
+    let res = set(admin.access.clone(), "completed").await;
+    let problem = assert_problem(res, 409, "invalid_transition").await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("paid"),
+        "{problem}"
+    );
+    for status in ["paid", "cancelled", "pending", "failed"] {
+        let res = set(admin.access.clone(), status).await;
+        assert_problem(res, 422, "validation_failed").await;
+    }
+    let unknown = format!("/orders/{}/status", Uuid::now_v7());
+    let res = app
+        .put_json(&unknown, &json!({"status": "shipped"}), &admin.access)
+        .await;
+    assert_problem(res, 404, "not_found").await;
+
+    for _ in 0..2 {
+        // The second time: already shipped, answered again, nothing more written.
+        let res = set(admin.access.clone(), "shipped").await;
+        assert_eq!(res.status(), 200);
+        let shipped: Value = res.json().await.unwrap();
+        assert_eq!(shipped["status"], "shipped");
+    }
+    let res = app.cancel(&buyer.access, order).await;
+    assert_problem(res, 409, "not_cancellable").await;
+    let res = set(admin.access.clone(), "completed").await;
+    assert_eq!(res.status(), 200);
+    let res = set(admin.access.clone(), "shipped").await;
+    assert_problem(res, 409, "invalid_transition").await;
+    let res = app.cancel(&buyer.access, order).await;
+    assert_problem(res, 409, "not_cancellable").await;
+    let seen = app
+        .get_json(&format!("/orders/{order}"), Some(&buyer.access))
+        .await;
+    assert_eq!(seen["status"], "completed");
+
+    let mut events = 0;
+    for shard in 0..app.state.db.shard_count() {
+        let sql = format!(
+            "SELECT count(*) AS n FROM outbox WHERE aggregate_id = '{order}' \
+             AND event_type IN ('order.shipped', 'order.completed')"
+        );
+        events += app.count(&mut app.shard_conn(shard).await, &sql).await;
+    }
+    assert_eq!(events, 2, "one event per move");
+    common::until("the buyer told of both moves", || async {
+        let history = app
+            .get_json(
+                &format!("/notifications/user/{}", buyer.user_id),
+                Some(&buyer.access),
+            )
+            .await;
+        let subjects: Vec<String> = history["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["subject"].as_str().map(str::to_owned))
+            .collect();
+        subjects.contains(&"Your order is on its way".to_owned())
+            && subjects.contains(&"Your order is complete".to_owned())
+    })
+    .await;
+    let res = app
+        .client
+        .put(app.url(&path))
+        .bearer_auth(&admin.access)
+        .header("content-type", "application/json")
+        .body("{\"status\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 400, "invalid_request").await;
+}

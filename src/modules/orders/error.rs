@@ -30,6 +30,11 @@ pub enum OrdersError {
     TotalTooLarge,
     #[error("the order can no longer be cancelled")]
     NotCancellable,
+    #[error("an order that is {from} cannot become {to}")]
+    InvalidTransition {
+        from: &'static str,
+        to: &'static str,
+    },
     #[error("too many flash-sale attempts")]
     RateLimited { retry_after_secs: u64 },
     #[error("flash-sale stock is being restored")]
@@ -129,6 +134,9 @@ impl From<OrdersError> for Problem {
             OrdersError::SaleNotActive => Problem::conflict("sale_not_active", detail),
             OrdersError::PurchaseLimit => Problem::conflict("purchase_limit", detail),
             OrdersError::NotCancellable => Problem::conflict("not_cancellable", detail),
+            OrdersError::InvalidTransition { .. } => {
+                Problem::conflict("invalid_transition", detail)
+            }
             OrdersError::RateLimited { retry_after_secs } => {
                 Problem::rate_limited(retry_after_secs)
             }

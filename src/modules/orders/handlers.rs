@@ -3,7 +3,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use uuid::Uuid;
 
 use super::admission::Ticket;
-use super::model::{CreateOrderRequest, FlashSaleOrderRequest, Order, OrderStatusView};
+use super::model::{
+    CreateOrderRequest, FlashSaleOrderRequest, Order, OrderStatusChange, OrderStatusView,
+};
 use crate::app::AppState;
 use crate::infra::http::extract::parse_optional_json;
 use crate::infra::http::paging::{Page, PageQuery};
@@ -26,6 +28,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/user/{user_id}", web::get().to(list_user_orders))
             .route("/{id}", web::get().to(get_order))
             .route("/{id}/status", web::get().to(get_order_status))
+            .route("/{id}/status", web::put().to(advance_order))
             .route("/{id}/cancel", web::put().to(cancel_order)),
     );
 }
@@ -38,6 +41,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     list_user_orders,
     get_order,
     get_order_status,
+    advance_order,
     cancel_order
 ))]
 pub struct OrdersApi;
@@ -185,5 +189,25 @@ async fn cancel_order(
 ) -> Result<web::Json<Order>, Problem> {
     Ok(web::Json(
         super::cancel_order(&state, &caller, id.into_inner()).await?,
+    ))
+}
+
+#[utoipa::path(put, path = "/orders/{id}/status", tag = "orders", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "order id")),
+    request_body = OrderStatusChange,
+    responses((status = 200, body = Order, description = "moved on (or already there: nothing changed); the buyer is notified"),
+              (status = 403, body = ProblemBody, content_type = "application/problem+json", description = "admins only"),
+              (status = 404, body = ProblemBody, content_type = "application/problem+json"),
+              (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "invalid_transition: only paid -> shipped -> completed"),
+              (status = 422, body = ProblemBody, content_type = "application/problem+json", description = "a status other than shipped or completed")))]
+async fn advance_order(
+    state: web::Data<AppState>,
+    caller: AuthUser,
+    id: web::Path<Uuid>,
+    body: web::Json<OrderStatusChange>,
+) -> Result<web::Json<Order>, Problem> {
+    caller.require_admin()?;
+    Ok(web::Json(
+        super::advance_order(&state, &caller, id.into_inner(), body.status).await?,
     ))
 }

@@ -17,6 +17,7 @@ mod fences;
 mod handlers;
 mod holding;
 mod idempotency;
+mod lifecycle;
 mod lookup;
 mod metrics;
 mod model;
@@ -37,6 +38,7 @@ pub use error::OrdersError;
 pub use fences::rebuild_stock;
 pub use handlers::configure;
 pub use idempotency::key_digest as idempotency_digest;
+pub use lifecycle::advance_order;
 pub use lookup::{find_order, list_user_orders};
 pub use model::{
     CreateOrderRequest, FlashSaleOrderRequest, Order, OrderEnvelope, OrderItem, OrderKind,

@@ -120,6 +120,13 @@ pub struct OrderStatusView {
     pub updated_at: DateTime<Utc>,
 }
 
+/// An admin moving an order on: `shipped` (from paid) or `completed` (from shipped).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderStatusChange {
+    pub status: OrderStatus,
+}
+
 /// One order on the queue: everything the worker needs, nothing it must look up.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OrderMessage {

@@ -443,6 +443,14 @@ fn notification(settled: &Settled<'_>) -> Notification {
             "Your order was cancelled",
             format!("Order {} was cancelled.", order.id),
         ),
+        OrderStatus::Shipped => (
+            "Your order is on its way",
+            format!("Order {} has shipped.", order.id),
+        ),
+        OrderStatus::Completed => (
+            "Your order is complete",
+            format!("Order {} was delivered.", order.id),
+        ),
         _ => (
             "Your order could not be completed",
             format!("Order {} failed; you were not charged.", order.id),

@@ -505,6 +505,42 @@ pub async fn live_units_by_buyer(
 
 /// The status of an order, locked until the transaction ends; None when there is no such
 /// order.
+/// Moves an order on in its lifecycle (paid -> shipped -> completed) under a row lock,
+/// with its `order.<to>` event. Answers the status it had (`to` itself: already there,
+/// nothing written), or None when there is no such order; an order not in `from` is left
+/// as it is.
+pub async fn advance(
+    db: &Databases,
+    order: &Order,
+    from: OrderStatus,
+    to: OrderStatus,
+    traceparent: Option<&str>,
+) -> Result<Option<OrderStatus>, OrdersError> {
+    let mut pooled = db.shard_for(order.user_id).write_conn().await?;
+    let conn: &mut AsyncPgConnection = &mut pooled;
+    conn.transaction(async |conn| {
+        let Some(status) = locked_status(conn, order.id).await? else {
+            return Ok(None);
+        };
+        if status == from {
+            diesel::update(orders::table.find(order.id))
+                .set((
+                    orders::status.eq(to.as_str()),
+                    orders::updated_at.eq(diesel::dsl::now),
+                ))
+                .execute(conn)
+                .await?;
+            let moved = event(order, to, to.as_str(), traceparent);
+            let change = Change {
+                events: std::slice::from_ref(&moved),
+            };
+            events::append(conn, &[change]).await?;
+        }
+        Ok(Some(status))
+    })
+    .await
+}
+
 async fn locked_status(
     conn: &mut AsyncPgConnection,
     order: Uuid,
