@@ -57,7 +57,7 @@ run() { # manifest, pgbouncer port, then the command
   local manifest=$1 pgbouncer=$2
   shift 2
   python3 scripts/k8s_env.py render "$manifest" "$work/$manifest" --fill "$password" \
-    --port "5432=$pg_port" --port "6432=$pgbouncer" --port "6379=$redis_port"
+    --host "postgres=$pg_port" --host "pgbouncer=$pgbouncer" --host "redis=$redis_port"
   local vars
   mapfile -t vars <"$work/$manifest/env"
   env -i PATH="$PATH" HOME="$work" "${vars[@]}" \

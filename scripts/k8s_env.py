@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """What the Kubernetes files give a flashsale container, rendered for this machine.
 
-  k8s_env.py render <manifest> <out-dir> --fill SECRET --port 6432=N ...
+  k8s_env.py render <manifest> <out-dir> --fill SECRET --host pgbouncer=N ...
       Writes <out-dir>/config/{default,production}.toml (the image's default.toml, the
       ConfigMap's production.toml) and <out-dir>/env (one KEY=VALUE per line): the
       Secret's keys (its REPLACE placeholders filled with SECRET) and the container's own
-      `env`. Data-tier hosts (`<name>.flashsale-data:<port>`) become 127.0.0.1, each port
-      mapped as given (unmapped ports stay). Nothing else is changed.
+      `env`. Data-tier hosts (`<service>.flashsale-data:<port>`) become 127.0.0.1, on the
+      port given for the service's first word (`pgbouncer-shard-0` -> pgbouncer; unmapped
+      ports stay). Nothing else is changed.
 
   k8s_env.py check-vars
       Fails when a manifest gives a flashsale container a variable the binary reads
@@ -23,7 +24,7 @@ import yaml
 
 K8S = os.path.join(os.path.dirname(__file__), "..", "k8s")
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "config")
-DATA_HOST = re.compile(r"[a-z0-9.-]+\.flashsale-data:(\d+)")
+DATA_HOST = re.compile(r"([a-z0-9]+)[a-z0-9.-]*\.flashsale-data:(\d+)")
 PLACEHOLDER = re.compile(r"REPLACE[\w-]*")
 READ = re.compile(r"^(FLASHSALE_ENV|FLASHSALE__[A-Z0-9_]+)$")
 
@@ -67,11 +68,11 @@ def container_env(container, fill):
 
 
 def localize(text, ports):
-    return DATA_HOST.sub(lambda m: f"127.0.0.1:{ports.get(m.group(1), m.group(1))}", text)
+    return DATA_HOST.sub(lambda m: f"127.0.0.1:{ports.get(m.group(1), m.group(2))}", text)
 
 
 def render(args):
-    ports = dict(p.split("=", 1) for p in args.port)
+    ports = dict(h.split("=", 1) for h in args.host)
     containers = [c for f, c in flashsale_containers() if f == args.manifest]
     if not containers:
         sys.exit(f"no flashsale container in k8s/{args.manifest}")
@@ -105,7 +106,7 @@ def main():
     r.add_argument("manifest")
     r.add_argument("out")
     r.add_argument("--fill", required=True)
-    r.add_argument("--port", action="append", default=[])
+    r.add_argument("--host", action="append", default=[])
     r.set_defaults(run=render)
     sub.add_parser("check-vars").set_defaults(run=check_vars)
     args = parser.parse_args()
