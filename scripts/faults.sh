@@ -28,7 +28,7 @@ bin="${FLASHSALE_BIN:-$target/flashsale}"
 load="${ORDER_LOAD_BIN:-$target/order_load}"
 all_scenarios=(worker_killed broker_dropped redis_flushed redis_node_lost redis_node_paused_lost
   shard_down payment_down rolling_sigterm same_key_retries kafka_down worker_frozen
-  same_key_flushed)
+  same_key_flushed messages_lost)
 scenarios=("${@:-${all_scenarios[@]}}")
 
 export FLASHSALE__LOG__FILTER=error
@@ -199,6 +199,16 @@ fault_worker_frozen() {
   start order-worker
 }
 fault_kafka_down() { stop_kafka; sleep 10; start_kafka; }
+# A worker dies holding committed orders, and the queue loses their messages with every other
+# ready one (purged): the reconciler's committed scan sends the committed ones again (paid, or
+# failed with their units back) and releases the pending ones. Nothing stays pending.
+fault_messages_lost() {
+  kill -STOP "${pid[order-worker]}"
+  sleep 1
+  stop order-worker KILL
+  rabbitmqctl -q purge_queue flashsale.orders >/dev/null
+  start order-worker
+}
 
 load_args() { # scenario
   case $1 in

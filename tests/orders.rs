@@ -642,3 +642,34 @@ async fn an_admin_ships_then_completes_a_paid_order_and_cancel_follows_the_rules
         .unwrap();
     assert_problem(res, 400, "invalid_request").await;
 }
+
+/// Issue 23, finding 11: a sale whose end is edited days into the past stops selling at
+/// once, but its keys stay for the orders still in flight: the one accepted before the edit
+/// is paid when its worker gets to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_ended_days_ago_by_an_edit_keeps_its_keys_for_the_orders_in_flight() {
+    let app = TestApp::spawn().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
+    let token = app.mint_token(Uuid::now_v7());
+    let res = app.buy(&token, product, "before-the-edit", &json!({})).await;
+    assert_eq!(res.status(), 201);
+    let order: Value = res.json().await.unwrap();
+    let order: Uuid = order["id"].as_str().unwrap().parse().unwrap();
+
+    let ended = chrono::Utc::now() - chrono::Duration::days(3);
+    let res = app
+        .patch_json(
+            &format!("/products/{product}"),
+            &json!({"flash_sale_start": ended - chrono::Duration::hours(1), "flash_sale_end": ended}),
+            &admin.access,
+        )
+        .await;
+    assert_eq!(res.status(), 200, "{:?}", res.text().await);
+    let late = app.mint_token(Uuid::now_v7());
+    assert_problem(app.buy(&late, product, "after", &json!({})).await, 409, "sale_not_active").await;
+    assert!(app.redis_exists(&format!("{{p:{}}}:res", product.simple())).await);
+
+    let _worker = app.spawn_worker().await;
+    assert_eq!(app.wait_settled(&token, order).await, "paid");
+}

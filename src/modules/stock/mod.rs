@@ -1204,8 +1204,10 @@ impl StockScripts {
         terms: &SaleTerms,
         buckets: u32,
     ) -> redis::RedisResult<(bool, u32)> {
-        // Kept a day past the end so late workers and the reconciler still find the records.
-        let expire_at = terms.end.timestamp() + 86_400;
+        // Kept a day past the end so late workers and the reconciler still find the records;
+        // an end edited into the past counts from now, so the keys never vanish under the
+        // orders still in flight.
+        let expire_at = terms.end.max(Utc::now()).timestamp() + 86_400;
         let (loaded, stored): (i64, u32) = keys
             .invoke(&self.load)
             .key(&keys.moves_out)
