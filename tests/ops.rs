@@ -47,6 +47,7 @@ async fn every_route_is_in_the_openapi_document_and_docs_are_served() {
         ("/orders/user/{user_id}", "get"),
         ("/orders/{id}", "get"),
         ("/orders/{id}/status", "get"),
+        ("/orders/{id}/status", "put"),
         ("/orders/{id}/cancel", "put"),
         ("/notifications/send", "post"),
         ("/notifications/user/{user_id}", "get"),

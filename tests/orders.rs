@@ -652,7 +652,9 @@ async fn a_sale_ended_days_ago_by_an_edit_keeps_its_keys_for_the_orders_in_fligh
     let admin = app.register_admin(&unique_email("admin")).await;
     let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
     let token = app.mint_token(Uuid::now_v7());
-    let res = app.buy(&token, product, "before-the-edit", &json!({})).await;
+    let res = app
+        .buy(&token, product, "before-the-edit", &json!({}))
+        .await;
     assert_eq!(res.status(), 201);
     let order: Value = res.json().await.unwrap();
     let order: Uuid = order["id"].as_str().unwrap().parse().unwrap();
@@ -667,8 +669,16 @@ async fn a_sale_ended_days_ago_by_an_edit_keeps_its_keys_for_the_orders_in_fligh
         .await;
     assert_eq!(res.status(), 200, "{:?}", res.text().await);
     let late = app.mint_token(Uuid::now_v7());
-    assert_problem(app.buy(&late, product, "after", &json!({})).await, 409, "sale_not_active").await;
-    assert!(app.redis_exists(&format!("{{p:{}}}:res", product.simple())).await);
+    assert_problem(
+        app.buy(&late, product, "after", &json!({})).await,
+        409,
+        "sale_not_active",
+    )
+    .await;
+    assert!(
+        app.redis_exists(&format!("{{p:{}}}:res", product.simple()))
+            .await
+    );
 
     let _worker = app.spawn_worker().await;
     assert_eq!(app.wait_settled(&token, order).await, "paid");

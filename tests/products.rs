@@ -314,20 +314,21 @@ async fn a_patch_racing_a_sale_never_writes_inventory_back() {
 
     let mut seller = app.global_conn().await;
     let mut watcher = app.global_conn().await;
-    let patch = app
+    let request = app
         .client
         .patch(app.url(&format!("/products/{product}")))
         .bearer_auth(&admin.access)
         .json(&json!({"name": "Renamed"}))
         .send();
-    let patch = tokio::spawn(patch);
-    seller
+    let patch = seller
         .transaction::<_, diesel::result::Error, _>(async |conn| {
             diesel::sql_query(format!(
                 "SELECT id FROM products WHERE id = '{product}' FOR UPDATE"
             ))
             .execute(conn)
             .await?;
+            // Sent only once the row is locked: it must wait for the sale.
+            let patch = tokio::spawn(request);
             let waiting = "SELECT count(*) AS n FROM pg_stat_activity \
                            WHERE datname = current_database() AND wait_event_type = 'Lock'";
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -343,7 +344,7 @@ async fn a_patch_racing_a_sale_never_writes_inventory_back() {
             ))
             .execute(conn)
             .await?;
-            Ok(())
+            Ok(patch)
         })
         .await
         .expect("the seller's transaction");

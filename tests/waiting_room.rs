@@ -272,7 +272,7 @@ async fn orders_cancelled_before_settling_leave_no_backlog_behind() {
     assert_eq!(app.wait_settled(&fifth.token, order).await, "paid");
     let settled = || async {
         redis::cmd("GET")
-            .arg(app.state.redis.key("admission:settled"))
+            .arg(app.state.redis.key("{admission}:settled"))
             .query_async::<Option<i64>>(&mut app.state.redis.conn())
             .await
             .unwrap()

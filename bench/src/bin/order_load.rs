@@ -84,6 +84,10 @@ struct Args {
     /// bench/wrk/).
     #[arg(long)]
     mint_tokens: Option<usize>,
+    /// Open loop: the buyer of every Nth accepted order cancels it at once, before its
+    /// worker settles it (the fault suite's cancel_before_settle).
+    #[arg(long)]
+    cancel_every: Option<u64>,
 }
 
 /// Who sends the next request, and with which Idempotency-Key.
@@ -98,6 +102,9 @@ struct Senders {
     next: AtomicUsize,
     /// Order ids answered 201 (a replay answers an id already here).
     accepted: std::sync::Mutex<std::collections::HashSet<Uuid>>,
+    cancel_every: Option<u64>,
+    /// Cancels answered 200.
+    cancelled: AtomicU64,
 }
 
 impl Senders {
@@ -127,7 +134,15 @@ impl Senders {
             reuse_keys: args.reuse_keys,
             next: Default::default(),
             accepted: Default::default(),
+            cancel_every: args.cancel_every.filter(|n| *n > 0),
+            cancelled: Default::default(),
         }
+    }
+
+    /// Whether the order accepted as the `nth` (counting from 1) is to be cancelled.
+    fn cancels(&self, nth: usize) -> bool {
+        self.cancel_every
+            .is_some_and(|every| (nth as u64).is_multiple_of(every))
     }
 
     fn next(&self) -> Option<(String, String)> {
@@ -205,6 +220,12 @@ async fn main() {
         "accepted {accepted} orders (distinct) = {:.0} orders/s",
         accepted as f64 / elapsed.as_secs_f64()
     );
+    if args.cancel_every.is_some() {
+        println!(
+            "cancelled {} of them at once",
+            AtomicU64::load(&senders.cancelled, Ordering::Relaxed)
+        );
+    }
 
     let db = Databases::connect(&settings.database)
         .await
@@ -280,6 +301,8 @@ struct Answer {
     status: u16,
     wait: Option<Duration>,
     code: Option<String>,
+    /// A new order accepted, and to be cancelled at once (--cancel-every).
+    to_cancel: Option<Uuid>,
 }
 
 impl Answer {
@@ -335,9 +358,12 @@ impl Answer {
         senders: &Senders,
     ) -> Self {
         let reply: Reply = serde_json::from_slice(body).unwrap_or_default();
+        let mut to_cancel = None;
         if status == 201 {
             if let (Some(order), Ok(mut accepted)) = (reply.id, senders.accepted.lock()) {
-                accepted.insert(order);
+                if accepted.insert(order) && senders.cancels(accepted.len()) {
+                    to_cancel = Some(order);
+                }
             }
         }
         let retry_after = retry_after
@@ -350,6 +376,7 @@ impl Answer {
                 .map(Duration::from_millis)
                 .or(retry_after),
             code: reply.code,
+            to_cancel,
         }
     }
 }
@@ -373,7 +400,11 @@ impl Connection {
         let sent = tokio::time::timeout(REQUEST_TIMEOUT, self.send(&token, &key)).await;
         match sent {
             Ok(Some((status, retry_after, body))) => {
-                Some(Answer::read(status, retry_after.as_ref(), &body, senders).status)
+                let answer = Answer::read(status, retry_after.as_ref(), &body, senders);
+                if let Some(order) = answer.to_cancel {
+                    self.cancel(&token, order, senders).await;
+                }
+                Some(answer.status)
             }
             _ => {
                 self.sender = None;
@@ -383,11 +414,6 @@ impl Connection {
     }
 
     async fn send(&mut self, token: &str, key: &str) -> Option<(u16, Option<HeaderValue>, Bytes)> {
-        let sender = match self.sender.take() {
-            Some(sender) if !sender.is_closed() => self.sender.insert(sender),
-            _ => self.sender.insert(connect(&self.uri).await?),
-        };
-        sender.ready().await.ok()?;
         let request = Request::post(self.uri.clone())
             .header(HOST, self.uri.authority()?.as_str())
             .header(AUTHORIZATION, format!("Bearer {token}"))
@@ -395,6 +421,39 @@ impl Connection {
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from_static(ORDER_BODY.as_bytes())))
             .ok()?;
+        self.exchange(request).await
+    }
+
+    /// The buyer cancels `order` (PUT /orders/{id}/cancel) on this connection.
+    async fn cancel(&mut self, token: &str, order: Uuid, senders: &Senders) {
+        let Some(authority) = self.uri.authority().map(|a| a.as_str().to_owned()) else {
+            return;
+        };
+        let request = Request::put(format!("http://{authority}/orders/{order}/cancel"))
+            .header(HOST, authority)
+            .header(AUTHORIZATION, format!("Bearer {token}"))
+            .body(Full::new(Bytes::new()));
+        let Ok(request) = request else { return };
+        let answered = tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(request)).await;
+        match answered {
+            Ok(Some((200, _, _))) => {
+                senders.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Some(_)) => {}
+            _ => self.sender = None,
+        }
+    }
+
+    /// One request and its whole answer, opening the connection first when it is closed.
+    async fn exchange(
+        &mut self,
+        request: Request<Full<Bytes>>,
+    ) -> Option<(u16, Option<HeaderValue>, Bytes)> {
+        let sender = match self.sender.take() {
+            Some(sender) if !sender.is_closed() => self.sender.insert(sender),
+            _ => self.sender.insert(connect(&self.uri).await?),
+        };
+        sender.ready().await.ok()?;
         let response = sender.send_request(request).await.ok()?;
         let status = response.status().as_u16();
         let retry_after = response.headers().get(RETRY_AFTER).cloned();

@@ -82,8 +82,10 @@ impl Admission {
             rate_milli: AtomicI64::new(0),
             sold_out: cache(Duration::from_millis(settings.sold_out_cache_ms)),
             crowded: cache(CROWDED_FOR),
-            accepted_key: redis.key("admission:accepted"),
-            settled_key: redis.key("admission:settled"),
+            // One hash tag: on a Redis Cluster both live on one node, so a node lost takes
+            // both (the backlog starts again from 0) and never one (a phantom backlog).
+            accepted_key: redis.key("{admission}:accepted"),
+            settled_key: redis.key("{admission}:settled"),
         }
     }
 
