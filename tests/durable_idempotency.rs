@@ -86,7 +86,8 @@ async fn a_regular_order_retried_after_redis_forgot_its_key_replays_it() {
 
     let (status, replayed) = order_id(app.order(&buyer.access, "R", &body).await).await;
     assert_eq!((status, replayed), (200, first));
-    assert_eq!(app.inventory(product).await, 9);
+    // The ledger lands just after the status: wait for it, then it must stay at 9.
+    app.wait_inventory(product, 9).await;
 }
 
 /// The key is lost while the first order still waits in the queue (no worker runs): the

@@ -843,3 +843,41 @@ async fn a_refund_whose_retry_messages_were_lost_is_paid_back_by_the_reconciler(
     .await;
     assert_eq!(app.refunds_owed().await, 0);
 }
+
+/// Finding 11: the rebuild after a Redis loss gives each live order its record back, so a
+/// buyer who cancels a paid order afterwards gets the unit back on sale and the allowance back,
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_after_a_rebuild_gives_the_unit_and_the_allowance_back_once() {
+    let app = TestApp::spawn_with(|s| s.orders.reconcile_interval_secs = 1).await;
+    let _worker = app.spawn_worker().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
+    let (buyer, order, status) = app.buy_and_settle(product, "card").await;
+    assert_eq!(status, "paid");
+    app.lose_sale(product).await;
+    common::until("the sale rebuilt and open again", || async {
+        products::sale_state(&app.state, product).await.unwrap() == products::SaleState::Open
+    })
+    .await;
+    assert_eq!(app.remaining(product).await, 4);
+    let res = app.buy(&buyer.access, product, "again", &json!({})).await;
+    assert_problem(res, 409, "purchase_limit").await;
+
+    for _ in 0..2 {
+        assert_eq!(app.cancel(&buyer.access, order).await.status(), 200);
+        assert_eq!(app.remaining(product).await, 5, "the unit is back, once");
+    }
+    let res = app
+        .buy(&buyer.access, product, "after-cancel", &json!({}))
+        .await;
+    assert_eq!(
+        res.status(),
+        201,
+        "{}",
+        res.text().await.unwrap_or_default()
+    );
+    let findings = products::audit_once(&app.state).await.unwrap();
+    let sale = findings.iter().find(|f| f.product == product).unwrap();
+    assert_eq!(sale.violations(), 0, "{sale:?}");
+}

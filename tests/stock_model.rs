@@ -27,8 +27,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use chrono::{Duration, Utc};
 use flashsale::infra::redis::Redis;
 use flashsale::modules::stock::{
-    CommitOutcome, ReleaseOutcome, Releaser, Reservation, ReserveRequest, ReservedUnits, SaleKind,
-    SaleState, SaleTerms, StaleReservation, StockScripts,
+    CommitOutcome, Holding, ReleaseOutcome, Releaser, Reservation, ReserveRequest, ReservedUnits,
+    SaleKind, SaleState, SaleTerms, StaleReservation, StockScripts,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -342,19 +342,22 @@ impl<'a> Model<'a> {
                     let epoch = flashsale::modules::stock::new_epoch();
                     self.fence = epoch;
                     let on_hand = STOCK - self.units_where(|s| s == Final::Paid);
-                    let mut buyers: BTreeMap<Uuid, i64> = BTreeMap::new();
-                    for order in &self.orders {
-                        if self.written.get(&order.id) == Some(&Final::Paid) {
-                            *buyers.entry(order.buyer).or_default() += i64::from(order.units);
-                        }
-                    }
-                    let buyers: Vec<(Uuid, i64)> = buyers.into_iter().collect();
+                    let holdings: Vec<Holding> = self
+                        .orders
+                        .iter()
+                        .filter(|order| self.written.get(&order.id) == Some(&Final::Paid))
+                        .map(|order| Holding {
+                            order: order.id,
+                            buyer: order.buyer,
+                            units: order.units,
+                        })
+                        .collect();
                     self.engine
                         .rebuild(
                             self.redis,
                             self.product,
                             on_hand,
-                            &buyers,
+                            &holdings,
                             &self.terms,
                             epoch,
                         )

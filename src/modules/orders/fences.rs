@@ -37,11 +37,11 @@ pub async fn rebuild_stock(state: &AppState, product: Uuid) -> Result<i64, Order
     let every_shard = (0..state.db.shard_count()).collect();
     settle::apply_stock_moves(state, &every_shard).await?;
     // Regular stock has no per-buyer limit to restore.
-    let buyers = match plan.kind {
-        SaleKind::Flash => store::live_units_by_buyer(&state.db, product).await?,
+    let holdings = match plan.kind {
+        SaleKind::Flash => store::live_holdings(&state.db, product).await?,
         SaleKind::Regular => vec![],
     };
-    Ok(products::rebuild_stock(state, &plan, &buyers).await?)
+    Ok(products::rebuild_stock(state, &plan, &holdings).await?)
 }
 
 /// Writes the plan's epoch as the fence of each of its buckets, in every shard.

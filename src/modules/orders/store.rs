@@ -17,7 +17,7 @@ use super::refunds;
 use crate::infra::db::{shard_index, Databases, ReadFrom};
 use crate::infra::events::{self, Change, OrderEvent, EVENT_VERSION};
 use crate::infra::http::paging::PageRequest;
-use crate::modules::products::{CommitEpoch, StockMove};
+use crate::modules::products::{CommitEpoch, Holding, StockMove};
 
 diesel::table! {
     orders (id) {
@@ -478,33 +478,28 @@ async fn assemble(
         .collect()
 }
 
-/// Units each user holds of `product` in live (not cancelled or failed) orders, summed
-/// over every shard: the per-user allowance after a Redis loss.
-pub async fn live_units_by_buyer(
-    db: &Databases,
-    product: Uuid,
-) -> Result<Vec<(Uuid, i64)>, OrdersError> {
+/// The units of `product` in every live (not cancelled or failed) order, in every shard:
+/// what a rebuild after a Redis loss gives back to each buyer's allowance.
+pub async fn live_holdings(db: &Databases, product: Uuid) -> Result<Vec<Holding>, OrdersError> {
     let mut all = vec![];
     for shard in db.shards() {
         let mut conn = shard.write_conn().await?;
-        let rows: Vec<(Uuid, Option<i64>)> = orders::table
+        let rows: Vec<(Uuid, Uuid, i32)> = orders::table
             .inner_join(order_items::table)
             .filter(order_items::product_id.eq(product))
             .filter(orders::status.ne_all(["cancelled", "failed"]))
-            .group_by(orders::user_id)
-            .select((orders::user_id, diesel::dsl::sum(order_items::quantity)))
+            .select((orders::id, orders::user_id, order_items::quantity))
             .load(&mut conn)
             .await?;
-        all.extend(
-            rows.into_iter()
-                .map(|(user, units)| (user, units.unwrap_or(0))),
-        );
+        all.extend(rows.into_iter().map(|(order, buyer, units)| Holding {
+            order,
+            buyer,
+            units: u32::try_from(units).unwrap_or(0),
+        }));
     }
     Ok(all)
 }
 
-/// The status of an order, locked until the transaction ends; None when there is no such
-/// order.
 /// Moves an order on in its lifecycle (paid -> shipped -> completed) under a row lock,
 /// with its `order.<to>` event. Answers the status it had (`to` itself: already there,
 /// nothing written), or None when there is no such order; an order not in `from` is left
@@ -541,6 +536,8 @@ pub async fn advance(
     .await
 }
 
+/// The status of an order, locked until the transaction ends; None when there is no such
+/// order.
 async fn locked_status(
     conn: &mut AsyncPgConnection,
     order: Uuid,

@@ -15,8 +15,9 @@ use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
 pub use crate::modules::stock::{
-    new_epoch, CommitEpoch, CommitOutcome, ReleaseOutcome, Releaser, Reservation, ReserveRequest,
-    ReservedUnits, RoomAnswer, RoomRequest, SaleKind, SaleState, SaleTerms, StaleReservation,
+    new_epoch, CommitEpoch, CommitOutcome, Holding, ReleaseOutcome, Releaser, Reservation,
+    ReserveRequest, ReservedUnits, RoomAnswer, RoomRequest, SaleKind, SaleState, SaleTerms,
+    StaleReservation,
 };
 pub use auditor::{audit_once, run as run_auditor, SaleFindings};
 pub use error::ProductsError;
@@ -567,13 +568,13 @@ pub async fn plan_rebuild(state: &AppState, product: Uuid) -> Result<RebuildPlan
 
 /// Rebuilds a product's counters from PostgreSQL after Redis lost them, under the plan's
 /// epoch (the caller fenced every shard with it, then applied every recorded stock move):
-/// the stock is the on-hand inventory (persisted orders are already off it) and `buyers` the
-/// units each user holds in live orders. A flash sale stays closed until `reopen_sale`;
+/// the stock is the on-hand inventory (persisted orders are already off it) and `holdings`
+/// the units of the live orders. A flash sale stays closed until `reopen_sale`;
 /// orders in flight take their units at commit. Answers the stock it rebuilt with.
 pub async fn rebuild_stock(
     state: &AppState,
     plan: &RebuildPlan,
-    buyers: &[(Uuid, i64)],
+    holdings: &[Holding],
 ) -> Result<i64, ProductsError> {
     let product = store::find(&state.db, plan.product, ReadFrom::Primary).await?;
     let terms = match plan.kind {
@@ -587,7 +588,14 @@ pub async fn rebuild_stock(
     let stock = i64::from(product.inventory);
     let engine = &state.products.stock;
     engine
-        .rebuild(&state.redis, product.id, stock, buyers, &terms, plan.epoch)
+        .rebuild(
+            &state.redis,
+            product.id,
+            stock,
+            holdings,
+            &terms,
+            plan.epoch,
+        )
         .await?;
     if terms.kind == SaleKind::Regular {
         engine.track_regular(&state.redis, product.id).await?;

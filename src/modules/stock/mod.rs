@@ -133,7 +133,7 @@ pub struct StockScripts {
     load: Script,
     adjust: Script,
     rebuild: Script,
-    rebuild_buyers: Script,
+    rebuild_holdings: Script,
     reopen: Script,
     audit: Script,
     room: Script,
@@ -159,7 +159,7 @@ impl StockScripts {
             load: Script::new(include_str!("lua/load.lua")),
             adjust: Script::new(include_str!("lua/adjust.lua")),
             rebuild: Script::new(include_str!("lua/rebuild.lua")),
-            rebuild_buyers: Script::new(include_str!("lua/rebuild_buyers.lua")),
+            rebuild_holdings: Script::new(include_str!("lua/rebuild_holdings.lua")),
             reopen: Script::new(include_str!("lua/reopen.lua")),
             audit: Script::new(include_str!("lua/audit.lua")),
             room: Script::new(include_str!("lua/room.lua")),
@@ -370,6 +370,15 @@ pub struct StaleReservation {
 /// Products whose regular stock one reconciler round trip looks at.
 const REGULAR_PAGE: usize = 500;
 
+/// A live order's units of a product, as PostgreSQL has them: what a rebuild gives back to
+/// its buyer's allowance, with the order's record (persisted) so a later cancel releases them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holding {
+    pub order: Uuid,
+    pub buyer: Uuid,
+    pub units: u32,
+}
+
 /// Where a reservation was committed: its bucket and the bucket's epoch then. A rebuild of
 /// that bucket since (after a Redis loss) voids the commit: the rebuild counted the units
 /// back on the shelf, so the order must take them again before it is written sold (the
@@ -500,15 +509,9 @@ pub fn new_epoch() -> Uuid {
     Uuid::now_v7()
 }
 
-/// Buyers one rebuild call writes (each a Redis command inside one script: a big sale's
-/// rebuild is many short calls, not one long one).
-const REBUILD_BUYERS_CHUNK: usize = 1_000;
-
-fn add_buyer_args(invocation: &mut redis::ScriptInvocation<'_>, buyers: &[&(Uuid, i64)]) {
-    for (user, units) in buyers {
-        invocation.arg(user.simple().to_string()).arg(units);
-    }
-}
+/// Live orders one rebuild call gives back (two Redis commands each inside one script: a
+/// big sale's rebuild is many short calls, not one long one).
+const REBUILD_HOLDINGS_CHUNK: usize = 500;
 
 /// The move (if any) whose units a script takes first: id, units, epoch.
 fn add_move_args(invocation: &mut redis::ScriptInvocation<'_>, borrowed: Option<&Move>) {
@@ -1611,7 +1614,8 @@ impl StockScripts {
     }
 
     /// Replaces the counters from PostgreSQL's truth after a Redis loss (the stock dealt out
-    /// over the buckets, each buyer's units in their home bucket), under `epoch`, which the
+    /// over the buckets, each live order's units back with its buyer, in their home bucket),
+    /// under `epoch`, which the
     /// caller fenced PostgreSQL with before it read the numbers. A flash sale stays closed
     /// until `reopen`; regular stock opens at once (it has no buyers' allowance to forget).
     /// Buckets already at `epoch` or a later one are left alone.
@@ -1620,7 +1624,7 @@ impl StockScripts {
         redis: &Redis,
         product: Uuid,
         stock: i64,
-        buyers: &[(Uuid, i64)],
+        holdings: &[Holding],
         terms: &SaleTerms,
         epoch: Uuid,
     ) -> redis::RedisResult<()> {
@@ -1629,11 +1633,10 @@ impl StockScripts {
         let epoch = epoch.to_string();
         for (bucket, share) in (0..layout.buckets).zip(layout.shares(stock)) {
             let keys = layout.bucket(redis, bucket);
-            let homed: Vec<&(Uuid, i64)> = buyers
-                .iter()
-                .filter(|(user, _)| layout.home(*user) == bucket)
-                .collect();
-            let mut chunks = homed.chunks(REBUILD_BUYERS_CHUNK);
+            // The terms first (window, limit, price): a commit that finds the counters must
+            // find the limit they are sold under, never a missing one.
+            self.load_bucket(redis, &keys, None, &epoch, terms, layout.buckets)
+                .await?;
             let mut invocation = keys.invoke(&self.rebuild);
             invocation
                 .key(&keys.moves_out)
@@ -1643,15 +1646,26 @@ impl StockScripts {
                 .arg(&epoch)
                 .arg(layout.buckets)
                 .arg(closed);
-            add_buyer_args(&mut invocation, chunks.next().unwrap_or_default());
             let rebuilt: i64 = invocation.invoke_async(&mut redis.conn()).await?;
             if rebuilt != 1 {
                 continue;
             }
-            for chunk in chunks {
-                let mut invocation = self.rebuild_buyers.key(&keys.buyers);
-                invocation.key(&keys.epoch).arg(&epoch);
-                add_buyer_args(&mut invocation, chunk);
+            let homed: Vec<&Holding> = holdings
+                .iter()
+                .filter(|held| layout.home(held.buyer) == bucket)
+                .collect();
+            for chunk in homed.chunks(REBUILD_HOLDINGS_CHUNK) {
+                let mut invocation = self.rebuild_holdings.key(&keys.buyers);
+                invocation
+                    .key(&keys.epoch)
+                    .key(&keys.reservations)
+                    .arg(&epoch);
+                for held in chunk {
+                    invocation
+                        .arg(held.order.to_string())
+                        .arg(held.buyer.simple().to_string())
+                        .arg(held.units);
+                }
                 invocation.invoke_async::<i64>(&mut redis.conn()).await?;
             }
         }

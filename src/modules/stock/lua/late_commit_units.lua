@@ -10,8 +10,10 @@ if rec then
   return {'released'}
 end
 if tonumber(stock) < units then return {'sold_out'} end
-local limit = tonumber(redis.call('HGET', sale_key, 'limit') or '0')
-if tonumber(redis.call('HGET', buyers_key, user) or '0') + units > limit then return {'limit'} end
+-- No terms yet (a rebuild writes them first; a bucket lost since): not loaded, never a limit of 0.
+local limit = redis.call('HGET', sale_key, 'limit')
+if not limit then return {'not_loaded'} end
+if tonumber(redis.call('HGET', buyers_key, user) or '0') + units > tonumber(limit) then return {'limit'} end
 redis.call('DECRBY', stock_key, units)
 redis.call('HINCRBY', buyers_key, user, units)
 redis.call('HSET', reservations_key, order, 'c:' .. user .. ':' .. units)

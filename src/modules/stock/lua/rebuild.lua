@@ -1,6 +1,6 @@
 -- Replaces one bucket's counters after a Redis loss: stock, epoch (the same in every bucket of
--- the sale), bucket count, closed ('1': a flash sale, closed until reopened), then the first
--- buyers (ARGV pairs user, units; rebuild_buyers.lua adds the rest). The caller fenced PostgreSQL with this epoch before it read the numbers:
+-- the sale), bucket count, closed ('1': a flash sale, closed until reopened). The live orders'
+-- holdings come after, in chunks (rebuild_holdings.lua). The caller fenced PostgreSQL with this epoch before it read the numbers:
 -- a bucket already at this epoch or a later one (another rebuild's) is left as it is.
 -- Reservation records a partial loss left behind go too: the rebuilt stock already counts
 -- their units (on hand, or sold and off the shelf). The sale stays closed (`recovering`)
@@ -21,7 +21,6 @@ end
 redis.call('SET', stock_key, stock)
 -- Moves between buckets in flight are void: the rebuilt stock already counts their units.
 redis.call('DEL', buyers_key, reservations_key, pending_key, out_key, in_key, KEYS[9])
-for i = 5, #ARGV, 2 do redis.call('HSET', buyers_key, ARGV[i], ARGV[i + 1]) end
 local now = redis.call('TIME')
 redis.call('HSET', sale_key, 'units', stock, 'committed', 0, 'buckets', buckets,
   'rebuilt', now[1] * 1000 + math.floor(now[2] / 1000))
