@@ -36,10 +36,14 @@ fn key(redis: &Redis) -> String {
 
 async fn write_mark(redis: &Redis, key: &str, worker: &str) -> redis::RedisResult<()> {
     let until = chrono::Utc::now().timestamp_millis() + LEASE_MS;
-    redis::cmd("HSET")
-        .arg(key)
-        .arg(worker)
-        .arg(until)
+    // The marks expire together once no worker renewed its own for a lease: then every
+    // one in the hash has run out anyway. One transaction, so the hash never lacks a TTL.
+    redis::pipe()
+        .atomic()
+        .hset(key, worker, until)
+        .ignore()
+        .pexpire(key, LEASE_MS)
+        .ignore()
         .query_async(&mut redis.conn())
         .await
 }
