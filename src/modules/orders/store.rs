@@ -518,22 +518,36 @@ pub async fn advance(
             return Ok(None);
         };
         if status == from {
-            diesel::update(orders::table.find(order.id))
-                .set((
-                    orders::status.eq(to.as_str()),
-                    orders::updated_at.eq(diesel::dsl::now),
-                ))
-                .execute(conn)
-                .await?;
-            let moved = event(order, to, to.as_str(), traceparent);
-            let change = Change {
-                events: std::slice::from_ref(&moved),
-            };
-            events::append(conn, &[change]).await?;
+            write_status(conn, order, to, None, traceparent).await?;
         }
         Ok(Some(status))
     })
     .await
+}
+
+/// Writes a locked order's new status (and failure reason: None for any status but
+/// failed) with its `order.<to>` event, in the caller's transaction.
+async fn write_status(
+    conn: &mut AsyncPgConnection,
+    order: &Order,
+    to: OrderStatus,
+    reason: Option<&str>,
+    traceparent: Option<&str>,
+) -> Result<(), OrdersError> {
+    diesel::update(orders::table.find(order.id))
+        .set((
+            orders::status.eq(to.as_str()),
+            orders::failure_reason.eq(reason),
+            orders::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)
+        .await?;
+    let changed = event(order, to, to.as_str(), traceparent);
+    let change = Change {
+        events: std::slice::from_ref(&changed),
+    };
+    events::append(conn, &[change]).await?;
+    Ok(())
 }
 
 /// The status of an order, locked until the transaction ends; None when there is no such
@@ -653,19 +667,7 @@ pub async fn end(
             return Ok(None);
         };
         if matches!(status, OrderStatus::Pending | OrderStatus::Paid) {
-            diesel::update(orders::table.find(order.id))
-                .set((
-                    orders::status.eq(to.as_str()),
-                    orders::failure_reason.eq(reason),
-                    orders::updated_at.eq(diesel::dsl::now),
-                ))
-                .execute(conn)
-                .await?;
-            let ended = event(order, to, to.as_str(), traceparent);
-            let change = Change {
-                events: std::slice::from_ref(&ended),
-            };
-            events::append(conn, &[change]).await?;
+            write_status(conn, order, to, reason, traceparent).await?;
         }
         if status == OrderStatus::Paid {
             record_moves(conn, &units_by_product([order], 1)).await?;
