@@ -65,7 +65,7 @@ impl AppState {
         let redis = Redis::connect(&settings.redis).await?;
         let amqp = Amqp::connect(&settings.amqp).await?;
         let auth = auth::AuthState::new(&settings.auth, &settings.rate_limit)?;
-        let products = products::ProductsState::new(&settings)?;
+        let products = products::ProductsState::open(&settings).await?;
         let orders = orders::OrdersState::new(&settings, &amqp, &redis).await?;
         let notifications = notifications::NotificationsState::new(&settings, &amqp).await?;
         Ok(Self {

@@ -224,6 +224,11 @@ pub struct SearchSettings {
     /// How often the indexer picks up product changes (a change is searchable within this
     /// plus a commit).
     pub refresh_ms: u64,
+    /// Where `flashsale search snapshot` publishes copies of its index and where a starting
+    /// API process restores the newest one from (a volume they share). Unset: each process
+    /// builds its index from the catalogue.
+    #[serde(default)]
+    pub snapshot_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -285,6 +290,21 @@ pub struct OrdersSettings {
     pub reconcile_interval_secs: u64,
     pub payment: PaymentSettings,
     pub admission: AdmissionSettings,
+    pub push: PushSettings,
+}
+
+/// The pushed streams (server-sent events) of order status and waiting rooms.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushSettings {
+    /// A comment this often keeps proxies from timing the stream out and finds dead clients.
+    pub heartbeat_secs: u64,
+    /// An order stream also reads its order this often (a change whose publish was lost).
+    pub recheck_secs: u64,
+    /// A stream ends after this long; the client reconnects with Last-Event-ID.
+    pub max_stream_secs: u64,
+    /// Streams one process holds at once (each a connection and a little memory); 503 beyond.
+    pub max_streams: usize,
 }
 
 /// The payment gateway simulator and the circuit breaker in front of it.

@@ -65,6 +65,9 @@ enum Command {
 enum SearchAction {
     /// Empty this machine's index (search.index_dir) and build it again from PostgreSQL.
     Reindex,
+    /// Bring this machine's index up to date (building it if empty), merge it and publish a
+    /// copy into search.snapshot_dir, where starting API processes restore it from.
+    Snapshot,
 }
 
 #[derive(Subcommand)]
@@ -145,6 +148,30 @@ async fn run(command: Command, settings: Settings) -> Result<(), Box<dyn std::er
                 "indexed {indexed} products in {:.1}s",
                 started.elapsed().as_secs_f64()
             );
+        }
+        Command::Search {
+            action: SearchAction::Snapshot,
+        } => {
+            let Some(to) = settings.search.snapshot_dir.clone() else {
+                return Err(
+                    "search.snapshot_dir is not set (FLASHSALE__SEARCH__SNAPSHOT_DIR)".into(),
+                );
+            };
+            let state = AppState::build(settings).await?;
+            let started = std::time::Instant::now();
+            let bar = progress_bar(None, "indexed");
+            let (indexed, published) =
+                products::publish_snapshot(&state, &to, |done| bar.set_position(done as u64))
+                    .await?;
+            bar.finish_and_clear();
+            let seconds = started.elapsed().as_secs_f64();
+            match published {
+                Some(dir) => println!(
+                    "indexed {indexed} changed products and published {} in {seconds:.1}s",
+                    dir.display()
+                ),
+                None => println!("the catalogue is empty: no snapshot published"),
+            }
         }
         Command::Admin {
             action: AdminAction::Grant { email },

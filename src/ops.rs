@@ -7,6 +7,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::app::AppState;
+use crate::modules::products::SearchReadiness;
 use crate::modules::{auth, notifications, orders, products, users};
 
 /// The API port's probes and docs, and `/metrics` unless it is kept to the ops port
@@ -140,6 +141,10 @@ pub struct Readiness {
     shards: Vec<&'static str>,
     redis: &'static str,
     rabbitmq: &'static str,
+    /// The product search index (only where this process serves search): `catching_up`
+    /// until the indexer has read every change since the index's watermark.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    search: Option<&'static str>,
 }
 
 /// Liveness: the process answers.
@@ -148,7 +153,9 @@ async fn health() -> web::Json<Health> {
     web::Json(Health { status: "ok" })
 }
 
-/// Readiness: this pod can serve. The global database, Redis and RabbitMQ answer; a shard
+/// Readiness: this pod can serve. The global database, Redis and RabbitMQ answer and, where
+/// the process serves search, its index is current (a new pod restores a snapshot, then
+/// catches up, before it takes traffic); a shard
 /// that is down is reported but keeps the pod ready (the catalogue and every other shard's
 /// users are still served; its own users' orders answer 503).
 #[utoipa::path(get, path = "/ready", tag = "ops",
@@ -170,13 +177,20 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
         tracing::warn!(error = %e, "readiness: redis");
     }
     let amqp_ok = state.amqp.is_connected();
-    let all_ok = postgres.is_ok() && redis.is_ok() && amqp_ok;
+    let search = state.products.search_readiness();
+    let search_ok = search != SearchReadiness::CatchingUp;
+    let all_ok = postgres.is_ok() && redis.is_ok() && amqp_ok && search_ok;
     let body = Readiness {
         status: verdict(all_ok),
         postgres: verdict(postgres.is_ok()),
         shards: shards.iter().map(|s| verdict(s.is_ok())).collect(),
         redis: verdict(redis.is_ok()),
         rabbitmq: verdict(amqp_ok),
+        search: match search {
+            SearchReadiness::NotServed => None,
+            SearchReadiness::CatchingUp => Some("catching_up"),
+            SearchReadiness::Current => Some("ok"),
+        },
     };
     if all_ok {
         HttpResponse::Ok().json(body)

@@ -86,8 +86,9 @@ pub async fn serve(state: AppState, role: Role) -> Result<(), StartupError> {
         let listener = crate::infra::http::listen(&http.host, http.port, http.listen_backlog)?;
         tracing::info!(address = %listener.local_addr()?, "api listening");
         tokio::spawn(app::api_upkeep(state.clone()));
-        tokio::spawn(products::run_indexer(state.clone()));
+        products::spawn_indexer(state.clone());
         tokio::spawn(orders::run_admission(state.clone()));
+        tokio::spawn(orders::run_feed(state.clone()));
         servers.push(app::http_server(state.clone(), listener)?);
     }
     // Every role but an API that serves its own /metrics has the ops port.

@@ -10,9 +10,18 @@ use uuid::Uuid;
 async fn health_and_readiness_answer() {
     let app = TestApp::spawn().await;
     assert_eq!(app.get("/health", None).await.status(), 200);
-    let res = app.get("/ready", None).await;
+    // Ready once the indexer's first pass has read the (empty) catalogue.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let res = loop {
+        let res = app.get("/ready", None).await;
+        if res.status() == 200 || std::time::Instant::now() > deadline {
+            break res;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
+    assert_eq!(body["search"], "ok");
     assert_eq!(body["postgres"], "ok");
     assert_eq!(body["redis"], "ok");
     assert_eq!(body["rabbitmq"], "ok");
@@ -44,9 +53,11 @@ async fn every_route_is_in_the_openapi_document_and_docs_are_served() {
         ("/orders", "post"),
         ("/orders/flash-sale/{product_id}", "post"),
         ("/orders/flash-sale/{product_id}/queue", "get"),
+        ("/orders/flash-sale/{product_id}/queue/events", "get"),
         ("/orders/user/{user_id}", "get"),
         ("/orders/{id}", "get"),
         ("/orders/{id}/status", "get"),
+        ("/orders/{id}/events", "get"),
         ("/orders/{id}/status", "put"),
         ("/orders/{id}/cancel", "put"),
         ("/notifications/send", "post"),

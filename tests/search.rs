@@ -147,3 +147,89 @@ async fn search_pages_and_rejects_bad_queries() {
         200
     );
 }
+
+/// A new API process starts from the newest snapshot: it searches the snapshot's products at
+/// once, reads only what changed after it (not the catalogue), and `/ready` answers 503 until
+/// that catch-up has finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_restores_the_snapshot_reads_only_later_changes_and_is_ready_once_current() {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    use flashsale::app::{self, AppState};
+    use flashsale::modules::products;
+
+    let snapshots =
+        std::env::temp_dir().join(format!("flashsale-snapshots-{}", uuid::Uuid::now_v7()));
+    let app = TestApp::spawn().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let create = |name: String| {
+        let body = json!({"name": name, "description": "", "price": "1.00", "inventory": 1});
+        let (app, token) = (&app, admin.access.clone());
+        async move {
+            let res = app.post_json("/products", &body, Some(&token)).await;
+            assert_eq!(res.status(), 201);
+        }
+    };
+    for i in 0..20 {
+        create(format!("Snapshot Teapot {i}")).await;
+    }
+    search_until(&app, "teapot", "Snapshot Teapot 19").await;
+    // Older than the indexer's late-commit window: only a rebuild would read them again.
+    let mut global = app.global_conn().await;
+    global
+        .batch_execute("UPDATE products SET updated_at = updated_at - interval '1 hour'")
+        .await
+        .unwrap();
+    let (_, published) = products::publish_snapshot(&app.state, &snapshots, |_| {})
+        .await
+        .unwrap();
+    assert!(published.is_some());
+    create("Late Kettle".to_owned()).await;
+
+    let mut settings = (*app.state.settings).clone();
+    settings.search.index_dir =
+        std::env::temp_dir().join(format!("flashsale-search-new-{}", uuid::Uuid::now_v7()));
+    settings.search.snapshot_dir = Some(snapshots.clone());
+    let fresh = AppState::build(settings).await.unwrap();
+    let found = products::search(&fresh, "teapot".to_owned(), 50, 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        found.len(),
+        20,
+        "the snapshot's products, before any indexing"
+    );
+    let caught_up = products::index_changes(&fresh, |_| {}).await.unwrap();
+    assert_eq!(caught_up, 1, "only the product created after the snapshot");
+
+    // While the catalogue cannot be read the indexer cannot finish: not ready.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(app::http_server(fresh.clone(), listener).unwrap());
+    let mut locker = app.global_conn().await;
+    locker.begin_test_transaction().await.unwrap();
+    locker
+        .batch_execute("LOCK TABLE products IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    products::spawn_indexer(fresh.clone());
+    let client = reqwest::Client::new();
+    let res = client.get(format!("{address}/ready")).send().await.unwrap();
+    assert_eq!(res.status(), 503);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["search"], "catching_up", "{body}");
+    drop(locker);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let res = client.get(format!("{address}/ready")).send().await.unwrap();
+        if res.status() == 200 {
+            let body: Value = res.json().await.unwrap();
+            assert_eq!(body["search"], "ok", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fresh.shutdown.cancel();
+    std::fs::remove_dir_all(&snapshots).unwrap();
+    std::fs::remove_dir_all(&fresh.settings.search.index_dir).ok();
+}

@@ -35,6 +35,9 @@ pub struct Redis {
     /// Swapped whole by the cluster watchdog; every clone sees the swap.
     conn: Arc<ArcSwap<RedisConnection>>,
     prefix: String,
+    /// Where subscriptions go: a node's URL (on a cluster, the first seed; a classic
+    /// PUBLISH reaches every node's subscribers).
+    pubsub_url: String,
 }
 
 /// A single node's connection or a cluster's; cheap to clone, every clone shares the sockets.
@@ -74,7 +77,21 @@ impl Redis {
         Self {
             conn: Arc::new(ArcSwap::from_pointee(conn)),
             prefix: settings.key_prefix.clone(),
+            pubsub_url: settings
+                .url
+                .split(',')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
         }
+    }
+
+    /// A connection of its own for subscriptions (one per process: see orders' feed).
+    pub async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
+        redis::Client::open(self.pubsub_url.as_str())?
+            .get_async_pubsub()
+            .await
     }
 
     /// A connection handle; cheap to clone, all clones share one multiplexed socket (per node).

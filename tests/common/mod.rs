@@ -131,8 +131,9 @@ impl TestAppBuilder {
         let address = format!("http://{}", listener.local_addr().expect("local addr"));
         let server = app::http_server(state.clone(), listener).expect("server starts");
         tokio::spawn(server);
-        tokio::spawn(flashsale::modules::products::run_indexer(state.clone()));
+        flashsale::modules::products::spawn_indexer(state.clone());
         tokio::spawn(flashsale::modules::orders::run_admission(state.clone()));
+        tokio::spawn(flashsale::modules::orders::run_feed(state.clone()));
         TestApp {
             address,
             client: reqwest::Client::new(),

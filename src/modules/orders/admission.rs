@@ -157,6 +157,23 @@ impl Admission {
         })
     }
 
+    pub fn sample_ms(&self) -> u64 {
+        self.settings.sample_ms
+    }
+
+    /// What a process watching a room for its pushed streams passes the room script: this
+    /// pod's capacity, as a buyer's attempt would (the buyer is not used).
+    pub fn room_request(&self, product: Uuid) -> RoomRequest<'static> {
+        RoomRequest {
+            product,
+            buyer: Uuid::nil(),
+            key_digest: "",
+            capacity: self.capacity.load(Ordering::Relaxed).max(0),
+            tick_ms: self.settings.sample_ms,
+            slack: self.settings.stock_slack,
+        }
+    }
+
     fn take_capacity(&self) -> bool {
         self.capacity.fetch_sub(1, Ordering::Relaxed) > 0
     }
@@ -182,15 +199,20 @@ impl Admission {
     ) -> Result<Option<Ticket>, OrdersError> {
         Ok(products::room_ticket(state, product, buyer)
             .await?
-            .map(|(ticket, position)| Ticket {
-                ticket,
-                position,
-                retry_after_ms: if position == 0 {
-                    0
-                } else {
-                    self.retry_after_ms(position)
-                },
-            }))
+            .map(|(ticket, position)| self.ticket_at(ticket, position)))
+    }
+
+    /// A ticket `position` places from the horizon (0: admitted, retry now).
+    pub fn ticket_at(&self, ticket: u64, position: u64) -> Ticket {
+        Ticket {
+            ticket,
+            position,
+            retry_after_ms: if position == 0 {
+                0
+            } else {
+                self.retry_after_ms(position)
+            },
+        }
     }
 
     /// Counts accepted orders (into the pipeline that records them).

@@ -25,9 +25,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 "/flash-sale/{product_id}/queue",
                 web::get().to(waiting_room_place),
             )
+            .route(
+                "/flash-sale/{product_id}/queue/events",
+                web::get().to(waiting_room_events),
+            )
             .route("/user/{user_id}", web::get().to(list_user_orders))
             .route("/{id}", web::get().to(get_order))
             .route("/{id}/status", web::get().to(get_order_status))
+            .route("/{id}/events", web::get().to(order_events))
             .route("/{id}/status", web::put().to(advance_order))
             .route("/{id}/cancel", web::put().to(cancel_order)),
     );
@@ -38,9 +43,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     place_order,
     place_flash_sale_order,
     waiting_room_place,
+    waiting_room_events,
     list_user_orders,
     get_order,
     get_order_status,
+    order_events,
     advance_order,
     cancel_order
 ))]
@@ -93,6 +100,65 @@ async fn waiting_room_place(
         .await?
         .ok_or(Problem::not_found("ticket"))?;
     Ok(HttpResponse::Ok().json(ticket))
+}
+
+#[utoipa::path(get, path = "/orders/flash-sale/{product_id}/queue/events", tag = "orders", security(("bearer" = [])),
+    params(("product_id" = Uuid, Path, description = "product on sale"),
+           ("Last-Event-ID" = Option<String>, Header, description = "the id of the last event received (EventSource sends it on reconnect): only what differs is sent")),
+    responses((status = 200, content_type = "text/event-stream", body = String, description = "server-sent events: `position` (data: a Ticket; id: the position) whenever the caller's place changes, then `admitted` (id `admitted`: retry the order now with the same Idempotency-Key) or `sold_out`, and the stream ends. A `: heartbeat` comment every push.heartbeat_secs; the stream ends after push.max_stream_secs (reconnect with Last-Event-ID)"),
+              (status = 204, description = "Last-Event-ID was `admitted` and the caller is admitted: nothing more to send"),
+              (status = 401, body = ProblemBody, content_type = "application/problem+json"),
+              (status = 404, body = ProblemBody, content_type = "application/problem+json", description = "the caller holds no ticket for this sale"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "overloaded: this process holds push.max_streams streams")))]
+async fn waiting_room_events(
+    state: web::Data<AppState>,
+    caller: AuthUser,
+    product: web::Path<Uuid>,
+    req: HttpRequest,
+) -> Result<HttpResponse, Problem> {
+    let events =
+        super::stream::queue_events(&state, &caller, product.into_inner(), last_event_id(&req))
+            .await?;
+    Ok(event_stream(events))
+}
+
+#[utoipa::path(get, path = "/orders/{id}/events", tag = "orders", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "order id"),
+           ("Last-Event-ID" = Option<String>, Header, description = "the id of the last event received (EventSource sends it on reconnect): only what differs is sent")),
+    responses((status = 200, content_type = "text/event-stream", body = OrderStatusView, description = "server-sent events: `status` (data: the order's status as GET /orders/{id}/status answers it; id: the status) now and at each change, until the order is settled (anything but pending); then the stream ends. A `: heartbeat` comment every push.heartbeat_secs; the stream ends after push.max_stream_secs (reconnect with Last-Event-ID)"),
+              (status = 204, description = "Last-Event-ID is the order's settled status: nothing more to send"),
+              (status = 401, body = ProblemBody, content_type = "application/problem+json"),
+              (status = 404, body = ProblemBody, content_type = "application/problem+json", description = "no such order, or another user's"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "overloaded: this process holds push.max_streams streams")))]
+async fn order_events(
+    state: web::Data<AppState>,
+    caller: AuthUser,
+    id: web::Path<Uuid>,
+    req: HttpRequest,
+) -> Result<HttpResponse, Problem> {
+    let events =
+        super::stream::order_events(&state, &caller, id.into_inner(), last_event_id(&req)).await?;
+    Ok(event_stream(events))
+}
+
+fn last_event_id(req: &HttpRequest) -> Option<String> {
+    req.headers()
+        .get("last-event-id")
+        .and_then(|value| value.to_str().ok())
+        .map(|id| id.trim().to_owned())
+}
+
+/// A `text/event-stream` response, or 204 when there is nothing more to send.
+fn event_stream(events: Option<super::stream::Events>) -> HttpResponse {
+    match events {
+        Some(events) => HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .insert_header((header::CACHE_CONTROL, "no-cache"))
+            // nginx would otherwise buffer the stream.
+            .insert_header(("X-Accel-Buffering", "no"))
+            .streaming(events),
+        None => HttpResponse::NoContent().finish(),
+    }
 }
 
 fn idempotency_digest(req: &HttpRequest) -> Result<String, Problem> {

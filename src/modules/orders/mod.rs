@@ -13,6 +13,7 @@ mod acceptance;
 mod admission;
 mod cancel;
 mod error;
+mod feed;
 mod fences;
 mod handlers;
 mod holding;
@@ -28,6 +29,7 @@ mod reconciler;
 mod refunds;
 mod settle;
 mod store;
+mod stream;
 mod worker;
 
 use std::sync::Arc;
@@ -71,6 +73,10 @@ pub struct OrdersState {
     /// The simulator itself, for fault drills (failure rate at run time).
     pub simulator: Arc<PaymentSimulator>,
     pub admission: Arc<Admission>,
+    /// Status changes and waiting rooms, for this process's pushed streams.
+    feed: Arc<feed::Feed>,
+    /// Pushed streams this process may still open.
+    streams: stream::StreamSlots,
 }
 
 impl OrdersState {
@@ -98,8 +104,15 @@ impl OrdersState {
             payments,
             simulator,
             admission,
+            feed: feed::Feed::new(redis),
+            streams: stream::StreamSlots::new(&settings.push),
         })
     }
+}
+
+/// The API role's one subscription to order status changes (for its pushed streams).
+pub async fn run_feed(state: AppState) {
+    feed::run_subscription(state).await
 }
 
 /// The order-worker's consumer; runs until the connection closes or a broker error.

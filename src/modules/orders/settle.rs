@@ -12,6 +12,7 @@ use futures_util::future::{join_all, try_join_all};
 use uuid::Uuid;
 
 use super::error::OrdersError;
+use super::feed;
 use super::metrics;
 use super::model::{Order, OrderMessage, OrderStatus};
 use super::payment::{Charge, ChargeOutcome};
@@ -470,7 +471,10 @@ fn notification(settled: &Settled<'_>) -> Notification {
 }
 
 /// Enqueues order-lifecycle notifications (high priority) as one message.
+/// Also pushes each change to the streams following it (every change a buyer hears of
+/// comes through here, after its commit).
 pub async fn notify(state: &AppState, settled: &[Settled<'_>]) -> Result<(), OrdersError> {
+    feed::announce(state, settled.iter().map(|s| (s.order.id, s.status))).await;
     let batch = settled.iter().map(notification).collect();
     notifications::enqueue(state, Priority::High, batch).await?;
     Ok(())

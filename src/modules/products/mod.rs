@@ -7,8 +7,11 @@ mod error;
 mod handlers;
 mod model;
 mod search;
+mod snapshot;
 mod store;
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
@@ -16,8 +19,8 @@ use uuid::Uuid;
 
 pub use crate::modules::stock::{
     new_epoch, CommitEpoch, CommitOutcome, Holding, ReleaseOutcome, Releaser, Reservation,
-    ReserveRequest, ReservedUnits, RoomAnswer, RoomRequest, SaleKind, SaleState, SaleTerms,
-    StaleReservation,
+    ReserveRequest, ReservedUnits, RoomAnswer, RoomRequest, RoomView, SaleKind, SaleState,
+    SaleTerms, StaleReservation,
 };
 pub use auditor::{audit_once, run as run_auditor, SaleFindings};
 pub use error::ProductsError;
@@ -43,17 +46,65 @@ pub struct ProductsState {
     stock: StockScripts,
     pub cache: ProductCache,
     search: Arc<SearchIndex>,
+    indexer: AtomicU8,
     settings: SalesSettings,
 }
 
+/// Where this process's indexer is (`ProductsState::indexer`).
+const INDEXER_NOT_RUN: u8 = 0;
+const INDEXER_CATCHING_UP: u8 = 1;
+const INDEXER_CURRENT: u8 = 2;
+
+/// Whether this process's search index can answer for the whole catalogue (`/ready`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchReadiness {
+    /// This process runs no indexer (a worker role): it serves no search.
+    NotServed,
+    /// The indexer has not yet read every change since the index's watermark.
+    CatchingUp,
+    Current,
+}
+
 impl ProductsState {
-    pub fn new(settings: &Settings) -> Result<Self, ProductsError> {
+    /// Opens the search index, first copying in the newest snapshot from
+    /// `search.snapshot_dir` when it is newer than this machine's index.
+    pub async fn open(settings: &Settings) -> Result<Self, ProductsError> {
+        let search = settings.search.clone();
+        let index = tokio::task::spawn_blocking(move || {
+            if let Some(snapshots) = &search.snapshot_dir {
+                let started = std::time::Instant::now();
+                match snapshot::restore_if_newer(snapshots, &search.index_dir) {
+                    Ok(Some(watermark)) => tracing::info!(
+                        %watermark,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "search index restored from a snapshot"
+                    ),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "search snapshot not restored; the indexer builds what is missing"
+                    ),
+                }
+            }
+            SearchIndex::open(&search.index_dir)
+        })
+        .await
+        .map_err(|e| ProductsError::Unavailable(e.to_string()))??;
         Ok(Self {
             stock: StockScripts::new(settings.sales.stock_buckets),
             cache: ProductCache::new(&settings.catalog),
-            search: Arc::new(SearchIndex::open(&settings.search.index_dir)?),
+            search: Arc::new(index),
+            indexer: AtomicU8::new(INDEXER_NOT_RUN),
             settings: settings.sales.clone(),
         })
+    }
+
+    pub fn search_readiness(&self) -> SearchReadiness {
+        match self.indexer.load(Ordering::Acquire) {
+            INDEXER_NOT_RUN => SearchReadiness::NotServed,
+            INDEXER_CATCHING_UP => SearchReadiness::CatchingUp,
+            _ => SearchReadiness::Current,
+        }
     }
 }
 
@@ -155,19 +206,71 @@ pub async fn reindex(state: &AppState, progress: impl Fn(usize)) -> Result<usize
     Ok(indexed)
 }
 
-/// The API role's indexer: keeps this pod's index within `search.refresh_ms` of the
-/// catalogue, building it first if it is empty.
-pub async fn run_indexer(state: AppState) {
+/// Starts the API role's indexer: keeps this process's index within `search.refresh_ms` of
+/// the catalogue, building what is missing first. Until its first pass has read every change,
+/// `/ready` answers 503.
+pub fn spawn_indexer(state: AppState) -> tokio::task::JoinHandle<()> {
+    state
+        .products
+        .indexer
+        .store(INDEXER_CATCHING_UP, Ordering::Release);
+    tokio::spawn(run_indexer(state))
+}
+
+async fn run_indexer(state: AppState) {
     let pause = std::time::Duration::from_millis(state.settings.search.refresh_ms);
     loop {
-        if let Err(e) = index_changes(&state, |_| {}).await {
-            tracing::warn!(error = %e, "search indexing failed; retrying");
+        let started = std::time::Instant::now();
+        match index_changes(&state, |_| {}).await {
+            Ok(indexed) => {
+                let was = state
+                    .products
+                    .indexer
+                    .swap(INDEXER_CURRENT, Ordering::AcqRel);
+                if was == INDEXER_CATCHING_UP {
+                    tracing::info!(
+                        indexed,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "search index is current"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "search indexing failed; retrying"),
         }
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
             () = state.shutdown.cancelled() => return,
         }
     }
+}
+
+/// `flashsale search snapshot`: brings this machine's index up to date (building it when it
+/// is empty), merges it and publishes a copy into `to`. Answers how many products the
+/// catch-up indexed and where the snapshot went (`None`: the catalogue is empty).
+pub async fn publish_snapshot(
+    state: &AppState,
+    to: &Path,
+    progress: impl Fn(usize),
+) -> Result<(usize, Option<PathBuf>), ProductsError> {
+    let indexed = index_changes(state, progress).await?;
+    let (index, from, to) = (
+        state.products.search.clone(),
+        state.settings.search.index_dir.clone(),
+        to.to_owned(),
+    );
+    let published = tokio::task::spawn_blocking(move || {
+        index.merged(|watermark| {
+            let Some(watermark) = watermark else {
+                return Ok(None);
+            };
+            snapshot::publish(&from, &to, watermark)
+                .map(Some)
+                .map_err(|e| ProductsError::Unavailable(format!("search snapshot: {e}")))
+        })
+    })
+    .await
+    .map_err(|e| ProductsError::Unavailable(e.to_string()))??;
+    Ok((indexed, published))
 }
 
 fn terms(state: &AppState, product: &Product) -> Option<SaleTerms> {
@@ -507,6 +610,19 @@ pub async fn enter_room(
         .products
         .stock
         .enter_room(&state.redis, request)
+        .await?)
+}
+
+/// Moves a sale's waiting room on and reads it, for a process pushing positions to the
+/// shoppers waiting in it (`None`: the sale is not loaded).
+pub async fn watch_room(
+    state: &AppState,
+    request: &RoomRequest<'_>,
+) -> Result<Option<RoomView>, ProductsError> {
+    Ok(state
+        .products
+        .stock
+        .watch_room(&state.redis, request)
         .await?)
 }
 

@@ -85,9 +85,6 @@ impl SearchIndex {
         // Every word must match, as shoppers expect from a search box; an intersection is
         // also driven by its rarest word, so common words stay cheap.
         parser.set_conjunction_by_default();
-        // Every word must match, as shoppers expect from a search box; an intersection is
-        // also driven by its rarest word, so common words stay cheap.
-        parser.set_conjunction_by_default();
         Ok(Self {
             index,
             reader,
@@ -228,6 +225,16 @@ impl SearchIndex {
     /// Merges every segment into one: after a rebuild, queries then walk one posting list
     /// per term instead of one per segment. Blocking (tens of seconds on millions).
     pub fn merge_all(&self) -> Result<(), ProductsError> {
+        self.merged(|_| Ok(()))
+    }
+
+    /// Merges every segment into one, then runs `then` with the watermark of the merged
+    /// commit while no writer is open and none can open, so the files on disk are exactly
+    /// that commit's (what a snapshot copies). Blocking.
+    pub fn merged<T>(
+        &self,
+        then: impl FnOnce(Option<DateTime<Utc>>) -> Result<T, ProductsError>,
+    ) -> Result<T, ProductsError> {
         let mut guard = self.writer.lock().map_err(search_error)?;
         // Background merges first: merging segments they are replacing would fail.
         if let Some(writer) = guard.take() {
@@ -242,7 +249,8 @@ impl SearchIndex {
             writer.merge(&segments).wait().map_err(search_error)?;
             writer.wait_merging_threads().map_err(search_error)?;
         }
-        self.reader.reload().map_err(search_error)
+        self.reader.reload().map_err(search_error)?;
+        then(self.watermark())
     }
 
     /// Empties the index (a full rebuild follows). Blocking.
@@ -277,9 +285,13 @@ impl SearchIndex {
 
     /// Where the last commit left the poller: the newest `updated_at` indexed.
     pub fn watermark(&self) -> Option<DateTime<Utc>> {
-        let payload = self.index.load_metas().ok()?.payload?;
-        DateTime::parse_from_rfc3339(&payload)
-            .ok()
-            .map(|t| t.with_timezone(&Utc))
+        parse_watermark(&self.index.load_metas().ok()?.payload?)
     }
+}
+
+/// A commit's payload: the watermark written by `upsert`.
+pub fn parse_watermark(payload: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(payload)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }

@@ -433,6 +433,14 @@ pub enum RoomAnswer {
     },
 }
 
+/// A sale's waiting room as a process watching it sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomView {
+    /// Tickets up to this one are admitted.
+    pub admitted: u64,
+    pub units_left: u64,
+}
+
 /// Where a sale stands in Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SaleState {
@@ -1309,29 +1317,8 @@ impl StockScripts {
         redis: &Redis,
         req: &RoomRequest<'_>,
     ) -> redis::RedisResult<RoomAnswer> {
-        let layout = self.layout(redis, req.product).await?;
-        let room = SaleKeys::new(redis, req.product, 0);
-        let mut invocation = self.room.key(&room.room);
-        let (stock, answered) = if layout.buckets == 1 {
-            // One slot: the script reads the counter and the key itself (one round trip).
-            invocation
-                .key(&room.stock)
-                .key(room.idempotency(req.buyer, req.key_digest));
-            (String::new(), false)
-        } else {
-            self.room_view(redis, layout, req).await?
-        };
-        let reply: Vec<String> = invocation
-            .arg(req.buyer.simple().to_string())
-            .arg(req.key_digest)
-            .arg(Utc::now().timestamp_millis())
-            .arg(req.capacity)
-            .arg(req.tick_ms)
-            .arg(req.slack)
-            .arg(ROOM_TTL_SECS)
-            .arg(stock)
-            .arg(if answered { "1" } else { "0" })
-            .invoke_async(&mut redis.conn())
+        let reply = self
+            .run_room(redis, req, Some((req.buyer, req.key_digest)))
             .await?;
         let number = |i: usize| reply.get(i).and_then(|n| n.parse().ok()).unwrap_or(0);
         Ok(match reply.first().map(String::as_str) {
@@ -1346,6 +1333,60 @@ impl StockScripts {
         })
     }
 
+    /// Moves a sale's horizon as a buyer's attempt would (`req.buyer` is not used) and
+    /// answers where it stands: how an API process keeps the rooms its shoppers watch moving
+    /// when they wait on a pushed stream instead of retrying. `None`: the sale is not loaded.
+    pub async fn watch_room(
+        &self,
+        redis: &Redis,
+        req: &RoomRequest<'_>,
+    ) -> redis::RedisResult<Option<RoomView>> {
+        let reply = self.run_room(redis, req, None).await?;
+        let number = |i: usize| reply.get(i).and_then(|n| n.parse().ok());
+        Ok(match reply.first().map(String::as_str) {
+            Some("tick") => number(1)
+                .zip(number(2))
+                .map(|(admitted, units_left)| RoomView {
+                    admitted,
+                    units_left,
+                }),
+            _ => None,
+        })
+    }
+
+    async fn run_room(
+        &self,
+        redis: &Redis,
+        req: &RoomRequest<'_>,
+        buyer: Option<(Uuid, &str)>,
+    ) -> redis::RedisResult<Vec<String>> {
+        let layout = self.layout(redis, req.product).await?;
+        let room = SaleKeys::new(redis, req.product, 0);
+        let mut invocation = self.room.key(&room.room);
+        let (stock, answered) = if layout.buckets == 1 {
+            // One slot: the script reads the counter and the key itself (one round trip).
+            invocation.key(&room.stock).key(match buyer {
+                Some((buyer, digest)) => room.idempotency(buyer, digest),
+                None => room.stock.clone(),
+            });
+            (String::new(), false)
+        } else {
+            self.room_view(redis, layout, buyer).await?
+        };
+        invocation
+            .arg(buyer.map_or_else(String::new, |(buyer, _)| buyer.simple().to_string()))
+            .arg(buyer.map_or("", |(_, digest)| digest))
+            .arg(Utc::now().timestamp_millis())
+            .arg(req.capacity)
+            .arg(req.tick_ms)
+            .arg(req.slack)
+            .arg(ROOM_TTL_SECS)
+            .arg(stock)
+            .arg(if answered { "1" } else { "0" })
+            .invoke_async(&mut redis.conn())
+            .await
+    }
+
     /// What the room of a sale in several buckets needs from slots other than its own: the
     /// units left over every bucket ('' when not loaded), and whether the buyer's
     /// Idempotency-Key already has an answer.
@@ -1353,19 +1394,21 @@ impl StockScripts {
         &self,
         redis: &Redis,
         layout: Layout,
-        req: &RoomRequest<'_>,
+        buyer: Option<(Uuid, &str)>,
     ) -> redis::RedisResult<(String, bool)> {
         let mut pipe = redis::pipe();
         for keys in layout.every(redis) {
             pipe.get(keys.stock);
         }
-        pipe.get(
-            layout
-                .home_keys(redis, req.buyer)
-                .idempotency(req.buyer, req.key_digest),
-        );
+        if let Some((buyer, digest)) = buyer {
+            pipe.get(layout.home_keys(redis, buyer).idempotency(buyer, digest));
+        }
         let mut read: Vec<Option<String>> = pipe.query_async(&mut redis.conn()).await?;
-        let idempotency = read.pop().flatten();
+        let idempotency = if buyer.is_some() {
+            read.pop().flatten()
+        } else {
+            None
+        };
         let answered = idempotency.is_some_and(|stored| {
             serde_json::from_str::<serde_json::Value>(&stored)
                 .map_or(true, |v| v["state"] != "in_progress")

@@ -6,13 +6,18 @@
 -- buckets may live on other nodes, from the caller's read just before (ARGV[8], ARGV[9]).
 -- Answers {'pass'} (no one waits and there is room), {'admitted'}, {'waiting', ticket,
 -- position}, {'sold_out'}, or {'replay'} (let the reservation script replay the answer).
+-- With no buyer (ARGV[1] = ''; KEYS[3] unused), an API process watching the room for its
+-- pushed streams moves the horizon like a buyer would and reads it: {'tick', admitted,
+-- units left}, or {'pass'} when the sale is not loaded.
 local room_key, stock_key, idem_key = KEYS[1], KEYS[2], KEYS[3]
 local buyer, key_digest, now_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local capacity, tick_ms, slack, ttl_secs = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 local stock, answered = ARGV[8], ARGV[9] == '1'
 if stock_key then
-  local idem = redis.call('GET', idem_key)
-  answered = idem ~= false and cjson.decode(idem).state ~= 'in_progress'
+  if buyer ~= '' then
+    local idem = redis.call('GET', idem_key)
+    answered = idem ~= false and cjson.decode(idem).state ~= 'in_progress'
+  end
   stock = redis.call('GET', stock_key) or ''
 end
 if answered then return {'replay'} end
@@ -28,6 +33,7 @@ if capacity > 0 and admitted < seq and now_ms - advanced_at >= tick_ms then
   admitted = math.max(admitted, math.min(seq, admitted + capacity, servable))
   redis.call('HSET', room_key, 'admitted', admitted, 'advanced_at', now_ms)
 end
+if buyer == '' then return {'tick', tostring(admitted), tostring(stock)} end
 local ticket_field = 't:' .. buyer
 local ticket = redis.call('HGET', room_key, ticket_field)
 if not ticket then
