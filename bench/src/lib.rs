@@ -1,4 +1,5 @@
-//! Shared pieces of the load generators: latency histograms and their report.
+//! Shared pieces of the load generators: latency histograms and their report, the sale
+//! they buy from.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -62,4 +63,34 @@ impl Recorder {
             self.errors,
         )
     }
+}
+
+/// Creates a product on flash sale now (for two hours) with `stock` units, as an admin whose
+/// token is minted with the server's signing key.
+pub async fn create_flash_sale(
+    client: &reqwest::Client,
+    base_url: &str,
+    stock: i64,
+    keys: &flashsale::modules::auth::TokenKeys,
+) -> uuid::Uuid {
+    use flashsale::modules::users::Role;
+    let admin = keys
+        .issue(uuid::Uuid::now_v7(), Role::Admin, uuid::Uuid::new_v4())
+        .expect("admin token");
+    let now = chrono::Utc::now();
+    let body = serde_json::json!({
+        "name": "Load-test gadget", "price": "99.00", "inventory": stock, "is_flash_sale": true,
+        "flash_sale_price": "9.99", "flash_sale_start": now - chrono::Duration::seconds(5),
+        "flash_sale_end": now + chrono::Duration::hours(2),
+    });
+    let res = client
+        .post(format!("{base_url}/products"))
+        .bearer_auth(admin)
+        .json(&body)
+        .send()
+        .await
+        .expect("create product");
+    assert_eq!(res.status(), 201, "create product: {:?}", res.text().await);
+    let product: serde_json::Value = res.json().await.expect("product body");
+    product["id"].as_str().expect("id").parse().expect("uuid")
 }

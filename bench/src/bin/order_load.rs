@@ -35,7 +35,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, RETRY_AFTER};
 use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
-use serde_json::{json, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -193,7 +193,9 @@ async fn main() {
         .expect("http client");
     let product = match args.product {
         Some(product) => product,
-        None => create_product(&client, &args, &keys).await,
+        None => {
+            flashsale_bench::create_flash_sale(&client, &args.base_url, args.stock, &keys).await
+        }
     };
     let url = format!(
         "{}{}",
@@ -271,28 +273,6 @@ fn describe(args: &Args) -> String {
             args.connections, args.duration_secs
         ),
     }
-}
-
-async fn create_product(client: &reqwest::Client, args: &Args, keys: &TokenKeys) -> Uuid {
-    let admin = keys
-        .issue(Uuid::now_v7(), Role::Admin, Uuid::new_v4())
-        .expect("admin token");
-    let now = chrono::Utc::now();
-    let body = json!({
-        "name": "Load-test gadget", "price": "99.00", "inventory": args.stock, "is_flash_sale": true,
-        "flash_sale_price": "9.99", "flash_sale_start": now - chrono::Duration::seconds(5),
-        "flash_sale_end": now + chrono::Duration::hours(2),
-    });
-    let res = client
-        .post(format!("{}/products", args.base_url))
-        .bearer_auth(admin)
-        .json(&body)
-        .send()
-        .await
-        .expect("create product");
-    assert_eq!(res.status(), 201, "create product: {:?}", res.text().await);
-    let product: Value = res.json().await.expect("product body");
-    product["id"].as_str().expect("id").parse().expect("uuid")
 }
 
 /// What an attempt was told: its status, how long to wait before trying again, the

@@ -281,7 +281,10 @@ pub async fn queue_events(
     last_seen: Option<String>,
 ) -> Result<Option<Events>, OrdersError> {
     let slot = state.orders.streams.take()?;
-    let room = Feed::watch_room(state, product);
+    let mut room = Feed::watch_room(state, product);
+    // The watcher's view may already be final (sold out) and never change again: the stream
+    // reads it once it has sent the caller's place.
+    room.mark_changed();
     let ticket = state
         .orders
         .admission
