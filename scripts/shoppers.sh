@@ -120,13 +120,6 @@ done
 product=$("$bin/shoppers" --target 127.0.0.1:8000 --create-sale "$stock")
 echo "[shoppers] $shoppers shoppers ($mode), $apis API processes, $workers nginx workers, sale $product of $stock units"
 
-ticks() { # clock ticks of the processes matching $1
-  local total=0 pid
-  for pid in $(pgrep -f "$1" || true); do
-    for t in $(cut -d' ' -f14,15 "/proc/$pid/stat" 2>/dev/null); do total=$((total + t)); done
-  done
-  echo "$total"
-}
 rss_kib() { # summed resident memory of the processes matching $1
   local total=0 pid kib
   for pid in $(pgrep -f "$1" || true); do
