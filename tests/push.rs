@@ -182,10 +182,10 @@ async fn a_quiet_stream_sends_heartbeats() {
     assert!(events.next().await.unwrap().comment, "and another");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_waiting_room_stream_pushes_positions_then_admission_or_sold_out() {
-    // A backlog of one order, sampled often; no slack: the room admits only what the units
-    // left can serve.
+/// A sale of `units` whose first buyer's order (not settled: no worker) fills the backlog of
+/// one, and whose next `waiting` buyers hold tickets 1, 2, ...; no slack, so the room admits
+/// only what the units left can serve. The tokens: the first buyer's, then the holders'.
+async fn sale_with_a_room(units: i32, waiting: usize) -> (Arc<TestApp>, Uuid, Vec<String>) {
     let app = app_pushing_only(|s| {
         let admission = &mut s.orders.admission;
         admission.min_backlog = 1;
@@ -194,29 +194,32 @@ async fn a_waiting_room_stream_pushes_positions_then_admission_or_sold_out() {
         admission.stock_slack = 0;
     })
     .await;
+    let admission = &app.state.orders.admission;
     common::until("the first admission sample", || async {
-        let metrics = app.get("/metrics", None).await.text().await.unwrap();
-        metrics.contains("admission_allowed_backlog 1")
+        admission.capacity() == 1
     })
     .await;
     let admin = app.register_admin(&unique_email("admin")).await;
-    let product = app.flash_sale_product(&admin.access, 2, "1.00").await;
-    let tokens: Vec<String> = (0..3).map(|_| app.mint_token(Uuid::now_v7())).collect();
-    let path = format!("/orders/flash-sale/{product}/queue/events");
-
-    // The first fills the backlog; the next two wait, tickets 1 and 2.
+    let product = app.flash_sale_product(&admin.access, units, "1.00").await;
+    let tokens: Vec<String> = (0..=waiting)
+        .map(|_| app.mint_token(Uuid::now_v7()))
+        .collect();
     assert_eq!(
         app.buy(&tokens[0], product, "k", &json!({})).await.status(),
         201
     );
-    common::until("the backlog of one", || async {
-        let metrics = app.get("/metrics", None).await.text().await.unwrap();
-        metrics.contains("admission_backlog 1")
-    })
-    .await;
+    common::until("the backlog of one", || async { admission.capacity() == 0 }).await;
     for token in &tokens[1..] {
         assert_eq!(app.buy(token, product, "k", &json!({})).await.status(), 202);
     }
+    (app, product, tokens)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_room_stream_pushes_positions_then_admission_or_sold_out() {
+    // Two units: the first buyer's, and one for ticket 1 or 2.
+    let (app, product, tokens) = sale_with_a_room(2, 2).await;
+    let path = format!("/orders/flash-sale/{product}/queue/events");
     // Only ticket holders, and only with a valid token.
     let stranger = app.mint_token(Uuid::now_v7());
     assert_problem(open(&app, &path, &stranger, None).await, 404, "not_found").await;
@@ -263,4 +266,52 @@ async fn a_waiting_room_stream_pushes_positions_then_admission_or_sold_out() {
             .status(),
         204
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_holder_coming_back_to_another_pod_is_counted_so_the_room_sells_every_unit() {
+    // Two API pods behind one balancer. Tickets are taken and watched on the first; the
+    // admitted buyer's POST lands on the second, which never answered anyone from the room.
+    // Were it to let that POST skip the room, the room would never count the ticket served,
+    // and with no slack it would stop admitting with a unit left: the next holder would wait
+    // forever.
+    let (app, product, tokens) = sale_with_a_room(3, 3).await;
+    let path = format!("/orders/flash-sale/{product}/queue/events");
+    let mut streams = Vec::new();
+    for token in &tokens[1..] {
+        streams.push(Events::open(&app, &path, token, None).await);
+    }
+    let peer = app.spawn_peer().await;
+    common::until("the peer learns the sale is crowded", || async {
+        peer.state.orders.admission.crowded(product)
+    })
+    .await;
+
+    let _worker = app.spawn_worker().await;
+    for (holder, stream) in streams.iter_mut().enumerate().take(2) {
+        let admitted = loop {
+            let event = stream.next_event().await.unwrap();
+            if event.name.as_deref() != Some("position") {
+                break event;
+            }
+        };
+        assert_eq!(
+            admitted.name.as_deref(),
+            Some("admitted"),
+            "holder {holder}: {admitted:?}"
+        );
+        let token = &tokens[holder + 1];
+        assert_eq!(
+            peer.buy(token, product, "k", &json!({})).await.status(),
+            201
+        );
+    }
+    let last = loop {
+        let event = streams[2].next_event().await.unwrap();
+        if event.name.as_deref() != Some("position") {
+            break event;
+        }
+    };
+    assert_eq!(last.name.as_deref(), Some("sold_out"), "{last:?}");
+    assert_eq!(app.remaining(product).await, 0, "every unit sold");
 }

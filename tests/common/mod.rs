@@ -126,6 +126,13 @@ impl TestAppBuilder {
 
     pub async fn spawn(self) -> TestApp {
         let (settings, id) = self.settings().await;
+        TestApp::serve(settings, id).await
+    }
+}
+
+impl TestApp {
+    /// An API process on `settings` (its databases exist): HTTP, indexer, admission, feed.
+    async fn serve(settings: Settings, id: String) -> TestApp {
         let state = AppState::build(settings).await.expect("app state builds");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
         let address = format!("http://{}", listener.local_addr().expect("local addr"));
@@ -140,6 +147,12 @@ impl TestAppBuilder {
             state,
             id,
         }
+    }
+
+    /// A second API process on this one's databases, Redis prefix and queues: another pod
+    /// behind the same load balancer.
+    pub async fn spawn_peer(&self) -> TestApp {
+        Self::serve((*self.state.settings).clone(), self.id.clone()).await
     }
 }
 

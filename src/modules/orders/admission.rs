@@ -13,10 +13,18 @@
 //! 503 + Retry-After with the room off); the room admits tickets in order of arrival as
 //! capacity frees, never more than the units left can serve, and answers everyone `sold_out`
 //! once the stock is gone. A sale known sold out is answered from memory for a moment.
+//!
+//! A sale is "crowded" while its room has unserved tickets (taken, and the holder not yet
+//! back through an admission): then every attempt at it, on every pod, goes through the room,
+//! whose count of served tickets bounds the horizon. A pod that sees unserved tickets says so
+//! in a shared sorted set, which every pod's sampler reads; a holder coming back to a pod
+//! that never saw the room (a pushed `admitted`, then a POST the load balancer sends
+//! elsewhere) still goes through it.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
+use chrono::Utc;
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -25,7 +33,7 @@ use super::error::OrdersError;
 use crate::app::AppState;
 use crate::config::AdmissionSettings;
 use crate::infra::redis::Redis;
-use crate::modules::products::{self, RoomAnswer, RoomRequest};
+use crate::modules::products::{self, RoomAnswer, RoomReply, RoomRequest};
 
 /// A place in a sale's waiting room (`202 Accepted`): retry the same request, with the same
 /// Idempotency-Key, after `retry_after_ms`.
@@ -53,10 +61,14 @@ pub struct Admission {
     /// Settle rate in orders per 1000 s (an integer, so it can be atomic).
     rate_milli: AtomicI64,
     sold_out: moka::sync::Cache<Uuid, ()>,
-    /// Sales whose room this pod saw people waiting in: their attempts go through the room.
+    /// Sales whose room this pod saw with unserved tickets: their attempts go through it.
     crowded: moka::sync::Cache<Uuid, ()>,
+    /// Sales another pod saw so (read from `crowded_key` by the sampler).
+    told_crowded: moka::sync::Cache<Uuid, ()>,
     accepted_key: String,
     settled_key: String,
+    /// Sorted set: crowded sale -> Unix ms until which it is.
+    crowded_key: String,
 }
 
 /// The counters outlive any backlog; they are cluster-wide and only their difference counts.
@@ -70,7 +82,7 @@ const RATE_DECAY: f64 = 0.9;
 /// it, then for its own batch, and the rate is a peak. Measured on the 2-core box: 2 s of
 /// backlog gave an accept-to-paid p95 of 3.3 s, 1 s gave 1.3 s.
 const BACKLOG_SHARE: f64 = 0.5;
-/// A sale stays "crowded" in a pod this long after it last saw someone wait.
+/// A sale stays "crowded" this long after a pod last saw its room with unserved tickets.
 const CROWDED_FOR: Duration = Duration::from_secs(2);
 
 impl Admission {
@@ -82,10 +94,12 @@ impl Admission {
             rate_milli: AtomicI64::new(0),
             sold_out: cache(Duration::from_millis(settings.sold_out_cache_ms)),
             crowded: cache(CROWDED_FOR),
+            told_crowded: cache(CROWDED_FOR),
             // One hash tag: on a Redis Cluster both live on one node, so a node lost takes
             // both (the backlog starts again from 0) and never one (a phantom backlog).
             accepted_key: redis.key("{admission}:accepted"),
             settled_key: redis.key("{admission}:settled"),
+            crowded_key: redis.key("{admission}:crowded"),
         }
     }
 
@@ -109,8 +123,7 @@ impl Admission {
         if !self.settings.enabled {
             return Ok(Entry::Go);
         }
-        let crowded = self.crowded.contains_key(&product);
-        if !crowded && self.take_capacity() {
+        if !self.crowded(product) && self.take_capacity() {
             metrics::counter!("admission_admitted_total").increment(1);
             return Ok(Entry::Go);
         }
@@ -120,8 +133,8 @@ impl Admission {
                 retry_after_secs: 1,
             });
         }
-        let capacity = self.capacity.load(Ordering::Relaxed).max(0);
-        let answer = products::enter_room(
+        let capacity = self.capacity();
+        let RoomReply { answer, unserved } = products::enter_room(
             state,
             &RoomRequest {
                 product,
@@ -133,6 +146,7 @@ impl Admission {
             },
         )
         .await?;
+        self.note_room(&state.redis, product, unserved).await;
         Ok(match answer {
             RoomAnswer::Pass | RoomAnswer::Admitted | RoomAnswer::Replay => {
                 if answer != RoomAnswer::Replay {
@@ -146,7 +160,6 @@ impl Admission {
                 Entry::SoldOut
             }
             RoomAnswer::Waiting { ticket, position } => {
-                self.crowded.insert(product, ());
                 metrics::counter!("admission_queued_total").increment(1);
                 Entry::Wait(Ticket {
                     ticket,
@@ -155,6 +168,38 @@ impl Admission {
                 })
             }
         })
+    }
+
+    /// What a room read said about its unserved tickets: while there are any, the sale is
+    /// crowded here and, through the shared set, on every pod. A failed write only leaves
+    /// other pods to learn it from their own room reads.
+    pub async fn note_room(&self, redis: &Redis, product: Uuid, unserved: u64) {
+        if unserved == 0 || self.crowded.contains_key(&product) {
+            return;
+        }
+        self.crowded.insert(product, ());
+        let until = Utc::now().timestamp_millis() + CROWDED_FOR.as_millis() as i64;
+        let shared: redis::RedisResult<()> = redis::pipe()
+            .zadd(&self.crowded_key, product.simple().to_string(), until)
+            .ignore()
+            .expire(&self.crowded_key, COUNTER_TTL_SECS)
+            .ignore()
+            .query_async(&mut redis.conn())
+            .await;
+        if let Err(e) = shared {
+            tracing::warn!(%product, error = %e, "sharing a crowded sale with the other pods");
+        }
+    }
+
+    /// True while attempts at the sale go through its room (this pod or another saw it with
+    /// unserved tickets).
+    pub fn crowded(&self, product: Uuid) -> bool {
+        self.crowded.contains_key(&product) || self.told_crowded.contains_key(&product)
+    }
+
+    /// Orders this pod may still let in before its next sample (0: none).
+    pub fn capacity(&self) -> i64 {
+        self.capacity.load(Ordering::Relaxed).max(0)
     }
 
     pub fn sample_ms(&self) -> u64 {
@@ -168,7 +213,7 @@ impl Admission {
             product,
             buyer: Uuid::nil(),
             key_digest: "",
-            capacity: self.capacity.load(Ordering::Relaxed).max(0),
+            capacity: self.capacity(),
             tick_ms: self.settings.sample_ms,
             slack: self.settings.stock_slack,
         }
@@ -238,6 +283,9 @@ impl Admission {
     }
 }
 
+/// Orders accepted and settled (`None`: none yet).
+type Counters = (Option<i64>, Option<i64>);
+
 /// The API role's sampler: every `sample_ms`, the backlog and the settle rate, and from them
 /// what this pod may let in; exported as `admission_backlog`, `admission_settle_rate` and
 /// `admission_horizon_seconds`.
@@ -252,13 +300,23 @@ pub async fn run_sampler(state: AppState) {
             _ = tick.tick() => {}
             () = state.shutdown.cancelled() => return,
         }
-        let counters: redis::RedisResult<(Option<i64>, Option<i64>)> = redis::cmd("MGET")
+        let now_ms = Utc::now().timestamp_millis();
+        let sample: redis::RedisResult<(Counters, Vec<String>)> = redis::pipe()
+            .cmd("MGET")
             .arg(&admission.accepted_key)
             .arg(&admission.settled_key)
+            .zrembyscore(&admission.crowded_key, "-inf", now_ms)
+            .ignore()
+            .zrangebyscore(&admission.crowded_key, now_ms, "+inf")
             .query_async(&mut state.redis.conn())
             .await;
-        let (accepted, settled) = match counters {
-            Ok((accepted, settled)) => (accepted.unwrap_or(0), settled.unwrap_or(0)),
+        let (accepted, settled) = match sample {
+            Ok(((accepted, settled), crowded)) => {
+                for product in crowded.iter().filter_map(|id| Uuid::try_parse(id).ok()) {
+                    admission.told_crowded.insert(product, ());
+                }
+                (accepted.unwrap_or(0), settled.unwrap_or(0))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "admission sample failed; keeping the last limit");
                 continue;

@@ -9,7 +9,9 @@
 //!   stream also reads its order every `push.recheck_secs` (a publish lost with its process).
 //! - **Waiting rooms**: one watcher task per sale that this process has shoppers waiting in
 //!   moves the room's horizon (as a retrying buyer would) and reads it every
-//!   `orders.admission.sample_ms`; it ends with the last of those shoppers.
+//!   `orders.admission.sample_ms`, telling admission while the room has unserved tickets
+//!   (so the admitted, coming back, go through the room); it ends with the last of those
+//!   shoppers.
 //!
 //! A stream holds a `watch` receiver: a change marks it, nothing queues, so a slow client
 //! costs one value however fast things change.
@@ -195,7 +197,13 @@ async fn run_room_watcher(state: AppState, product: Uuid, view: watch::Sender<Op
         }
         let request = admission.room_request(product);
         match products::watch_room(&state, &request).await {
-            Ok(read) => {
+            Ok(reply) => {
+                if let Some(reply) = reply {
+                    admission
+                        .note_room(&state.redis, product, reply.unserved)
+                        .await;
+                }
+                let read = reply.map(|reply| reply.answer);
                 view.send_if_modified(|current| {
                     let changed = *current != read;
                     *current = read;

@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 pub use crate::modules::stock::{
     new_epoch, CommitEpoch, CommitOutcome, Holding, ReleaseOutcome, Releaser, Reservation,
-    ReserveRequest, ReservedUnits, RoomAnswer, RoomRequest, RoomView, SaleKind, SaleState,
-    SaleTerms, StaleReservation,
+    ReserveRequest, ReservedUnits, RoomAnswer, RoomReply, RoomRequest, RoomView, SaleKind,
+    SaleState, SaleTerms, StaleReservation,
 };
 pub use auditor::{audit_once, run as run_auditor, SaleFindings};
 pub use error::ProductsError;
@@ -605,7 +605,7 @@ pub async fn stale_reservations(
 pub async fn enter_room(
     state: &AppState,
     request: &RoomRequest<'_>,
-) -> Result<RoomAnswer, ProductsError> {
+) -> Result<RoomReply<RoomAnswer>, ProductsError> {
     Ok(state
         .products
         .stock
@@ -618,7 +618,7 @@ pub async fn enter_room(
 pub async fn watch_room(
     state: &AppState,
     request: &RoomRequest<'_>,
-) -> Result<Option<RoomView>, ProductsError> {
+) -> Result<Option<RoomReply<RoomView>>, ProductsError> {
     Ok(state
         .products
         .stock

@@ -433,6 +433,25 @@ pub enum RoomAnswer {
     },
 }
 
+/// What the room script answered, and the room's unserved tickets: taken and not yet back
+/// through an admission. While there are any, every attempt at the sale must go through the
+/// room (`orders::admission`), or a returning holder is never counted and the horizon stops
+/// short of the units left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomReply<T> {
+    pub answer: T,
+    pub unserved: u64,
+}
+
+/// The last number of a room script's reply that read the room (0 when it did not).
+fn unserved(reply: &[String]) -> u64 {
+    match reply.first().map(String::as_str) {
+        None | Some("replay") => 0,
+        Some(_) if reply.len() < 2 => 0,
+        Some(_) => reply.last().and_then(|n| n.parse().ok()).unwrap_or(0),
+    }
+}
+
 /// A sale's waiting room as a process watching it sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoomView {
@@ -1316,12 +1335,12 @@ impl StockScripts {
         &self,
         redis: &Redis,
         req: &RoomRequest<'_>,
-    ) -> redis::RedisResult<RoomAnswer> {
+    ) -> redis::RedisResult<RoomReply<RoomAnswer>> {
         let reply = self
             .run_room(redis, req, Some((req.buyer, req.key_digest)))
             .await?;
         let number = |i: usize| reply.get(i).and_then(|n| n.parse().ok()).unwrap_or(0);
-        Ok(match reply.first().map(String::as_str) {
+        let answer = match reply.first().map(String::as_str) {
             Some("admitted") => RoomAnswer::Admitted,
             Some("replay") => RoomAnswer::Replay,
             Some("sold_out") => RoomAnswer::SoldOut,
@@ -1330,6 +1349,10 @@ impl StockScripts {
                 position: number(2),
             },
             _ => RoomAnswer::Pass,
+        };
+        Ok(RoomReply {
+            answer,
+            unserved: unserved(&reply),
         })
     }
 
@@ -1340,15 +1363,18 @@ impl StockScripts {
         &self,
         redis: &Redis,
         req: &RoomRequest<'_>,
-    ) -> redis::RedisResult<Option<RoomView>> {
+    ) -> redis::RedisResult<Option<RoomReply<RoomView>>> {
         let reply = self.run_room(redis, req, None).await?;
         let number = |i: usize| reply.get(i).and_then(|n| n.parse().ok());
         Ok(match reply.first().map(String::as_str) {
             Some("tick") => number(1)
                 .zip(number(2))
-                .map(|(admitted, units_left)| RoomView {
-                    admitted,
-                    units_left,
+                .map(|(admitted, units_left)| RoomReply {
+                    answer: RoomView {
+                        admitted,
+                        units_left,
+                    },
+                    unserved: unserved(&reply),
                 }),
             _ => None,
         })

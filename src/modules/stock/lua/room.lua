@@ -9,6 +9,9 @@
 -- With no buyer (ARGV[1] = ''; KEYS[3] unused), an API process watching the room for its
 -- pushed streams moves the horizon like a buyer would and reads it: {'tick', admitted,
 -- units left}, or {'pass'} when the sale is not loaded.
+-- Every answer read from the room ends with its unserved tickets (taken, not yet back through
+-- an admission): while there are any, pods send every attempt here, or a returning ticket
+-- holder is never counted `consumed` and the horizon stops short of the units left.
 local room_key, stock_key, idem_key = KEYS[1], KEYS[2], KEYS[3]
 local buyer, key_digest, now_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local capacity, tick_ms, slack, ttl_secs = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
@@ -33,12 +36,17 @@ if capacity > 0 and admitted < seq and now_ms - advanced_at >= tick_ms then
   admitted = math.max(admitted, math.min(seq, admitted + capacity, servable))
   redis.call('HSET', room_key, 'admitted', admitted, 'advanced_at', now_ms)
 end
-if buyer == '' then return {'tick', tostring(admitted), tostring(stock)} end
+local function answer(...)
+  local reply = {...}
+  reply[#reply + 1] = tostring(seq - consumed)
+  return reply
+end
+if buyer == '' then return answer('tick', tostring(admitted), tostring(stock)) end
 local ticket_field = 't:' .. buyer
 local ticket = redis.call('HGET', room_key, ticket_field)
 if not ticket then
-  if stock == 0 then return {'sold_out'} end
-  if capacity > 0 and admitted >= seq then return {'pass'} end
+  if stock == 0 then return answer('sold_out') end
+  if capacity > 0 and admitted >= seq then return answer('pass') end
   seq = redis.call('HINCRBY', room_key, 'seq', 1)
   ticket = seq
   redis.call('HSET', room_key, ticket_field, seq, 'k:' .. buyer, key_digest)
@@ -47,9 +55,9 @@ end
 ticket = tonumber(ticket)
 if ticket <= admitted then
   if redis.call('HSETNX', room_key, 'c:' .. buyer, 1) == 1 then
-    redis.call('HINCRBY', room_key, 'consumed', 1)
+    consumed = redis.call('HINCRBY', room_key, 'consumed', 1)
   end
-  return {'admitted'}
+  return answer('admitted')
 end
-if stock == 0 then return {'sold_out'} end
-return {'waiting', tostring(ticket), tostring(ticket - admitted)}
+if stock == 0 then return answer('sold_out') end
+return answer('waiting', tostring(ticket), tostring(ticket - admitted))
