@@ -40,6 +40,9 @@ token=$(curl -fs -X POST "$base/auth/login" -H 'content-type: application/json' 
   -d "{\"email\":\"$email\",\"password\":\"$password\"}" |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')
 
+# One worker: with two threads, this machine's Python 3.11 now and then fails inside
+# hypothesis with "SystemError: AST constructor recursion depth mismatch" (a CPython bug
+# with ast.parse on threads, fixed in later 3.11 releases), an error of the tool, not of the API.
 st run "$base/openapi.json" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
-  -H "Authorization: Bearer $token" --max-examples 20 --workers 2 --seed 1
+  -H "Authorization: Bearer $token" --max-examples 20 --workers 1 --seed 1

@@ -36,6 +36,19 @@ kubernetes-validate --strict --quiet k8s/*.yaml k8s/data/namespace.yaml k8s/data
 log "every variable the manifests set is read by flashsale"
 python3 scripts/k8s_env.py check-vars
 
+log "nginx -t (the compose load balancer, its upstream pointed at this machine)"
+apt_tool nginx nginx-light
+# The package starts a default server on :80; nothing here needs it.
+service nginx stop >/dev/null 2>&1 || true
+nginx_dir=$(mktemp -d)
+sed -e 's/server api:8080/server 127.0.0.1:8080/' \
+  -e "s#/etc/nginx/flashsale-proxy.conf#$PWD/deploy/nginx/proxy.conf#" \
+  deploy/nginx/compose.conf >"$nginx_dir/compose.conf"
+printf 'pid %s/nginx.pid;\nerror_log stderr;\nevents {}\nhttp { include %s/compose.conf; }\n' \
+  "$nginx_dir" "$nginx_dir" >"$nginx_dir/nginx.conf"
+nginx -q -t -c "$nginx_dir/nginx.conf" -p "$nginx_dir"
+rm -rf "$nginx_dir"
+
 log "promtool"
 promtool check config --syntax-only deploy/prometheus/prometheus.yml >/dev/null
 promtool check rules deploy/prometheus/alerts.yml >/dev/null
