@@ -8,9 +8,12 @@
 #
 #   SHOPPERS=200000 APIS=12 STOCK=20000 MODE=push|poll bash scripts/shoppers.sh
 #
+# RESTART_LB_AT=S stops nginx S seconds into the sale (every connection through it drops)
+# and starts it again: the shoppers' reconnection storm.
+#
 # Reports (and appends to OUT/report.txt): every outcome, oversold (paid beyond the stock),
 # memory per connection of the API processes and of nginx at the peak, the CPU of each
-# component, the time from the sale's start to the last shopper's answer; OUT/run.svg is the
+# component from the sale's start to the last shopper's answer, and that time; OUT/run.svg is the
 # run's chart. Everything it starts is stopped at the end, and its queues, keys and sale are
 # removed.
 set -euo pipefail
@@ -22,6 +25,7 @@ apis="${APIS:-12}"
 stock="${STOCK:-20000}"
 mode="${MODE:-push}"
 arrive="${ARRIVE_SECS:-60}"
+restart_lb_at="${RESTART_LB_AT:-}"
 per_client="${PER_CLIENT:-18000}"
 # The payment gateway's latency per charge batch: what paces the sale (bench/RESULTS.md).
 payment_ms="${PAYMENT_LATENCY_MS:-1000}"
@@ -99,15 +103,7 @@ $upstreams    keepalive 256;
     keepalive_timeout 650s;
     keepalive_requests 100000;
     location / {
-      proxy_pass http://flashsale;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$remote_addr;
-      # Server-sent events: no buffering, and an idle stream (heartbeats every 20 s) lives.
-      proxy_buffering off;
-      proxy_read_timeout 3600s;
-      proxy_send_timeout 3600s;
+      include $PWD/deploy/nginx/proxy.conf;
     }
   }
 }
@@ -155,19 +151,43 @@ subscribed() { # event streams open over every API process
   done
   echo "$total"
 }
-peak_open=0 peak_api=0 peak_nginx=0 peak_subscribed=0
+answered() { # shoppers with an outcome, over every client's last sample
+  local total=0 f n
+  for f in "$out"/client-*.csv; do
+    n=$(tail -n 1 "$f" 2>/dev/null | cut -d, -f4)
+    [[ "$n" =~ ^[0-9]+$ ]] && total=$((total + n))
+  done
+  echo "$total"
+}
+peak_open=0 peak_api=0 peak_nginx=0 peak_subscribed=0 after=() restarted=""
 echo "second,connections,subscribed,api_rss_mib,nginx_rss_mib" >"$out/server.csv"
 while kill -0 "${client_pids[@]}" 2>/dev/null; do
+  now=$(echo "$(date +%s.%N) - $started" | bc)
+  second=$(printf '%.0f' "$now")
+  if [ -n "$restart_lb_at" ] && [ -z "$restarted" ] && [ "$second" -ge "$restart_lb_at" ]; then
+    echo "[shoppers] restarting nginx at $second s: every connection drops"
+    kill -TERM "$(cat "$out/nginx.pid")"
+    while pgrep -f "nginx -c $out/nginx.conf" >/dev/null; do sleep 0.1; done
+    nginx -c "$out/nginx.conf" -p "$out"
+    restarted=$second
+  fi
+  if [ ${#after[@]} -eq 0 ] && [ "$(answered)" -ge "$shoppers" ]; then
+    # Everyone has an answer: the sale is over (the clients linger a moment).
+    after=($(cpu))
+    elapsed=$now
+  fi
   open=$(ss -Htn state established '( sport = :8000 )' | wc -l)
   streams=$(subscribed)
   api=$(rss_kib 'flashsale serve --role api'); ngx=$(rss_kib 'nginx: worker')
-  echo "$(printf '%.0f' "$(echo "$(date +%s.%N) - $started" | bc)"),$open,$streams,$((api / 1024)),$((ngx / 1024))" >>"$out/server.csv"
+  echo "$second,$open,$streams,$((api / 1024)),$((ngx / 1024))" >>"$out/server.csv"
   if [ "$open" -gt "$peak_open" ]; then peak_open=$open peak_api=$api peak_nginx=$ngx; fi
   if [ "$streams" -gt "$peak_subscribed" ]; then peak_subscribed=$streams; fi
-  sleep 2
+  sleep 1
 done
-after=($(cpu))
-elapsed=$(echo "$(date +%s.%N) - $started" | bc)
+if [ ${#after[@]} -eq 0 ]; then
+  after=($(cpu))
+  elapsed=$(echo "$(date +%s.%N) - $started" | bc)
+fi
 wait "${client_pids[@]}" || true
 
 paid_in_db=0
@@ -178,12 +198,12 @@ for db in "${dev_shards[@]}"; do
 done
 hz=$(getconf CLK_TCK)
 {
-  echo "== $(date -u +%FT%TZ) $shoppers shoppers, mode $mode, $apis API processes, nginx $workers workers, stock $stock, payment latency ${payment_ms} ms per batch of $batch"
+  echo "== $(date -u +%FT%TZ) $shoppers shoppers, mode $mode, $apis API processes, nginx $workers workers, stock $stock, payment latency ${payment_ms} ms per batch of $batch${restarted:+, nginx restarted at $restarted s}"
   python3 - "$out" "$paid_in_db" "$stock" <<'PY'
 import glob, json, sys
 out, paid_db, stock = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 runs = [json.loads(open(f).read()) for f in sorted(glob.glob(f"{out}/client-*.json")) if open(f).read().strip()]
-total = {k: sum(r[k] for r in runs) for k in ("shoppers", "paid", "failed", "sold_out", "other", "unanswered", "requests", "pushed_events")}
+total = {k: sum(r[k] for r in runs) for k in ("shoppers", "paid", "failed", "sold_out", "other", "unanswered", "requests", "pushed_events", "reconnects")}
 total["last_answer_s"] = max(r["last_answer_ms"] for r in runs) / 1000
 total["answer_p95_s"] = max(r["answer_ms_p95"] for r in runs) / 1000
 total["paid_in_db"] = paid_db

@@ -40,17 +40,20 @@ fn read(inputs: &[PathBuf]) -> Samples {
         let mut lines = text.lines();
         let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
         for line in lines {
-            let values: Vec<f64> = line.split(',').map(|v| v.parse().unwrap_or(0.0)).collect();
+            // An empty cell is no value (a second without latencies to report).
+            let values: Vec<Option<f64>> = line.split(',').map(|v| v.parse().ok()).collect();
             let Some(second) = header
                 .iter()
                 .position(|c| *c == "second")
-                .and_then(|i| values.get(i))
+                .and_then(|i| *values.get(i)?)
             else {
                 continue;
             };
-            let row = samples.entry(*second as u64).or_default();
+            let row = samples.entry(second as u64).or_default();
             for (column, value) in header.iter().zip(&values) {
-                row.entry((*column).to_owned()).or_default().push(*value);
+                if let Some(value) = value {
+                    row.entry((*column).to_owned()).or_default().push(*value);
+                }
             }
         }
     }

@@ -12,12 +12,21 @@
 //! `sold X of Y`, how many buyers got no final answer, the time to a final answer, and how
 //! many buyers were served out of arrival order.
 //!
+//! With `--stats run.csv` (open or closed loop, not `--follow-retry`) it writes one line per
+//! second for bench/src/bin/chart.rs: requests sent, orders accepted, requests in flight,
+//! HTTP latency percentiles of the requests answered that second, and, read from PostgreSQL
+//! once the sale has drained, orders paid by then and the accept-to-paid percentiles of the
+//! orders paid that second.
+//!
 //!     order_load --config-dir config --env development --stock 200000 --duration-secs 30 \
-//!                --connections 256 [--rate 6000] [--path /orders/flash-sale/{product}]
+//!                --connections 256 [--rate 6000] [--path /orders/flash-sale/{product}] \
+//!                [--stats run.csv]
 
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -88,6 +97,145 @@ struct Args {
     /// worker settles it (the fault suite's cancel_before_settle).
     #[arg(long)]
     cancel_every: Option<u64>,
+    /// Per-second samples (CSV) of the run, for bench/src/bin/chart.rs.
+    #[arg(long)]
+    stats: Option<PathBuf>,
+}
+
+/// What the per-second sampler reads while the load runs.
+struct Live {
+    sent: AtomicU64,
+    accepted: AtomicU64,
+    in_flight: AtomicI64,
+    /// Microseconds, of the requests answered since the last sample.
+    latency: Mutex<Histogram<u64>>,
+}
+
+impl Live {
+    fn new() -> Self {
+        Self {
+            sent: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
+            latency: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds")),
+        }
+    }
+
+    fn answered(&self, latency: Duration, status: Option<u16>) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if status == Some(201) {
+            self.accepted.fetch_add(1, Ordering::Relaxed);
+        }
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.latency
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .saturating_record(micros.max(1));
+    }
+}
+
+/// One second of the load: sent, accepted, in flight, then HTTP p50/p95/p99 in ms.
+type LiveSample = [String; 6];
+
+/// Samples `live` once a second until `end`.
+async fn sample_live(live: Arc<Live>, started: Instant, end: Instant) -> Vec<LiveSample> {
+    let mut samples = Vec::new();
+    let mut tick = tokio::time::interval_at(
+        (started + Duration::from_secs(1)).into(),
+        Duration::from_secs(1),
+    );
+    while Instant::now() < end + Duration::from_secs(1) {
+        tick.tick().await;
+        let mut latency = live.latency.lock().unwrap_or_else(PoisonError::into_inner);
+        let ms = |q: f64| {
+            if latency.is_empty() {
+                String::new()
+            } else {
+                format!("{:.1}", latency.value_at_quantile(q) as f64 / 1000.0)
+            }
+        };
+        let percentiles = [ms(0.5), ms(0.95), ms(0.99)];
+        latency.reset();
+        drop(latency);
+        let [p50, p95, p99] = percentiles;
+        samples.push([
+            AtomicU64::load(&live.sent, Ordering::Relaxed).to_string(),
+            AtomicU64::load(&live.accepted, Ordering::Relaxed).to_string(),
+            AtomicI64::load(&live.in_flight, Ordering::Relaxed).to_string(),
+            p50,
+            p95,
+            p99,
+        ]);
+    }
+    samples
+}
+
+#[derive(QueryableByName)]
+struct PaidAt {
+    /// Milliseconds since the load started.
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    paid_ms: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    ms: i64,
+}
+
+/// Writes `--stats`: the live samples, and per second the orders paid by then and the
+/// accept-to-paid percentiles of those paid in it (read now that the sale has drained).
+async fn write_stats(
+    path: &PathBuf,
+    live: &[LiveSample],
+    db: &Databases,
+    product: Uuid,
+    started_at: chrono::DateTime<chrono::Utc>,
+) {
+    let sql = format!(
+        "SELECT (extract(epoch FROM (o.updated_at - '{}'::timestamptz)) * 1000)::bigint AS paid_ms, \
+                (extract(epoch FROM (o.updated_at - o.created_at)) * 1000)::bigint AS ms \
+         FROM orders o JOIN order_items i ON i.order_id = o.id \
+         WHERE i.product_id = '{product}' AND o.status = 'paid'",
+        started_at.to_rfc3339()
+    );
+    let mut by_second: BTreeMap<u64, Histogram<u64>> = BTreeMap::new();
+    for shard in db.shards() {
+        let mut conn = shard.primary().get().await.expect("shard connection");
+        let rows: Vec<PaidAt> = diesel::sql_query(&sql).load(&mut conn).await.expect("paid");
+        for row in rows {
+            by_second
+                .entry(u64::try_from(row.paid_ms / 1000).unwrap_or(0) + 1)
+                .or_insert_with(|| Histogram::new_with_bounds(1, 3_600_000, 3).expect("bounds"))
+                .saturating_record(row.ms.max(1) as u64);
+        }
+    }
+    let seconds = (live.len() as u64).max(by_second.keys().last().copied().unwrap_or(0));
+    let mut file = std::fs::File::create(path).expect("stats file");
+    let mut lines = vec![
+        "second,sent,accepted,in_flight,paid,paid_p50_ms,paid_p95_ms,paid_p99_ms,http_p50_ms,http_p95_ms,http_p99_ms".to_owned(),
+    ];
+    let mut paid = 0;
+    for second in 1..=seconds {
+        let [p50, p95, p99] = match by_second.get(&second) {
+            Some(histogram) => {
+                paid += histogram.len();
+                [0.5, 0.95, 0.99].map(|q| histogram.value_at_quantile(q).to_string())
+            }
+            None => Default::default(),
+        };
+        let mut line = format!("{second}");
+        match live.get(second as usize - 1) {
+            Some(sample) => {
+                let [sent, accepted, in_flight, http @ ..] = sample;
+                line += &format!(",{sent},{accepted},{in_flight},{paid},{p50},{p95},{p99},");
+                line += &http.join(",");
+            }
+            // Draining: the load is over.
+            None => {
+                let (sent, accepted) = live.last().map_or(("0", "0"), |s| (&s[0], &s[1]));
+                line += &format!(",{sent},{accepted},0,{paid},{p50},{p95},{p99}");
+            }
+        }
+        lines.push(line);
+    }
+    writeln!(file, "{}", lines.join("\n")).expect("write stats");
 }
 
 /// Who sends the next request, and with which Idempotency-Key.
@@ -210,11 +358,16 @@ async fn main() {
 
     let senders = Arc::new(Senders::new(keys.clone(), &args));
     let started = Instant::now();
+    let started_at = chrono::Utc::now();
+    let live = Arc::new(Live::new());
+    let end = started + Duration::from_secs(args.duration_secs);
+    let sampler = tokio::spawn(sample_live(live.clone(), started, end));
     let total = if args.follow_retry {
         follow_buyers(&args, &client, &url, &senders).await
     } else {
-        run_load(&args, &url, &senders).await
+        run_load(&args, &url, &senders, &live).await
     };
+    let live_samples = sampler.await.unwrap_or_default();
     let elapsed = started.elapsed();
     let accepted = senders.accepted.lock().map_or(0, |ids| ids.len() as u64);
     println!("load: {}", total.report(elapsed));
@@ -258,6 +411,10 @@ async fn main() {
     );
     if args.path.contains("flash-sale") {
         accept_to_paid(&db, product).await;
+    }
+    if let Some(path) = &args.stats {
+        write_stats(path, &live_samples, &db, product, started_at).await;
+        println!("per-second samples: {}", path.display());
     }
     check_oversell(&db, &client, &args, product, accepted).await;
 }
@@ -548,7 +705,7 @@ async fn follow_buyers(
     total
 }
 
-async fn run_load(args: &Args, url: &str, senders: &Arc<Senders>) -> Recorder {
+async fn run_load(args: &Args, url: &str, senders: &Arc<Senders>, live: &Arc<Live>) -> Recorder {
     let uri: Uri = url.parse().expect("a base URL and path that make a URI");
     let start = Instant::now();
     let end = start + Duration::from_secs(args.duration_secs);
@@ -559,7 +716,7 @@ async fn run_load(args: &Args, url: &str, senders: &Arc<Senders>) -> Recorder {
     let rate = args.rate.map(|rate| rate as f64);
     let next_slot = Arc::new(AtomicU64::new(0));
     let workers = (0..args.connections).map(|_| {
-        let (senders, next_slot) = (senders.clone(), next_slot.clone());
+        let (senders, next_slot, live) = (senders.clone(), next_slot.clone(), live.clone());
         let mut connection = Connection::new(uri.clone());
         tokio::spawn(async move {
             let mut recorder = Recorder::default();
@@ -578,7 +735,10 @@ async fn run_load(args: &Args, url: &str, senders: &Arc<Senders>) -> Recorder {
                     }
                     None => Instant::now(),
                 };
+                live.sent.fetch_add(1, Ordering::Relaxed);
+                live.in_flight.fetch_add(1, Ordering::Relaxed);
                 let status = connection.order(&senders).await;
+                live.answered(scheduled.elapsed(), status);
                 recorder.record(scheduled.elapsed(), status);
             }
             recorder

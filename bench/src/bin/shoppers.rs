@@ -8,11 +8,15 @@
 //! - `--mode poll`: buy; on 202 wait `retry_after_ms` and buy again; on 201 poll
 //!   `/orders/{id}/status` every `--poll-ms` until it is settled.
 //!
-//! Every shopper counts as answered when it knows its outcome (paid, failed, sold out); it
-//! then keeps its connection open, idle, until every shopper of its process is answered (a
-//! tab left open), so the connections held peak when the last shopper arrives. Once
-//! a second it appends a line to `--stats` (CSV: second, open connections, requests sent,
-//! answers of each kind, pushed events); the run's report is one JSON line on stdout.
+//! A shopper whose connection breaks (a load balancer restarted) connects again after a
+//! random 0.5-3 s, as a browser's EventSource does, and picks up where it was: the order's
+//! stream with `Last-Event-ID` if it has an order, else the same POST with the same
+//! Idempotency-Key (a replay). Every shopper counts as answered when it knows its outcome
+//! (paid, failed, sold out); it then keeps its connection open, idle, until every shopper of
+//! its process is answered (a tab left open) and `--linger-secs` more, so the connections
+//! held peak when the last shopper arrives. Once a second it appends a line to `--stats`
+//! (CSV: second, open connections, requests sent, answers of each kind, pushed events,
+//! reconnections); the run's report is one JSON line on stdout.
 //!
 //!     shoppers --target 127.0.0.1:8000 --product <id> --shoppers 18000 --source 2 \
 //!              --mode push --arrive-secs 60 --stats run.csv
@@ -38,6 +42,9 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpSocket;
 use uuid::Uuid;
+
+/// How long a stream's end may take to come after its final event.
+const STREAM_END: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -76,6 +83,10 @@ struct Args {
     timeout_secs: u64,
     #[arg(long, default_value_t = 1000)]
     poll_ms: u64,
+    /// Once every shopper here has an answer, the tabs stay open this long more (so a
+    /// monitor sampling each second sees the end with the clients still running).
+    #[arg(long, default_value_t = 3)]
+    linger_secs: u64,
     /// For the signing key (tokens are minted, as order_load does).
     #[arg(long, default_value = "config")]
     config_dir: PathBuf,
@@ -95,7 +106,8 @@ struct Counters {
     failed: AtomicU64,
     sold_out: AtomicU64,
     other: AtomicU64,
-    transport_errors: AtomicU64,
+    timed_out: AtomicU64,
+    reconnects: AtomicU64,
 }
 
 impl Counters {
@@ -117,29 +129,75 @@ enum Outcome {
 }
 
 struct Shopper {
-    sender: SendRequest<Empty<Bytes>>,
+    target: SocketAddr,
+    source: Ipv4Addr,
+    /// `None` while disconnected.
+    sender: Option<SendRequest<Empty<Bytes>>>,
     host: HeaderValue,
     auth: HeaderValue,
     key: HeaderValue,
     counters: Arc<Counters>,
+    /// The order once placed (a reconnection follows it instead of buying again).
+    order: Option<String>,
+    /// The id of the last event of the stream being followed, for `Last-Event-ID`.
+    last_event_id: Option<HeaderValue>,
+}
+
+/// A connection failed: connect again, and carry on.
+struct Broken;
+
+impl From<hyper::Error> for Broken {
+    fn from(_: hyper::Error) -> Self {
+        Broken
+    }
 }
 
 impl Shopper {
-    async fn send(&mut self, method: &str, path: &str) -> hyper::Result<Response<Incoming>> {
+    /// Connects (again), after a random 0.5-3 s when it is again; `false` if it failed.
+    async fn connect(&mut self, again: bool) -> bool {
+        if again {
+            self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+            let jitter_ms = 500 + (Uuid::new_v4().as_u128() % 2500) as u64;
+            tokio::time::sleep(Duration::from_millis(jitter_ms)).await;
+        }
+        let Ok(stream) = connect(self.target, self.source).await else {
+            return false;
+        };
+        let Ok((sender, connection)) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+        else {
+            return false;
+        };
+        tokio::spawn(connection);
+        self.sender = Some(sender);
+        self.counters.open.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn disconnect(&mut self) {
+        if self.sender.take().is_some() {
+            self.counters.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    async fn send(&mut self, method: &str, path: &str) -> Result<Response<Incoming>, Broken> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(path)
             .header(HOST, self.host.clone())
             .header(AUTHORIZATION, self.auth.clone())
-            .header("idempotency-key", self.key.clone())
-            .body(Empty::new())
-            .expect("a valid request");
-        self.sender.ready().await?;
-        self.sender.send_request(request).await
+            .header("idempotency-key", self.key.clone());
+        if let Some(id) = &self.last_event_id {
+            request = request.header("last-event-id", id.clone());
+        }
+        let request = request.body(Empty::new()).expect("a valid request");
+        let sender = self.sender.as_mut().ok_or(Broken)?;
+        sender.ready().await?;
+        Ok(sender.send_request(request).await?)
     }
 
-    async fn json(&mut self, method: &str, path: &str) -> hyper::Result<(u16, Value)> {
+    async fn json(&mut self, method: &str, path: &str) -> Result<(u16, Value), Broken> {
         let res = self.send(method, path).await?;
         let status = res.status().as_u16();
         let body = res.into_body().collect().await?.to_bytes();
@@ -151,10 +209,11 @@ impl Shopper {
         &mut self,
         path: &str,
         until: &[&str],
-    ) -> hyper::Result<Option<(String, Value)>> {
+    ) -> Result<Option<(String, Value)>, Broken> {
         let res = self.send("GET", path).await?;
         if res.status() != 200 {
             let _ = res.into_body().collect().await?;
+            self.last_event_id = None;
             return Ok(None);
         }
         let mut body = res.into_body();
@@ -174,26 +233,59 @@ impl Shopper {
                 let Some(event) = field("event: ") else {
                     continue;
                 };
+                self.last_event_id = field("id: ").and_then(|id| HeaderValue::from_str(&id).ok());
                 self.counters.pushed.fetch_add(1, Ordering::Relaxed);
                 let data = field("data: ")
                     .and_then(|d| serde_json::from_str(&d).ok())
                     .unwrap_or(Value::Null);
                 let settled = event != "status" || data["status"] != "pending";
                 if until.contains(&event.as_str()) && settled {
+                    self.last_event_id = None;
+                    // The server ends the stream after its final event: read that end, so
+                    // the connection can carry the next request.
+                    let end = async {
+                        while let Some(frame) = body.frame().await {
+                            frame?;
+                        }
+                        Ok::<_, hyper::Error>(())
+                    };
+                    if !matches!(tokio::time::timeout(STREAM_END, end).await, Ok(Ok(()))) {
+                        self.disconnect();
+                    }
                     return Ok(Some((event, data)));
                 }
             }
         }
+        self.last_event_id = None;
         Ok(None)
     }
 
-    async fn visit(&mut self, product: Uuid, mode: Mode, poll: Duration) -> hyper::Result<Outcome> {
+    /// The whole visit, connecting again as often as the connection breaks.
+    async fn visit(&mut self, product: Uuid, mode: Mode, poll: Duration) -> Outcome {
+        let mut connected = self.connect(false).await;
+        loop {
+            if connected {
+                let attempt = match self.order.clone() {
+                    Some(order) => self.settle(&order, mode, poll).await,
+                    None => self.buy(product, mode, poll).await,
+                };
+                match attempt {
+                    Ok(outcome) => return outcome,
+                    Err(Broken) => self.disconnect(),
+                }
+            }
+            connected = self.connect(true).await;
+        }
+    }
+
+    async fn buy(&mut self, product: Uuid, mode: Mode, poll: Duration) -> Result<Outcome, Broken> {
         let buy = format!("/orders/flash-sale/{product}");
         loop {
             let (status, body) = self.json("POST", &buy).await?;
             match status {
                 201 => {
                     let order = body["id"].as_str().unwrap_or_default().to_owned();
+                    self.order = Some(order.clone());
                     return self.settle(&order, mode, poll).await;
                 }
                 202 if mode == Mode::Push => {
@@ -215,7 +307,7 @@ impl Shopper {
         }
     }
 
-    async fn settle(&mut self, order: &str, mode: Mode, poll: Duration) -> hyper::Result<Outcome> {
+    async fn settle(&mut self, order: &str, mode: Mode, poll: Duration) -> Result<Outcome, Broken> {
         let status = loop {
             if mode == Mode::Push {
                 let path = format!("/orders/{order}/events");
@@ -283,41 +375,27 @@ async fn main() {
         let (args, counters) = (args.clone(), counters.clone());
         let (unanswered, all_answered) = (unanswered.clone(), all_answered.clone());
         visits.push(tokio::spawn(async move {
-            let connected = async {
-                let stream = connect(args.target, source).await.ok()?;
-                let (sender, connection) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                        .await
-                        .ok()?;
-                tokio::spawn(connection);
-                Some(Shopper {
-                    sender,
-                    host: HeaderValue::from_str(&args.target.to_string()).ok()?,
-                    auth,
-                    key: HeaderValue::from_str(&Uuid::new_v4().to_string()).ok()?,
-                    counters: counters.clone(),
-                })
+            let mut shopper = Shopper {
+                target: args.target,
+                source,
+                sender: None,
+                host: HeaderValue::from_str(&args.target.to_string()).expect("a host header"),
+                auth,
+                key: HeaderValue::from_str(&Uuid::new_v4().to_string()).expect("a key header"),
+                counters: counters.clone(),
+                order: None,
+                last_event_id: None,
             };
-            let mut shopper = connected.await;
-            if shopper.is_some() {
-                counters.open.fetch_add(1, Ordering::Relaxed);
-            }
-            let visit = async {
-                let shopper = shopper.as_mut()?;
-                let poll = Duration::from_millis(args.poll_ms);
-                shopper.visit(product, args.mode, poll).await.ok()
-            };
-            let outcome = tokio::time::timeout_at(deadline.into(), visit)
-                .await
-                .ok()
-                .flatten();
+            let poll = Duration::from_millis(args.poll_ms);
+            let visit = shopper.visit(product, args.mode, poll);
+            let outcome = tokio::time::timeout_at(deadline.into(), visit).await.ok();
             let answered_at = started.elapsed();
             let counter = match outcome {
                 Some(Outcome::Paid) => &counters.paid,
                 Some(Outcome::Failed) => &counters.failed,
                 Some(Outcome::SoldOut) => &counters.sold_out,
                 Some(Outcome::Other(_)) => &counters.other,
-                None => &counters.transport_errors,
+                None => &counters.timed_out,
             };
             counter.fetch_add(1, Ordering::Relaxed);
             // The tab stays open, idle, until everyone here has an answer.
@@ -329,9 +407,8 @@ async fn main() {
             } else {
                 everyone.await;
             }
-            if shopper.take().is_some() {
-                counters.open.fetch_sub(1, Ordering::Relaxed);
-            }
+            tokio::time::sleep(Duration::from_secs(args.linger_secs)).await;
+            shopper.disconnect();
             outcome.map(|_| answered_at)
         }));
     }
@@ -354,9 +431,10 @@ async fn main() {
             "failed": load(&counters.failed),
             "sold_out": load(&counters.sold_out),
             "other": load(&counters.other),
-            "unanswered": load(&counters.transport_errors),
+            "unanswered": load(&counters.timed_out),
             "requests": load(&counters.requests),
             "pushed_events": load(&counters.pushed),
+            "reconnects": load(&counters.reconnects),
             "answer_ms_p50": answer_ms.value_at_quantile(0.5),
             "answer_ms_p95": answer_ms.value_at_quantile(0.95),
             "last_answer_ms": last.as_millis() as u64,
@@ -371,14 +449,17 @@ async fn sample(args: Arc<Args>, counters: Arc<Counters>, started: Instant) {
     let Ok(mut file) = std::fs::File::create(path) else {
         return;
     };
-    let _ = writeln!(file, "second,open,requests,answered,paid,sold_out,pushed");
+    let _ = writeln!(
+        file,
+        "second,open,requests,answered,paid,sold_out,pushed,reconnects"
+    );
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let _ = writeln!(
             file,
-            "{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{}",
             started.elapsed().as_secs(),
             load(&counters.open),
             load(&counters.requests),
@@ -386,6 +467,7 @@ async fn sample(args: Arc<Args>, counters: Arc<Counters>, started: Instant) {
             load(&counters.paid),
             load(&counters.sold_out),
             load(&counters.pushed),
+            load(&counters.reconnects),
         );
     }
 }
