@@ -110,6 +110,7 @@ pub fn http_server(state: AppState, listener: TcpListener) -> std::io::Result<Se
             .default_service(web::to(extract::not_found))
     })
     .keep_alive(Duration::from_secs(http.keep_alive_secs))
+    .client_request_timeout(Duration::from_millis(http.client_request_timeout_ms))
     .shutdown_timeout(http.shutdown_grace_secs)
     .disable_signals();
     if http.workers > 0 {

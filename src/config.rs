@@ -42,6 +42,10 @@ pub struct HttpSettings {
     /// An idle keep-alive connection stays open this long (shoppers in a waiting room poll
     /// every few seconds; reconnecting each time costs more than the idle socket).
     pub keep_alive_secs: u64,
+    /// A new connection's first request head must arrive within this (408 past it). Behind a
+    /// load balancer that times slow clients out itself, raise it: under a CPU crush a head
+    /// already in the socket can wait longer than the default to be read.
+    pub client_request_timeout_ms: u64,
     /// Connections the kernel holds for the API before it accepts them (capped by the
     /// kernel's `net.core.somaxconn`). A full queue drops a shopper's SYN, and their client
     /// tries again only after a second.
@@ -338,6 +342,9 @@ pub struct AdmissionSettings {
     pub sold_out_cache_ms: u64,
     /// Tickets admitted beyond the units left, for admitted buyers who fail or go away.
     pub stock_slack: i64,
+    /// How long an admitted ticket holds its unit (this to twice this): after that, a holder
+    /// who has not bought no longer holds up the room.
+    pub admitted_hold_secs: u64,
     /// The longest Retry-After a ticket is given.
     pub max_retry_after_ms: u64,
 }

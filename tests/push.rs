@@ -72,6 +72,16 @@ impl Events {
         }
     }
 
+    /// The next event of a waiting room's stream that is not a new place in line.
+    async fn past_positions(&mut self) -> Event {
+        loop {
+            let event = self.next_event().await.unwrap();
+            if event.name.as_deref() != Some("position") {
+                return event;
+            }
+        }
+    }
+
     /// The next event that is not a heartbeat.
     async fn next_event(&mut self) -> Option<Event> {
         loop {
@@ -184,10 +194,16 @@ async fn a_quiet_stream_sends_heartbeats() {
 
 /// A sale of `units` whose first buyer's order (not settled: no worker) fills the backlog of
 /// one, and whose next `waiting` buyers hold tickets 1, 2, ...; no slack, so the room admits
-/// only what the units left can serve. The tokens: the first buyer's, then the holders'.
-async fn sale_with_a_room(units: i32, waiting: usize) -> (Arc<TestApp>, Uuid, Vec<String>) {
-    let app = app_pushing_only(|s| {
+/// only what the units left can serve, and an admitted ticket holds its unit `hold_secs`.
+/// The tokens: the first buyer's, then the holders'.
+async fn sale_with_a_room(
+    units: i32,
+    waiting: usize,
+    hold_secs: u64,
+) -> (Arc<TestApp>, Uuid, Vec<String>) {
+    let app = app_pushing_only(move |s| {
         let admission = &mut s.orders.admission;
+        admission.admitted_hold_secs = hold_secs;
         admission.min_backlog = 1;
         admission.max_settle_secs = 0.0;
         admission.sample_ms = 50;
@@ -218,7 +234,7 @@ async fn sale_with_a_room(units: i32, waiting: usize) -> (Arc<TestApp>, Uuid, Ve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_room_stream_pushes_positions_then_admission_or_sold_out() {
     // Two units: the first buyer's, and one for ticket 1 or 2.
-    let (app, product, tokens) = sale_with_a_room(2, 2).await;
+    let (app, product, tokens) = sale_with_a_room(2, 2, 600).await;
     let path = format!("/orders/flash-sale/{product}/queue/events");
     // Only ticket holders, and only with a valid token.
     let stranger = app.mint_token(Uuid::now_v7());
@@ -250,12 +266,7 @@ async fn a_waiting_room_stream_pushes_positions_then_admission_or_sold_out() {
         201
     );
     // The last unit is gone: the third is told sold out (after, perhaps, its new place).
-    let last = loop {
-        let event = third.next_event().await.unwrap();
-        if event.name.as_deref() != Some("position") {
-            break event;
-        }
-    };
+    let last = third.past_positions().await;
     assert_eq!(last.name.as_deref(), Some("sold_out"), "{last:?}");
     assert!(third.next_event().await.is_none());
 
@@ -275,7 +286,7 @@ async fn a_ticket_holder_coming_back_to_another_pod_is_counted_so_the_room_sells
     // Were it to let that POST skip the room, the room would never count the ticket served,
     // and with no slack it would stop admitting with a unit left: the next holder would wait
     // forever.
-    let (app, product, tokens) = sale_with_a_room(3, 3).await;
+    let (app, product, tokens) = sale_with_a_room(3, 3, 600).await;
     let path = format!("/orders/flash-sale/{product}/queue/events");
     let mut streams = Vec::new();
     for token in &tokens[1..] {
@@ -289,12 +300,7 @@ async fn a_ticket_holder_coming_back_to_another_pod_is_counted_so_the_room_sells
 
     let _worker = app.spawn_worker().await;
     for (holder, stream) in streams.iter_mut().enumerate().take(2) {
-        let admitted = loop {
-            let event = stream.next_event().await.unwrap();
-            if event.name.as_deref() != Some("position") {
-                break event;
-            }
-        };
+        let admitted = stream.past_positions().await;
         assert_eq!(
             admitted.name.as_deref(),
             Some("admitted"),
@@ -306,12 +312,27 @@ async fn a_ticket_holder_coming_back_to_another_pod_is_counted_so_the_room_sells
             201
         );
     }
-    let last = loop {
-        let event = streams[2].next_event().await.unwrap();
-        if event.name.as_deref() != Some("position") {
-            break event;
-        }
-    };
+    let last = streams[2].past_positions().await;
     assert_eq!(last.name.as_deref(), Some("sold_out"), "{last:?}");
     assert_eq!(app.remaining(product).await, 0, "every unit sold");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admitted_holder_who_never_buys_stops_holding_the_room_after_the_hold() {
+    // One unit left after the first buyer, two holders. The first is admitted and never buys;
+    // with no slack the room could admit the second only if the first's unit were free. Once
+    // the hold is over it is: the second is admitted and buys it.
+    let (app, product, tokens) = sale_with_a_room(2, 2, 1).await;
+    let path = format!("/orders/flash-sale/{product}/queue/events");
+    let mut first = Events::open(&app, &path, &tokens[1], None).await;
+    let mut second = Events::open(&app, &path, &tokens[2], None).await;
+    let _worker = app.spawn_worker().await;
+    let admitted = first.past_positions().await;
+    assert_eq!(admitted.name.as_deref(), Some("admitted"), "{admitted:?}");
+    let admitted = second.past_positions().await;
+    assert_eq!(admitted.name.as_deref(), Some("admitted"), "{admitted:?}");
+    assert_eq!(
+        app.buy(&tokens[2], product, "k", &json!({})).await.status(),
+        201
+    );
 }

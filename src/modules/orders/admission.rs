@@ -143,6 +143,7 @@ impl Admission {
                 capacity,
                 tick_ms: self.settings.sample_ms,
                 slack: self.settings.stock_slack,
+                hold_ms: self.settings.admitted_hold_secs.saturating_mul(1000),
             },
         )
         .await?;
@@ -216,6 +217,7 @@ impl Admission {
             capacity: self.capacity(),
             tick_ms: self.settings.sample_ms,
             slack: self.settings.stock_slack,
+            hold_ms: self.settings.admitted_hold_secs.saturating_mul(1000),
         }
     }
 

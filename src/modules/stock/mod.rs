@@ -415,6 +415,8 @@ pub struct RoomRequest<'a> {
     pub tick_ms: u64,
     /// Tickets admitted beyond the units left (some admitted buyers fail or go away).
     pub slack: i64,
+    /// An admitted ticket holds a unit this long at least; then it counts as served.
+    pub hold_ms: u64,
 }
 
 /// The room's answer to a buyer.
@@ -1409,6 +1411,7 @@ impl StockScripts {
             .arg(ROOM_TTL_SECS)
             .arg(stock)
             .arg(if answered { "1" } else { "0" })
+            .arg(req.hold_ms)
             .invoke_async(&mut redis.conn())
             .await
     }

@@ -15,7 +15,7 @@
 local room_key, stock_key, idem_key = KEYS[1], KEYS[2], KEYS[3]
 local buyer, key_digest, now_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local capacity, tick_ms, slack, ttl_secs = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
-local stock, answered = ARGV[8], ARGV[9] == '1'
+local stock, answered, hold_ms = ARGV[8], ARGV[9] == '1', tonumber(ARGV[10])
 if stock_key then
   if buyer ~= '' then
     local idem = redis.call('GET', idem_key)
@@ -27,12 +27,20 @@ if answered then return {'replay'} end
 -- Not loaded: the reservation script answers that.
 if stock == '' then return {'pass'} end
 stock = tonumber(stock)
-local room = redis.call('HMGET', room_key, 'seq', 'admitted', 'consumed', 'advanced_at')
+local room = redis.call('HMGET', room_key, 'seq', 'admitted', 'consumed', 'advanced_at', 'mark', 'mark_at', 'held')
 local seq, admitted = tonumber(room[1] or '0'), tonumber(room[2] or '0')
 local consumed, advanced_at = tonumber(room[3] or '0'), tonumber(room[4] or '0')
+local mark, mark_at, held = tonumber(room[5] or '0'), tonumber(room[6] or '0'), tonumber(room[7] or '0')
+if now_ms - mark_at >= hold_ms then
+  -- Tickets admitted before the last mark have had their hold (hold_ms to twice that): they
+  -- count as served from now on, come back or not, so holders who went away cannot stop
+  -- the horizon short of the units left (one who comes back late may still buy).
+  held, mark, mark_at = mark, admitted, now_ms
+  redis.call('HSET', room_key, 'held', held, 'mark', mark, 'mark_at', mark_at)
+end
 if capacity > 0 and admitted < seq and now_ms - advanced_at >= tick_ms then
   -- Admitted tickets not yet served never exceed the units left (plus a slack for failures).
-  local servable = consumed + stock + slack
+  local servable = math.max(consumed, held) + stock + slack
   admitted = math.max(admitted, math.min(seq, admitted + capacity, servable))
   redis.call('HSET', room_key, 'admitted', admitted, 'advanced_at', now_ms)
 end
