@@ -49,6 +49,10 @@ export FLASHSALE__REDIS__KEY_PREFIX=bench-shoppers:
 export FLASHSALE__ORDERS__PAYMENT__LATENCY_MS="$payment_ms" FLASHSALE__ORDERS__BATCH_SIZE="$batch"
 export FLASHSALE__HTTP__TRUSTED_PROXIES=127.0.0.1/32
 export FLASHSALE__HTTP__WORKERS=1
+# nginx times slow clients out (client_header_timeout); with the box's two cores crushed by
+# the crowd's arrival, a request head nginx already sent can wait past actix's 5 s to be
+# read, and a 408 there is no client's fault (seen: thousands at 200,000 shoppers).
+export FLASHSALE__HTTP__CLIENT_REQUEST_TIMEOUT_MS=60000
 export FLASHSALE__ORDERS__PUSH__MAX_STREAMS=19000
 # A shopper retries for the whole sale; the per-user attempt limit is for abuse, not for it.
 export FLASHSALE__ORDERS__FLASH_SALE_ATTEMPTS_PER_MINUTE=1000

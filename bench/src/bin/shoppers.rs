@@ -108,6 +108,15 @@ struct Counters {
     other: AtomicU64,
     timed_out: AtomicU64,
     reconnects: AtomicU64,
+    /// The statuses of the `other` answers, and the final statuses of the failed orders.
+    unexpected: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Counters {
+    fn note_unexpected(&self, what: String) {
+        let mut unexpected = self.unexpected.lock().unwrap_or_else(|e| e.into_inner());
+        *unexpected.entry(what).or_default() += 1;
+    }
 }
 
 impl Counters {
@@ -301,8 +310,15 @@ impl Shopper {
                     tokio::time::sleep(Duration::from_millis(wait)).await;
                 }
                 409 if body["code"] == "sold_out" => return Ok(Outcome::SoldOut),
-                429 | 503 => tokio::time::sleep(Duration::from_secs(1)).await,
-                other => return Ok(Outcome::Other(other)),
+                // Busy, or a proxy's timeout: a browser tries again.
+                408 | 429 | 502..=504 => tokio::time::sleep(Duration::from_secs(1)).await,
+                other => {
+                    self.counters.note_unexpected(format!(
+                        "{other} {}",
+                        body["code"].as_str().unwrap_or("")
+                    ));
+                    return Ok(Outcome::Other(other));
+                }
             }
         }
     }
@@ -325,7 +341,10 @@ impl Shopper {
         };
         Ok(match status.as_str() {
             "paid" => Outcome::Paid,
-            _ => Outcome::Failed,
+            other => {
+                self.counters.note_unexpected(format!("order {other}"));
+                Outcome::Failed
+            }
         })
     }
 }
@@ -435,6 +454,7 @@ async fn main() {
             "requests": load(&counters.requests),
             "pushed_events": load(&counters.pushed),
             "reconnects": load(&counters.reconnects),
+            "unexpected": counters.unexpected.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             "answer_ms_p50": answer_ms.value_at_quantile(0.5),
             "answer_ms_p95": answer_ms.value_at_quantile(0.95),
             "last_answer_ms": last.as_millis() as u64,
@@ -456,6 +476,17 @@ async fn sample(args: Arc<Args>, counters: Arc<Counters>, started: Instant) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
+        let unexpected = counters
+            .unexpected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if !unexpected.is_empty() {
+            eprintln!(
+                "{}s unexpected: {unexpected:?}",
+                started.elapsed().as_secs()
+            );
+        }
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let _ = writeln!(
             file,
