@@ -1,5 +1,6 @@
-//! Acceptance: an order is accepted once the broker confirmed its message and its acceptance
-//! record is written. The record (in Redis, keyed by order id) makes the order readable until
+//! Acceptance: an order is accepted once the broker confirmed its message; then its acceptance
+//! record is written (retried; a record that still fails is counted, and the order stays
+//! accepted). The record (in Redis, keyed by order id) makes the order readable until
 //! the worker persisted it, and replays of its Idempotency-Key read it there.
 //!
 //! Orders accepted together travel together: the ones that arrive within
@@ -54,9 +55,14 @@ pub async fn accept(
             give_back(state, &order, idempotency_key).await?;
             return Err(OrdersError::Queue(reason));
         }
-        // Published, so accepted: its units stay reserved for the worker, which settles it
-        // whatever the client makes of the error.
-        Err(Failure::NotRecorded(reason)) => return Err(OrdersError::NotRecorded(reason)),
+        // Published, so accepted: the worker settles it, and the buyer is told so. An error
+        // here would be retried, and a retry without the record is not a replay (it reads
+        // `purchase_limit`, or `sold_out` once the sale is gone). Until the worker persists
+        // the order, reads of it may answer 404 for a moment.
+        Err(Failure::NotRecorded(reason)) => {
+            metrics::count_unrecorded();
+            tracing::warn!(order = %order.id, reason, "accepted, but its record could not be written");
+        }
     }
     metrics::count_order(OrderStatus::Pending, kind);
     Ok(Placed {

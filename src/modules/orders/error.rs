@@ -43,8 +43,6 @@ pub enum OrdersError {
     Overloaded { retry_after_secs: u64 },
     #[error("order queue: {0}")]
     Queue(String),
-    #[error("accepted, but its record could not be written: {0}")]
-    NotRecorded(String),
     #[error("corrupt order data: {0}")]
     Corrupt(String),
     #[error(transparent)]
@@ -60,7 +58,7 @@ impl OrdersError {
     /// succeeds once it is back. Anything else is about the data, and may be one order's.
     pub fn is_outage(&self) -> bool {
         match self {
-            OrdersError::Queue(_) | OrdersError::NotRecorded(_) => true,
+            OrdersError::Queue(_) => true,
             OrdersError::Db(e) | OrdersError::Products(ProductsError::Db(e)) => {
                 e.is_unavailable() || db_connection_lost(e)
             }
@@ -140,9 +138,7 @@ impl From<OrdersError> for Problem {
             OrdersError::RateLimited { retry_after_secs } => {
                 Problem::rate_limited(retry_after_secs)
             }
-            OrdersError::StockUnavailable | OrdersError::Queue(_) | OrdersError::NotRecorded(_) => {
-                Problem::unavailable(&detail)
-            }
+            OrdersError::StockUnavailable | OrdersError::Queue(_) => Problem::unavailable(&detail),
             OrdersError::Overloaded { retry_after_secs } => {
                 Problem::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", detail)
                     .with_retry_after(retry_after_secs)

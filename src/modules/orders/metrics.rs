@@ -39,3 +39,9 @@ pub fn count_split_batch() {
 pub fn count_dead_lettered(reason: &'static str) {
     metrics::counter!("orders_dead_lettered_total", "reason" => reason).increment(1);
 }
+
+/// An accepted order whose acceptance record (Redis) could not be written: answered 201, and
+/// readable once the worker has persisted it.
+pub fn count_unrecorded() {
+    metrics::counter!("orders_unrecorded_total").increment(1);
+}
