@@ -3,6 +3,8 @@
 #
 #   bench/settle_cost.sh open RATE SECS     serve --role all, open-loop order_load at RATE/s for
 #                                           SECS; CPU from load start until every order settled
+#                                           (STATS=run.csv: per-second samples and run.svg, their
+#                                           chart; reading them back costs PostgreSQL a little)
 #   bench/settle_cost.sh drain ORDERS       each stage on its own: serve --role api takes about
 #                                           ORDERS orders (closed loop) with no worker running
 #                                           (accept); an order-worker drains them (settle: queue,
@@ -125,9 +127,16 @@ open)
   # The load generator shares the cores; `times` in its subshell reads its CPU once it exited.
   (
     "$load" --config-dir config --env development --stock $((rate * secs * 2)) \
-      --duration-secs "$secs" --connections 256 --rate "$rate" | tee /tmp/settle_cost.out
+      --duration-secs "$secs" --connections 256 --rate "$rate" ${STATS:+--stats "$STATS"} |
+      tee /tmp/settle_cost.out
     times > /tmp/settle_cost.load_cpu
   )
+  if [ -n "${STATS:-}" ]; then
+    "$target/chart" --out "${STATS%.csv}.svg" --title "order_load --rate $rate, serve --role all" \
+      --gauge in_flight --rate sent --rate accepted --rate paid \
+      --ms http_p95_ms --ms http_p99_ms --ms paid_p95_ms --ms paid_p99_ms "$STATS"
+    echo "chart: ${STATS%.csv}.svg"
+  fi
   after=$(snapshot); t1=$(date +%s.%N)
   settled=$(grep -o 'paid [0-9]*' /tmp/settle_cost.out | awk '{print $2}')
   echo "Redis append-only-file rewrites during the run: $(aof_rewrites) (their CPU is in redis-server)"

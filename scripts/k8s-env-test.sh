@@ -23,7 +23,12 @@ redis_port=$(free_port)
 pgbin="/usr/lib/postgresql/$(ls /usr/lib/postgresql | sort -V | tail -1)/bin"
 server=""
 cleanup() {
-  if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
+  # $server is the subshell that runs `run`; the flashsale process is its child.
+  if [ -n "$server" ]; then
+    pkill -P "$server" 2>/dev/null || true
+    kill "$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+  fi
   as_postgres "$pgbin/pg_ctl -D $work/pg -m immediate stop" >/dev/null 2>&1 || true
   redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
   rabbitmqctl -q delete_user flashsale >/dev/null 2>&1 || true

@@ -127,3 +127,41 @@ async fn a_second_order_under_a_forgotten_key_is_failed_before_any_charge() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_an_accepted_request_after_the_sale_sold_out_replays_its_order() {
+    // The pod answers `sold_out` from memory once it knows; a buyer whose 201 was lost (a
+    // load balancer restarted) and who retries with the same key must still get the order.
+    let app = TestApp::spawn_with(|s| s.orders.admission.sold_out_cache_ms = 600_000).await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 1, "1.00").await;
+    let buyer = app.mint_token(Uuid::now_v7());
+    let (status, order) = order_id(app.buy(&buyer, product, "lost-answer", &json!({})).await).await;
+    assert_eq!(status, 201);
+    let other = app.mint_token(Uuid::now_v7());
+    common::assert_problem(
+        app.buy(&other, product, "k", &json!({})).await,
+        409,
+        "sold_out",
+    )
+    .await;
+
+    let (status, replayed) =
+        order_id(app.buy(&buyer, product, "lost-answer", &json!({})).await).await;
+    assert_eq!(
+        (status, replayed),
+        (200, order),
+        "the retry replays the order"
+    );
+    // The same key with another body is still refused, and a new key is sold out.
+    let res = app
+        .buy(&buyer, product, "lost-answer", &json!({"quantity": 2}))
+        .await;
+    assert_eq!(res.status(), 422);
+    common::assert_problem(
+        app.buy(&buyer, product, "new-key", &json!({})).await,
+        409,
+        "sold_out",
+    )
+    .await;
+}

@@ -1,5 +1,6 @@
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::admission::Ticket;
@@ -11,6 +12,7 @@ use crate::infra::http::extract::parse_optional_json;
 use crate::infra::http::paging::{Page, PageQuery};
 use crate::infra::http::problem::ProblemBody;
 use crate::infra::http::Problem;
+use crate::infra::telemetry;
 use crate::modules::auth::AuthUser;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -60,7 +62,7 @@ pub struct OrdersApi;
     responses((status = 201, body = Order, description = "accepted; the worker settles it to paid or failed"),
               (status = 202, body = Ticket, description = "the platform is settling as many orders as it can: a place in this sale's waiting room (one per buyer, in order of first arrival). Retry the same request with the same Idempotency-Key after Retry-After / retry_after_ms; it is admitted once the room's horizon reaches the ticket. The room never admits more buyers than units are left, and answers 409 sold_out to everyone once the stock is gone"),
               (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "idempotency_key_required"),
-              (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "sold_out (answered from memory for a moment once a sale sold out, also to a retry of a request that was accepted: its order is listed under /orders/user/{user_id}), sale_not_active, purchase_limit, request_in_progress"),
+              (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "sold_out (answered from memory for a moment once a sale sold out; a retry of a request that was accepted gets its order instead), sale_not_active, purchase_limit, request_in_progress"),
               (status = 422, body = ProblemBody, content_type = "application/problem+json", description = "validation_failed, idempotency_key_reused, total_too_large (the order's total is larger than an order can hold)"),
               (status = 429, body = ProblemBody, content_type = "application/problem+json"), (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "overloaded (waiting room off), service_unavailable")))]
 async fn place_flash_sale_order(
@@ -72,9 +74,12 @@ async fn place_flash_sale_order(
 ) -> Result<HttpResponse, Problem> {
     let key_digest = idempotency_digest(&req)?;
     let request: FlashSaleOrderRequest = parse_optional_json(&req, &body)?.unwrap_or_default();
-    let answer =
-        super::place_flash_sale_order(&state, &caller, product.into_inner(), &key_digest, &request)
-            .await?;
+    let state = state.into_inner();
+    let product = product.into_inner();
+    let answer = to_completion(async move {
+        super::place_flash_sale_order(&state, &caller, product, &key_digest, &request).await
+    })
+    .await?;
     Ok(match answer {
         super::FlashSaleAnswer::Placed(placed) => created(placed),
         super::FlashSaleAnswer::Waiting(ticket) => HttpResponse::Accepted()
@@ -195,8 +200,33 @@ async fn place_order(
     body: web::Json<CreateOrderRequest>,
 ) -> Result<HttpResponse, Problem> {
     let key_digest = idempotency_digest(&req)?;
-    let placed = super::place_order(&state, &caller, &key_digest, &body).await?;
+    let (state, body) = (state.into_inner(), body.into_inner());
+    let placed =
+        to_completion(async move { super::place_order(&state, &caller, &key_digest, &body).await })
+            .await?;
     Ok(created(placed))
+}
+
+/// Runs an order's placement to its end even if the client goes away meanwhile (a proxy
+/// then drops the request): stopped between its reservation and its acceptance or give-back,
+/// it would leave the units reserved until the reconciler's timeout and the key in progress,
+/// and the buyer's retry would read `purchase_limit` (seen at 200,000 shoppers).
+async fn to_completion<T: Send + 'static>(
+    placement: impl std::future::Future<Output = Result<T, super::OrdersError>> + Send + 'static,
+) -> Result<T, Problem> {
+    // In the request's span and trace context: the order's message carries it.
+    let placement = placement.in_current_span();
+    let traceparent = telemetry::current_traceparent();
+    let traced = async move {
+        match traceparent {
+            Some(traceparent) => telemetry::with_traceparent(traceparent, placement).await,
+            None => placement.await,
+        }
+    };
+    match tokio::spawn(traced).await {
+        Ok(placed) => Ok(placed?),
+        Err(stopped) => Err(Problem::internal(&stopped)),
+    }
 }
 
 #[utoipa::path(get, path = "/orders/{id}", tag = "orders", security(("bearer" = [])),

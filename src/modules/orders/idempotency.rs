@@ -58,6 +58,32 @@ pub fn accepted(order: Uuid, body_hash: &str) -> Result<String, OrdersError> {
     serde_json::to_string(&key).map_err(|e| OrdersError::Corrupt(e.to_string()))
 }
 
+/// What an Idempotency-Key holds in Redis.
+pub enum StoredKey {
+    /// A request with this key is being answered.
+    InProgress,
+    /// A request with this key was accepted; its body's digest (keys of old releases may not
+    /// hold it).
+    Accepted { body_hash: Option<String> },
+}
+
+/// Reads an Idempotency-Key's stored value.
+pub fn read_stored(stored: &str) -> Result<StoredKey, OrdersError> {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        state: Option<String>,
+        body_hash: Option<String>,
+    }
+    let stored: Stored =
+        serde_json::from_str(stored).map_err(|e| OrdersError::Corrupt(e.to_string()))?;
+    Ok(match stored.state.as_deref() {
+        Some("in_progress") => StoredKey::InProgress,
+        _ => StoredKey::Accepted {
+            body_hash: stored.body_hash,
+        },
+    })
+}
+
 /// The order an accepted key names. Keys stored before the order was kept only once held
 /// the whole order; they replay for as long as they live (`orders.idempotency_ttl_secs`).
 pub fn replayed_order_id(stored: &str) -> Result<Uuid, OrdersError> {

@@ -63,6 +63,36 @@ impl Placed {
     }
 }
 
+/// The order an accepted request made under `idempotency_key`, while Redis keeps the key.
+async fn accepted_under(
+    state: &AppState,
+    buyer: Uuid,
+    idempotency_key: &str,
+    body_hash: &str,
+) -> Result<Option<Placed>, OrdersError> {
+    let stored: Option<String> = redis::cmd("GET")
+        .arg(idempotency_key)
+        .query_async(&mut state.redis.conn())
+        .await?;
+    match stored
+        .as_deref()
+        .map(idempotency::read_stored)
+        .transpose()?
+    {
+        Some(idempotency::StoredKey::Accepted {
+            body_hash: stored_hash,
+        }) => {
+            if stored_hash.is_some_and(|stored| stored != body_hash) {
+                return Err(OrdersError::IdempotencyKeyReused);
+            }
+            let stored = stored.unwrap_or_default();
+            Placed::replayed(state, buyer, &stored).await.map(Some)
+        }
+        Some(idempotency::StoredKey::InProgress) => Err(OrdersError::RequestInProgress),
+        None => Ok(None),
+    }
+}
+
 /// The flash-sale route's answer: the order, or a place in the sale's waiting room.
 pub enum FlashSaleAnswer {
     Placed(Placed),
@@ -87,17 +117,23 @@ pub async fn place_flash_sale_order(
         request.payment_method.as_deref(),
         request.shipping_address.as_deref(),
     )?;
-    // The cheapest answer first: after a sell-out, most of a crowd gets it.
+    let body_hash = idempotency::body_digest(&format!(
+        "{product}|{quantity}|{payment_method}|{shipping_address:?}"
+    ));
+    // The cheapest answer first: after a sell-out, most of a crowd gets it. One read of the
+    // key first: a retry of a request that was accepted (its answer lost to a dropped
+    // connection) gets its order, not `sold_out`.
     let admission = &state.orders.admission;
     if admission.known_sold_out(product) {
-        return Err(OrdersError::SoldOut);
+        let key = products::idempotency_key(state, product, caller.user_id, key_digest).await?;
+        return match accepted_under(state, caller.user_id, &key, &body_hash).await? {
+            Some(placed) => Ok(FlashSaleAnswer::Placed(placed)),
+            None => Err(OrdersError::SoldOut),
+        };
     }
     let listed = find_product(state, product).await?;
     let sale_price = listed.flash_sale_price.as_ref().unwrap_or(&listed.price);
     check_total(&[(sale_price, quantity)])?;
-    let body_hash = idempotency::body_digest(&format!(
-        "{product}|{quantity}|{payment_method}|{shipping_address:?}"
-    ));
     match admission
         .enter(state, product, caller.user_id, key_digest)
         .await?
