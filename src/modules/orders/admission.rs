@@ -133,17 +133,12 @@ impl Admission {
                 retry_after_secs: 1,
             });
         }
-        let capacity = self.capacity();
         let RoomReply { answer, unserved } = products::enter_room(
             state,
             &RoomRequest {
-                product,
                 buyer,
                 key_digest,
-                capacity,
-                tick_ms: self.settings.sample_ms,
-                slack: self.settings.stock_slack,
-                hold_ms: self.settings.admitted_hold_secs.saturating_mul(1000),
+                ..self.room_request(product)
             },
         )
         .await?;
@@ -207,8 +202,9 @@ impl Admission {
         self.settings.sample_ms
     }
 
-    /// What a process watching a room for its pushed streams passes the room script: this
-    /// pod's capacity, as a buyer's attempt would (the buyer is not used).
+    /// What this pod passes the room script for `product` (this pod's capacity, its tick,
+    /// slack and hold); as it is, without a buyer, for a process watching the room for its
+    /// pushed streams.
     pub fn room_request(&self, product: Uuid) -> RoomRequest<'static> {
         RoomRequest {
             product,

@@ -74,22 +74,19 @@ async fn accepted_under(
         .arg(idempotency_key)
         .query_async(&mut state.redis.conn())
         .await?;
-    match stored
-        .as_deref()
-        .map(idempotency::read_stored)
-        .transpose()?
-    {
-        Some(idempotency::StoredKey::Accepted {
+    let Some(stored) = stored else {
+        return Ok(None);
+    };
+    match idempotency::read_stored(&stored)? {
+        idempotency::StoredKey::InProgress => Err(OrdersError::RequestInProgress),
+        idempotency::StoredKey::Accepted {
             body_hash: stored_hash,
-        }) => {
-            if stored_hash.is_some_and(|stored| stored != body_hash) {
+        } => {
+            if stored_hash.is_some_and(|stored_hash| stored_hash != body_hash) {
                 return Err(OrdersError::IdempotencyKeyReused);
             }
-            let stored = stored.unwrap_or_default();
             Placed::replayed(state, buyer, &stored).await.map(Some)
         }
-        Some(idempotency::StoredKey::InProgress) => Err(OrdersError::RequestInProgress),
-        None => Ok(None),
     }
 }
 
