@@ -291,3 +291,29 @@ async fn orders_cancelled_before_settling_leave_no_backlog_behind() {
         "each order counted out exactly once"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_first_written_by_its_hold_mark_still_expires() {
+    // A room read with capacity and no ticket yet answers `pass`, but it writes the room's
+    // hold mark: that first write must carry the room's expiry (Redis runs `noeviction`).
+    let app = TestApp::spawn().await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
+    let reply = flashsale::modules::products::enter_room(
+        &app.state,
+        &flashsale::modules::products::RoomRequest {
+            buyer: Uuid::now_v7(),
+            key_digest: "k",
+            ..app.state.orders.admission.room_request(product)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.answer, flashsale::modules::products::RoomAnswer::Pass);
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(app.sale_key(product, "room"))
+        .query_async(&mut app.state.redis.conn())
+        .await
+        .unwrap();
+    assert!(ttl > 0, "the room's TTL: {ttl}");
+}

@@ -37,6 +37,8 @@ if now_ms - mark_at >= hold_ms then
   -- the horizon short of the units left (one who comes back late may still buy).
   held, mark, mark_at = mark, admitted, now_ms
   redis.call('HSET', room_key, 'held', held, 'mark', mark, 'mark_at', mark_at)
+  -- This may be the room's first write (no ticket yet): it must not live forever.
+  redis.call('EXPIRE', room_key, ttl_secs)
 end
 if capacity > 0 and admitted < seq and now_ms - advanced_at >= tick_ms then
   -- Admitted tickets not yet served never exceed the units left (plus a slack for failures).
