@@ -266,8 +266,10 @@ pub struct OrdersSettings {
     pub flash_sale_attempts_per_minute: u32,
     /// How long an Idempotency-Key's answer is kept for replays.
     pub idempotency_ttl_secs: u64,
-    /// How long a key stays `in progress` when its request never finishes (a process that
-    /// died mid-request, a lost Redis reply): retries get 409 only this long.
+    /// How long a request may still be working on what it reserved. A retry with the same
+    /// key gets 409 `request_in_progress` only this long; then a flash-sale retry takes over
+    /// the reservation its first try left (a lost Redis reply, a process that died
+    /// mid-request), and a regular order's key is free again.
     pub in_flight_ttl_secs: u64,
     pub max_quantity: u32,
     /// "quorum" (replicated, survives a node loss) or "classic".

@@ -201,53 +201,122 @@ async fn the_auditor_reports_units_conjured_into_a_sale_within_two_intervals() {
     assert!(metrics.contains("inventory_audit_runs_total"), "{metrics}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unfinished_request_holds_its_key_for_seconds_not_a_day() {
+/// A flash-sale app whose requests may be in flight for 1 s (and that answers a sold-out
+/// sale from memory for a minute), with a sale of `units`, a buyer, and a reservation an API
+/// pod made for the buyer's key `retry-me` before it died (or lost Redis's reply): the key is
+/// marked in progress, and nothing was published.
+async fn a_request_that_never_finished(units: i32) -> (Arc<TestApp>, Uuid, Uuid, String) {
     let app = Arc::new(
         TestApp::builder()
             .configure(|s| {
                 s.orders.in_flight_ttl_secs = 1;
                 s.amqp.confirm_timeout_ms = 500;
                 s.orders.reservation_timeout_secs = 0;
+                s.orders.admission.sold_out_cache_ms = 60_000;
             })
             .spawn()
             .await,
     );
     let admin = app.register_admin(&unique_email("admin")).await;
-    let product = app.flash_sale_product(&admin.access, 5, "1.00").await;
+    let product = app.flash_sale_product(&admin.access, units, "1.00").await;
     let user = Uuid::now_v7();
     let token = app.mint_token(user);
-    // An API pod reserved for this request and died before publishing it. The body digest
-    // is the one the flash-sale route computes for `{}`.
+    // The body digest is the one the flash-sale route computes for `{}`.
     let body_hash = hex::encode(Sha256::digest(format!("{product}|1|card|None").as_bytes()));
     let key_digest = orders::idempotency_digest(Some("retry-me")).unwrap();
-    app.reserve_unpublished(product, user, Uuid::now_v7(), &body_hash, &key_digest)
+    let first_try = Uuid::now_v7();
+    app.reserve_unpublished(product, user, first_try, &body_hash, &key_digest)
         .await;
     let res = app.buy(&token, product, "retry-me", &json!({})).await;
     assert_problem(res, 409, "request_in_progress").await;
+    (app, product, first_try, token)
+}
 
-    // Seconds later the retry goes through, and the reconciler frees the dead request's unit.
-    let marker = products::idempotency_key(&app.state, product, user, &key_digest)
-        .await
-        .expect("the key");
+/// Buys with the key `retry-me` until the answer is no longer `request_in_progress`.
+async fn retry_until_answered(app: &TestApp, product: Uuid, token: &str) -> reqwest::Response {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let res = app.buy(token, product, "retry-me", &json!({})).await;
+        if res.status() != 409 {
+            return res;
+        }
+        let problem: Value = res.json().await.unwrap();
+        assert_eq!(problem["code"], "request_in_progress", "{problem}");
+        assert!(Instant::now() < deadline, "the key is still in progress");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_takes_over_the_reservation_its_unfinished_first_try_left() {
+    let (app, product, first_try, token) = a_request_that_never_finished(5).await;
+    let _worker = app
+        .spawn_worker_with(|s| s.orders.reservation_timeout_secs = 300)
+        .await;
+
+    // Past the in-flight window the retry carries on with the first try's order and unit
+    // (reserving again would read `purchase_limit`, the buyer's one unit being held).
     let started = Instant::now();
-    common::until("the in-progress marker to expire", || async {
-        let exists: bool = redis::cmd("EXISTS")
-            .arg(&marker)
-            .query_async(&mut app.state.redis.conn())
-            .await
-            .unwrap();
-        !exists
-    })
-    .await;
+    let res = retry_until_answered(&app, product, &token).await;
+    assert_eq!(res.status(), 201);
     assert!(started.elapsed() < Duration::from_secs(3));
+    let order: Value = res.json().await.unwrap();
+    assert_eq!(order["id"], first_try.to_string());
+    assert_eq!(app.remaining(product).await, 4);
+    assert_eq!(app.wait_settled(&token, first_try).await.status, "paid");
+
+    // A replay answers that order; the reconciler finds nothing left to free.
+    let res = app.buy(&token, product, "retry-me", &json!({})).await;
+    assert_eq!(res.status(), 201);
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["id"],
+        first_try.to_string()
+    );
+    assert_eq!(reconcile_once(&app.state).await.unwrap().released, 0);
+    assert_eq!(app.remaining(product).await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_the_first_tries_units_were_freed_reserves_afresh() {
+    let (app, product, first_try, token) = a_request_that_never_finished(5).await;
+    // The reconciler frees the dead request's unit first (no order of it reached PostgreSQL).
     let repairs = reconcile_once(&app.state).await.unwrap();
     assert_eq!(repairs.released, 1, "{repairs:?}");
     assert_eq!(app.remaining(product).await, 5);
-    // The buyer's allowance came back with the unit.
-    let res = app.buy(&token, product, "retry-me", &json!({})).await;
+
+    // The key's marker names a released reservation: the retry reserves again, with the
+    // buyer's allowance back.
+    let res = retry_until_answered(&app, product, &token).await;
     assert_eq!(res.status(), 201);
+    let order: Value = res.json().await.unwrap();
+    assert_ne!(order["id"], first_try.to_string());
     assert_eq!(app.remaining(product).await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_resumes_its_reservation_of_the_last_unit_after_the_sale_sold_out() {
+    let (app, product, first_try, token) = a_request_that_never_finished(1).await;
+    let _worker = app
+        .spawn_worker_with(|s| s.orders.reservation_timeout_secs = 300)
+        .await;
+    // The unfinished request holds the last unit: everyone else hears sold out, and the API
+    // remembers it.
+    let other = app.mint_token(Uuid::now_v7());
+    assert_problem(
+        app.buy(&other, product, "someone-else", &json!({})).await,
+        409,
+        "sold_out",
+    )
+    .await;
+
+    // The retry is not told sold out from memory, nor by the waiting room: it carries on
+    // with the unit its first try holds.
+    let res = retry_until_answered(&app, product, &token).await;
+    assert_eq!(res.status(), 201);
+    let order: Value = res.json().await.unwrap();
+    assert_eq!(order["id"], first_try.to_string());
+    assert_eq!(app.wait_settled(&token, first_try).await.status, "paid");
+    assert_eq!(app.remaining(product).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! A model test of the stock protocol: random interleavings of reserve, commit, persist
-//! (written, then `committed -> persisted`),
-//! decline, the reconciler's fence and release, cancel, a lost bucket or a whole flush,
-//! rebuild and reopen, driven through the real Lua scripts on the real Redis. PostgreSQL's
+//! (written, then `committed -> persisted`), decline, the reconciler's fence and release,
+//! cancel, a retry with the same key, a request giving up on a publish never confirmed, a
+//! lost bucket or a whole flush, rebuild and reopen, driven through the real Lua scripts on the real Redis. PostgreSQL's
 //! part (which orders are written, in which state, the on-hand count the rebuild reads and
 //! the stock fence that voids a commit made before the rebuild) is modelled in memory: the
 //! engine is told those numbers the same way in production. A rebuild may come while
@@ -44,6 +44,14 @@ enum Step {
         buyer: usize,
         units: u32,
     },
+    /// The buyer of an order retries it with the same key once the first try is surely
+    /// over (its reply was lost): it takes over a held reservation (or one a rebuild
+    /// forgot), replays a committed one, and reserves afresh only once the first try's
+    /// units were released.
+    Retry(usize),
+    /// The request that reserved gives up: its publish was never confirmed, but the message
+    /// may have reached the queue (a late confirm), so a worker may commit it before or after.
+    GiveUp(usize),
     /// The worker's first step: reserved -> committed.
     Commit(usize),
     /// The worker's last step for a committed order: written paid.
@@ -67,6 +75,8 @@ fn step() -> impl Strategy<Value = Step> {
     let order = 0..64usize;
     prop_oneof![
         4 => (0..BUYERS, 1..=2u32).prop_map(|(buyer, units)| Step::Reserve { buyer, units }),
+        1 => order.clone().prop_map(Step::Retry),
+        1 => order.clone().prop_map(Step::GiveUp),
         3 => order.clone().prop_map(Step::Commit),
         3 => order.clone().prop_map(Step::Persist),
         1 => order.clone().prop_map(Step::Decline),
@@ -91,13 +101,15 @@ struct Order {
     id: Uuid,
     buyer: Uuid,
     units: u32,
+    /// Its Idempotency-Key's digest.
+    key: String,
     /// The worker committed it and holds it, not yet written.
     committed: bool,
     /// The epoch its commit answered (for the fence check when it is written).
     committed_under: Uuid,
     /// The reconciler fenced it and has not yet released it.
     fenced: bool,
-    /// Units given back to the sale at least once.
+    /// Its units are back on the shelf.
     released: bool,
 }
 
@@ -190,41 +202,112 @@ impl<'a> Model<'a> {
         Ok(())
     }
 
+    /// Reserves as the flash-sale route does; a new reservation becomes an order of the
+    /// model. `in_flight_secs` 0: any earlier try with the key is over.
+    async fn reserve(
+        &mut self,
+        buyer: Uuid,
+        units: u32,
+        key: String,
+        in_flight_secs: u64,
+    ) -> Result<Reservation, TestCaseError> {
+        let id = Uuid::now_v7();
+        let reserved = self
+            .engine
+            .reserve(
+                self.redis,
+                &ReserveRequest {
+                    product: self.product,
+                    user: buyer,
+                    quantity: units,
+                    order_id: id,
+                    body_hash: "h",
+                    key_digest: &key,
+                    in_flight_secs,
+                    key_ttl_secs: 60,
+                    attempts_per_minute: 1_000_000,
+                    verify_window_ms: 0,
+                },
+            )
+            .await
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        if let Reservation::Reserved { .. } = reserved {
+            self.orders.push(Order {
+                id,
+                buyer,
+                units,
+                key,
+                committed: false,
+                committed_under: Uuid::nil(),
+                fenced: false,
+                released: false,
+            });
+        }
+        Ok(reserved)
+    }
+
+    /// Whether Redis holds a marker for the buyer's key.
+    async fn marked(&self, buyer: Uuid, key: &str) -> bool {
+        let marker = self
+            .engine
+            .idempotency_key(self.redis, self.product, buyer, key)
+            .await
+            .expect("the key's name");
+        redis::cmd("EXISTS")
+            .arg(marker)
+            .query_async(&mut self.redis.conn())
+            .await
+            .expect("read the marker")
+    }
+
     async fn run(&mut self, step: &Step) -> Result<(), TestCaseError> {
         let fail = |e: redis::RedisError| TestCaseError::fail(e.to_string());
         match *step {
             Step::Reserve { buyer, units } => {
-                let id = Uuid::now_v7();
-                let key = id.simple().to_string();
-                let reserved = self
-                    .engine
-                    .reserve(
-                        self.redis,
-                        &ReserveRequest {
-                            product: self.product,
-                            user: self.buyers[buyer],
-                            quantity: units,
-                            order_id: id,
-                            body_hash: "h",
-                            key_digest: &key,
-                            in_flight_ttl_secs: 60,
-                            attempts_per_minute: 1_000_000,
-                            verify_window_ms: 0,
-                        },
-                    )
-                    .await
-                    .map_err(fail)?;
-                if let Reservation::Reserved { .. } = reserved {
-                    self.orders.push(Order {
-                        id,
-                        buyer: self.buyers[buyer],
-                        units,
-                        committed: false,
-                        committed_under: Uuid::nil(),
-                        fenced: false,
-                        released: false,
-                    });
+                let key = Uuid::now_v7().simple().to_string();
+                self.reserve(self.buyers[buyer], units, key, 60).await?;
+            }
+            Step::Retry(index) => {
+                let Some(picked) = self.pick(index) else {
+                    return Ok(());
+                };
+                // The key's marker names the newest order made under it.
+                let key = &self.orders[picked].key;
+                let Some(i) = self.orders.iter().rposition(|o| &o.key == key) else {
+                    return Ok(());
+                };
+                let (buyer, units, key) = {
+                    let first = &self.orders[i];
+                    (first.buyer, first.units, first.key.clone())
+                };
+                let first_try = self.orders[i].id;
+                // Once a loss took the key's marker, PostgreSQL answers for the key (the
+                // durable idempotency tests); while Redis keeps it, the script must.
+                let marked = self.marked(buyer, &key).await;
+                match self.reserve(buyer, units, key, 0).await? {
+                    // Held, or its record gone with a rebuild: the key keeps naming one order,
+                    // which takes its units at commit.
+                    Reservation::Resumed { order, .. } => {
+                        check(order == first_try.to_string(), || {
+                            format!("a retry resumed {order}, not {first_try}")
+                        })?;
+                    }
+                    Reservation::Reserved { .. } => {
+                        let first = &self.orders[i];
+                        check(first.released || !marked, || {
+                            format!("a retry reserved again while {first:?} holds its units")
+                        })?;
+                    }
+                    _ => {}
                 }
+            }
+            Step::GiveUp(index) => {
+                let Some(i) = self.pick(index) else {
+                    return Ok(());
+                };
+                // Released, the order fails when its message reaches a worker; kept (a
+                // worker committed it), it goes on.
+                self.release(i, Releaser::Unaccepted).await?;
             }
             Step::Commit(index) => {
                 let Some(i) = self.pick(index) else {
@@ -243,6 +326,9 @@ impl<'a> Model<'a> {
                     CommitOutcome::Committed(under) => {
                         self.orders[i].committed = true;
                         self.orders[i].committed_under = under.epoch;
+                        // A late commit (Redis lost the released record) took its units
+                        // off the shelf again.
+                        self.orders[i].released = false;
                     }
                     CommitOutcome::Released | CommitOutcome::SoldOut | CommitOutcome::OverLimit => {
                         self.write(i, Final::Failed);

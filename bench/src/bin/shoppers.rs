@@ -310,8 +310,12 @@ impl Shopper {
                     tokio::time::sleep(Duration::from_millis(wait)).await;
                 }
                 409 if body["code"] == "sold_out" => return Ok(Outcome::SoldOut),
-                // Busy, or a proxy's timeout: a browser tries again.
+                // Busy, a proxy's timeout, or the same request still in flight (its first
+                // try's answer was lost): a browser tries again.
                 408 | 429 | 502..=504 => tokio::time::sleep(Duration::from_secs(1)).await,
+                409 if body["code"] == "request_in_progress" => {
+                    tokio::time::sleep(Duration::from_secs(1)).await
+                }
                 other => {
                     self.counters.note_unexpected(format!(
                         "{other} {}",

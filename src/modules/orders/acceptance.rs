@@ -27,6 +27,7 @@ use super::settle;
 use crate::app::AppState;
 use crate::infra::amqp::Publisher;
 use crate::infra::redis::Redis;
+use crate::modules::products;
 
 /// Publishes the order and records it; only a confirmed publish accepts it. Otherwise the
 /// units and the key go back, so a retry runs again.
@@ -49,20 +50,24 @@ pub async fn accept(
         accepted_key,
     };
     let (kind, order) = (message.kind, message.order);
-    match state.orders.acceptor.accept(accepting).await {
-        Ok(()) => {}
+    let unrecorded = match state.orders.acceptor.accept(accepting).await {
+        Ok(()) => None,
         Err(Failure::NotPublished(reason)) => {
-            give_back(state, &order, idempotency_key).await?;
-            return Err(OrdersError::Queue(reason));
+            match give_back(state, &order, idempotency_key).await? {
+                GaveBack::Everything => return Err(OrdersError::Queue(reason)),
+                // The broker had it after all (the confirm was late, not missing).
+                GaveBack::WorkerHasIt => Some(reason),
+            }
         }
-        // Published, so accepted: the worker settles it, and the buyer is told so. An error
-        // here would be retried, and a retry without the record is not a replay (it reads
-        // `purchase_limit`, or `sold_out` once the sale is gone). Until the worker persists
-        // the order, reads of it may answer 404 for a moment.
-        Err(Failure::NotRecorded(reason)) => {
-            metrics::count_unrecorded();
-            tracing::warn!(order = %order.id, reason, "accepted, but its record could not be written");
-        }
+        Err(Failure::NotRecorded(reason)) => Some(reason),
+    };
+    // Published, so accepted: the worker settles it, and the buyer is told so. An error here
+    // would be retried, and a retry without the record is not a replay (it reads
+    // `purchase_limit`, or `sold_out` once the sale is gone). Until the worker persists the
+    // order, reads of it may answer 404 for a moment.
+    if let Some(reason) = unrecorded {
+        metrics::count_unrecorded();
+        tracing::warn!(order = %order.id, reason, "accepted, but its record could not be written");
     }
     metrics::count_order(OrderStatus::Pending, kind);
     Ok(Placed {
@@ -71,18 +76,31 @@ pub async fn accept(
     })
 }
 
-/// Undoes a request that will not be accepted: its reserved units, and its key.
+/// What undoing a request that was not accepted found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GaveBack {
+    /// Its units and its key are free again: a retry runs afresh.
+    Everything,
+    /// A worker committed the order (its message reached the queue though its confirm never
+    /// came): the order goes on, its units stay sold, and its key stays for the retries.
+    WorkerHasIt,
+}
+
+/// Undoes a request that will not be accepted: its reserved units, and its key, unless a
+/// worker has its order already.
 pub async fn give_back(
     state: &AppState,
     order: &Order,
     idempotency_key: &str,
-) -> Result<(), OrdersError> {
-    settle::release_stock(state, &[order]).await?;
+) -> Result<GaveBack, OrdersError> {
+    if settle::release_as(state, &[order], products::Releaser::Unaccepted).await? {
+        return Ok(GaveBack::WorkerHasIt);
+    }
     redis::cmd("DEL")
         .arg(idempotency_key)
         .query_async::<()>(&mut state.redis.conn())
         .await?;
-    Ok(())
+    Ok(GaveBack::Everything)
 }
 
 /// An order on its way to acceptance, and what its Idempotency-Key will hold.

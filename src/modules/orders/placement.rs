@@ -63,29 +63,42 @@ impl Placed {
     }
 }
 
-/// The order an accepted request made under `idempotency_key`, while Redis keeps the key.
-async fn accepted_under(
+/// What a request's Idempotency-Key says once its sale sold out.
+enum KeyAfterSellOut {
+    /// An earlier request with the key was accepted: its order.
+    Accepted(Placed),
+    /// No request with the key reserved anything.
+    Unused,
+    /// A request with the key reserved and has not been answered: only the reservation
+    /// script can tell whether it is still in flight, to be resumed, or released.
+    InProgress,
+}
+
+/// Reads the key a request carries, while Redis keeps it.
+async fn key_after_sell_out(
     state: &AppState,
     buyer: Uuid,
     idempotency_key: &str,
     body_hash: &str,
-) -> Result<Option<Placed>, OrdersError> {
+) -> Result<KeyAfterSellOut, OrdersError> {
     let stored: Option<String> = redis::cmd("GET")
         .arg(idempotency_key)
         .query_async(&mut state.redis.conn())
         .await?;
     let Some(stored) = stored else {
-        return Ok(None);
+        return Ok(KeyAfterSellOut::Unused);
     };
     match idempotency::read_stored(&stored)? {
-        idempotency::StoredKey::InProgress => Err(OrdersError::RequestInProgress),
+        idempotency::StoredKey::InProgress => Ok(KeyAfterSellOut::InProgress),
         idempotency::StoredKey::Accepted {
             body_hash: stored_hash,
         } => {
             if stored_hash.is_some_and(|stored_hash| stored_hash != body_hash) {
                 return Err(OrdersError::IdempotencyKeyReused);
             }
-            Placed::replayed(state, buyer, &stored).await.map(Some)
+            Placed::replayed(state, buyer, &stored)
+                .await
+                .map(KeyAfterSellOut::Accepted)
         }
     }
 }
@@ -123,10 +136,11 @@ pub async fn place_flash_sale_order(
     let admission = &state.orders.admission;
     if admission.known_sold_out(product) {
         let key = products::idempotency_key(state, product, caller.user_id, key_digest).await?;
-        return match accepted_under(state, caller.user_id, &key, &body_hash).await? {
-            Some(placed) => Ok(FlashSaleAnswer::Placed(placed)),
-            None => Err(OrdersError::SoldOut),
-        };
+        match key_after_sell_out(state, caller.user_id, &key, &body_hash).await? {
+            KeyAfterSellOut::Accepted(placed) => return Ok(FlashSaleAnswer::Placed(placed)),
+            KeyAfterSellOut::Unused => return Err(OrdersError::SoldOut),
+            KeyAfterSellOut::InProgress => {}
+        }
     }
     let listed = find_product(state, product).await?;
     let sale_price = listed.flash_sale_price.as_ref().unwrap_or(&listed.price);
@@ -147,7 +161,8 @@ pub async fn place_flash_sale_order(
         order_id,
         body_hash: &body_hash,
         key_digest,
-        in_flight_ttl_secs: settings.in_flight_ttl_secs,
+        in_flight_secs: settings.in_flight_ttl_secs,
+        key_ttl_secs: settings.idempotency_ttl_secs,
         attempts_per_minute: settings.flash_sale_attempts_per_minute,
         verify_window_ms: settings.idempotency_ttl_secs.saturating_mul(1000),
     };
@@ -170,8 +185,13 @@ pub async fn place_flash_sale_order(
         request.verify_window_ms = 0;
         reservation = products::reserve(state, &request).await?;
     }
-    let unit_price = match reservation {
-        Reservation::Reserved { unit_price } => unit_price,
+    let (order_id, unit_price) = match reservation {
+        Reservation::Reserved { unit_price } => (order_id, unit_price),
+        Reservation::Resumed { order, unit_price } => (
+            Uuid::try_parse(&order)
+                .map_err(|_| OrdersError::Corrupt(format!("resumed order `{order}`")))?,
+            unit_price,
+        ),
         Reservation::Replay(stored) => {
             return Placed::replayed(state, caller.user_id, &stored)
                 .await

@@ -186,12 +186,21 @@ pub async fn settle_batch<'a>(
     let owners: Vec<store::OrderOwner> = written_before.iter().map(|r| r.order.into()).collect();
     let existing = store::statuses(&state.db, &owners).await?;
     let mut refused = vec![];
+    let mut ended_before = vec![];
     for row in written_before {
         let charged = charged.contains(&row.order.id) || charge_sent(&by_id, row.order.id);
         match existing.get(&row.order.id) {
             Some(status) if *status == row.status => settled.push(row.into()),
-            Some(_) if charged => refunds::refund(state, row.order).await?,
-            Some(_) => {}
+            Some(status) => {
+                if charged {
+                    refunds::refund(state, row.order).await?;
+                }
+                // Ended failed or cancelled before: units this delivery took (a late commit
+                // after a rebuild forgot its released record) go back, once.
+                if matches!(status, OrderStatus::Failed | OrderStatus::Cancelled) {
+                    ended_before.push(row.order);
+                }
+            }
             // Not written, and no row of its own: another order took its key meanwhile (a
             // worker beside this one). It fails; a charge it got is refunded.
             None => {
@@ -202,6 +211,7 @@ pub async fn settle_batch<'a>(
             }
         }
     }
+    release_stock(state, &ended_before).await?;
     let inserted = store::insert_batch(&state.db, &refused).await?.inserted;
     settled_now += inserted.len();
     settled.extend(refused.iter().map(Settled::from));
@@ -412,25 +422,32 @@ pub fn final_row<'a>(
 }
 
 /// Gives every item's reserved units of `orders` back to the sale in Redis (the shelf in
-/// PostgreSQL follows the order's status). Only for orders that end failed or cancelled (or
-/// were never accepted): it releases committed units too. The reservation state machine
-/// makes a repeat a no-op.
+/// PostgreSQL follows the order's status). Only for orders that end failed or cancelled: it
+/// releases committed units too. The reservation state machine makes a repeat a no-op.
 pub async fn release_stock(state: &AppState, orders: &[&Order]) -> Result<(), OrdersError> {
+    release_as(state, orders, products::Releaser::Owner)
+        .await
+        .map(|_| ())
+}
+
+/// Releases every item's reservation of `orders` that `by` may release. Answers whether any
+/// was kept: a worker committed it, so its order is on its way to being paid.
+pub async fn release_as(
+    state: &AppState,
+    orders: &[&Order],
+    by: products::Releaser,
+) -> Result<bool, OrdersError> {
     let releases = orders.iter().flat_map(|order| {
-        order.items.iter().map(|item| {
-            products::release(
-                state,
-                item.product_id,
-                order.user_id,
-                order.id,
-                products::Releaser::Owner,
-            )
-        })
+        order
+            .items
+            .iter()
+            .map(|item| products::release(state, item.product_id, order.user_id, order.id, by))
     });
+    let mut kept = false;
     for released in join_all(releases).await {
-        released?;
+        kept |= released? == products::ReleaseOutcome::Kept;
     }
-    Ok(())
+    Ok(kept)
 }
 
 fn notification(settled: &Settled<'_>) -> Notification {

@@ -31,8 +31,10 @@
 //! - `r` reserved, `c` committed, `f` releasing (fenced), `x` released.
 //! - A commit finds `f` or `x` and answers `released`: the order fails, its units go back.
 //! - The reconciler's release takes only `f`: it never hands back units a worker committed
-//!   (it answers `kept`). Only an order's owner (its failure, its cancel, a publish that
-//!   never happened), which knows the order's final state, releases a committed one.
+//!   (it answers `kept`). Only an order's owner (its failure, its cancel), which knows the
+//!   order's final state in PostgreSQL, releases a committed one. A request that gives up
+//!   before its order was accepted (its publish was never confirmed) releases only `r`: a
+//!   late confirm's message may have reached a worker, and a `c` means the order goes on.
 //! - A release of `x` does nothing (`already`): units go back exactly once.
 //!
 //! The counter `stock` is the units neither reserved nor sold. It exists only while the
@@ -90,6 +92,7 @@ const MOVE_LANDING: Duration = Duration::from_millis(2);
 const RESERVE_FLASH: &str = concat!(
     include_str!("lua/reserve_flash.lua"),
     // A replay first: an accepted request's retries are answered, never counted as attempts.
+    include_str!("lua/resume_check.lua"),
     include_str!("../../infra/lua/idempotency_check.lua"),
     include_str!("lua/attempt_limit.lua"),
     include_str!("lua/take_units.lua"),
@@ -332,6 +335,14 @@ pub enum Reservation {
     Reserved {
         unit_price: String,
     },
+    /// A retry after the in-flight window found its first try's reservation still held
+    /// (the reply was lost, or the process died before publishing): the retry carries on
+    /// with that order.
+    Resumed {
+        /// The order's id, as the key's marker holds it.
+        order: String,
+        unit_price: String,
+    },
     /// The sale was rebuilt after a Redis loss within `verify_window_ms`: Redis may have
     /// forgotten the key, so nothing was reserved. The caller asks PostgreSQL, then tries
     /// again with a window of 0.
@@ -426,7 +437,8 @@ pub enum RoomAnswer {
     Pass,
     /// The buyer's ticket is within the admitted horizon: go on to reserve.
     Admitted,
-    /// The Idempotency-Key already has an answer: the reservation replays it.
+    /// The Idempotency-Key was used: the reservation replays its answer, or resumes,
+    /// answers or frees what its unanswered request reserved.
     Replay,
     SoldOut,
     Waiting {
@@ -487,17 +499,24 @@ pub enum ReleaseOutcome {
     /// Units given back (the shelf in PostgreSQL follows the order's status).
     Released,
     AlreadyReleased,
-    /// The reservation is in a state this release may not take it from (a worker committed
-    /// it): nothing changed.
+    /// A worker committed the reservation, which this release may not take back: nothing
+    /// changed.
     Kept,
+    /// The reconciler fenced the reservation, to release it itself: nothing changed.
+    Fenced,
     Unknown,
 }
 
 /// Who releases a reservation, and so from which states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Releaser {
-    /// The order's own end (failed, cancelled, never published): from any live state.
+    /// The order's own end, known final in PostgreSQL (failed, cancelled): from any live
+    /// state.
     Owner,
+    /// The request that reserved, giving up before its order was accepted: only from `r`.
+    /// A publish whose confirm never came may still have reached a worker, which committed
+    /// it: then the order goes on, and the units stay sold.
+    Unaccepted,
     /// The reconciler, after its fence: only from `f` (releasing).
     Reconciler,
 }
@@ -506,6 +525,7 @@ impl Releaser {
     fn allowed_states(self) -> &'static str {
         match self {
             Releaser::Owner => "rcfp",
+            Releaser::Unaccepted => "r",
             Releaser::Reconciler => "f",
         }
     }
@@ -555,6 +575,10 @@ fn reservation_from(reply: &[String], now: DateTime<Utc>) -> Reservation {
         [ok, price] if ok == "ok" => Reservation::Reserved {
             unit_price: price.clone(),
         },
+        [s, order, price] if s == "resume" => Reservation::Resumed {
+            order: order.clone(),
+            unit_price: price.clone(),
+        },
         [s] if s == "verify" => Reservation::Unverified,
         [s] if s == "not_active" => Reservation::NotActive,
         [s] if s == "limit" => Reservation::PurchaseLimit,
@@ -573,8 +597,11 @@ pub struct ReserveRequest<'a> {
     pub order_id: Uuid,
     pub body_hash: &'a str,
     pub key_digest: &'a str,
-    /// How long the key stays `in progress` if the request never finishes.
-    pub in_flight_ttl_secs: u64,
+    /// How long the request that reserved may still be working on it; a retry with the same
+    /// key gets `InProgress` until then, and resumes the reservation after.
+    pub in_flight_secs: u64,
+    /// How long the key's marker is kept (as long as an accepted key's answer).
+    pub key_ttl_secs: u64,
     pub attempts_per_minute: u32,
     /// A sale rebuilt less than this long ago answers `Unverified` to a key it does not
     /// know (the Idempotency-Key's lifetime; 0 once PostgreSQL was asked).
@@ -659,11 +686,13 @@ impl StockScripts {
                         .arg(now.timestamp_millis())
                         .arg(SaleKind::Flash.as_str())
                         .arg(req.body_hash)
-                        .arg(req.in_flight_ttl_secs)
+                        .arg(req.key_ttl_secs)
                         .arg(req.attempts_per_minute)
                         .arg(layout.buckets);
                     add_move_args(&mut invocation, borrowed);
-                    invocation.arg(req.verify_window_ms);
+                    invocation
+                        .arg(req.verify_window_ms)
+                        .arg(req.in_flight_secs.saturating_mul(1000));
                     invocation
                 },
             )
@@ -1058,6 +1087,7 @@ impl StockScripts {
         Ok(match outcome.as_str() {
             "r" | "c" | "f" | "p" => ReleaseOutcome::Released,
             "already" => ReleaseOutcome::AlreadyReleased,
+            "kept:f" => ReleaseOutcome::Fenced,
             kept if kept.starts_with("kept:") => ReleaseOutcome::Kept,
             _ => ReleaseOutcome::Unknown,
         })
@@ -1391,7 +1421,7 @@ impl StockScripts {
         let layout = self.layout(redis, req.product).await?;
         let room = SaleKeys::new(redis, req.product, 0);
         let mut invocation = self.room.key(&room.room);
-        let (stock, answered) = if layout.buckets == 1 {
+        let (stock, key_used) = if layout.buckets == 1 {
             // One slot: the script reads the counter and the key itself (one round trip).
             invocation.key(&room.stock).key(match buyer {
                 Some((buyer, digest)) => room.idempotency(buyer, digest),
@@ -1410,7 +1440,7 @@ impl StockScripts {
             .arg(req.slack)
             .arg(ROOM_TTL_SECS)
             .arg(stock)
-            .arg(if answered { "1" } else { "0" })
+            .arg(if key_used { "1" } else { "0" })
             .arg(req.hold_ms)
             .invoke_async(&mut redis.conn())
             .await
@@ -1418,7 +1448,7 @@ impl StockScripts {
 
     /// What the room of a sale in several buckets needs from slots other than its own: the
     /// units left over every bucket ('' when not loaded), and whether the buyer's
-    /// Idempotency-Key already has an answer.
+    /// Idempotency-Key was used (answered, or left by a request that reserved).
     async fn room_view(
         &self,
         redis: &Redis,
@@ -1438,16 +1468,13 @@ impl StockScripts {
         } else {
             None
         };
-        let answered = idempotency.is_some_and(|stored| {
-            serde_json::from_str::<serde_json::Value>(&stored)
-                .map_or(true, |v| v["state"] != "in_progress")
-        });
+        let key_used = idempotency.is_some();
         let counters: Vec<Option<i64>> = read
             .iter()
             .map(|units| units.as_deref().and_then(|u| u.parse().ok()))
             .collect();
         let stock = units_left(&counters).map_or_else(String::new, |units| units.to_string());
-        Ok((stock, answered))
+        Ok((stock, key_used))
     }
 
     /// A buyer's ticket in the sale's room and how far the horizon is from it: (ticket,

@@ -5,7 +5,8 @@
 -- when the sale has one bucket (KEYS[2], KEYS[3] share the room's slot); with several, whose
 -- buckets may live on other nodes, from the caller's read just before (ARGV[8], ARGV[9]).
 -- Answers {'pass'} (no one waits and there is room), {'admitted'}, {'waiting', ticket,
--- position}, {'sold_out'}, or {'replay'} (let the reservation script replay the answer).
+-- position}, {'sold_out'}, or {'replay'} (the key was used: the reservation script replays
+-- its answer, or resumes, answers or frees the reservation its unanswered request left).
 -- With no buyer (ARGV[1] = ''; KEYS[3] unused), an API process watching the room for its
 -- pushed streams moves the horizon like a buyer would and reads it: {'tick', admitted,
 -- units left}, or {'pass'} when the sale is not loaded.
@@ -15,15 +16,14 @@
 local room_key, stock_key, idem_key = KEYS[1], KEYS[2], KEYS[3]
 local buyer, key_digest, now_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local capacity, tick_ms, slack, ttl_secs = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
-local stock, answered, hold_ms = ARGV[8], ARGV[9] == '1', tonumber(ARGV[10])
+local stock, key_used, hold_ms = ARGV[8], ARGV[9] == '1', tonumber(ARGV[10])
 if stock_key then
   if buyer ~= '' then
-    local idem = redis.call('GET', idem_key)
-    answered = idem ~= false and cjson.decode(idem).state ~= 'in_progress'
+    key_used = redis.call('EXISTS', idem_key) == 1
   end
   stock = redis.call('GET', stock_key) or ''
 end
-if answered then return {'replay'} end
+if key_used then return {'replay'} end
 -- Not loaded: the reservation script answers that.
 if stock == '' then return {'pass'} end
 stock = tonumber(stock)
