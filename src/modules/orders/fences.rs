@@ -36,11 +36,12 @@ pub async fn rebuild_stock(state: &AppState, product: Uuid) -> Result<i64, Order
     fence(&state.db, &plan).await?;
     let every_shard = (0..state.db.shard_count()).collect();
     settle::apply_stock_moves(state, &every_shard).await?;
-    // Regular stock has no per-buyer limit to restore.
-    let holdings = match plan.kind {
-        SaleKind::Flash => store::live_holdings(&state.db, product).await?,
-        SaleKind::Regular => vec![],
+    // Regular stock has no per-buyer limit to restore, only the records cancels need.
+    let holders = match plan.kind {
+        SaleKind::Flash => store::Holders::Live,
+        SaleKind::Regular => store::Holders::Cancellable,
     };
+    let holdings = store::holdings(&state.db, product, holders).await?;
     Ok(products::rebuild_stock(state, &plan, &holdings).await?)
 }
 

@@ -18,6 +18,8 @@
 //!   written (its worker died before persisting) is marked persisted.
 //! - A refund owed past its due time (its retry message lost or dead-lettered) is tried
 //!   again.
+//! - Regular stock's records of orders that ended for good are dropped (they would grow
+//!   with every order of a product that stays in Redis).
 //!
 //! One reconciler acts per interval, whatever the number of replicas (a Redis lease).
 
@@ -51,6 +53,8 @@ pub struct Repairs {
     pub waiting: usize,
     /// Refunds owed past their due time (their retry messages lost or dead-lettered), done.
     pub refunds: usize,
+    /// Records of regular orders that ended for good (failed, cancelled, shipped), dropped.
+    pub forgotten: usize,
 }
 
 /// How long a lost sale waits before its rebuild: a batch that committed in Redis just
@@ -128,20 +132,44 @@ pub async fn reconcile_once(state: &AppState) -> Result<Repairs, OrdersError> {
     let lost = products::stale_committed(state, None, lost_before).await?;
     repairs.redriven += redrive(state, lost).await?;
     repairs.refunds += refunds::retry_due(state).await?;
+    repairs.forgotten += forget_ended_regular_orders(state).await?;
     Ok(repairs)
 }
 
-/// The statuses in PostgreSQL of the orders behind `reservations` (absent: not written).
-async fn written(
-    state: &AppState,
-    reservations: &[products::StaleReservation],
-) -> Result<std::collections::BTreeMap<uuid::Uuid, OrderStatus>, OrdersError> {
-    let owners: Vec<store::OrderOwner> = reservations
-        .iter()
-        .map(|s| store::OrderOwner {
-            order: s.order,
-            user: s.buyer,
+/// Drops the Redis records of regular orders that PostgreSQL holds ended for good: a
+/// regular product's stock lives on in Redis, and its records would otherwise grow with
+/// every order. Released records go once their order is written failed or cancelled (not
+/// before: the worker still has to find them released), persisted ones once their order
+/// shipped (a paid order, or a cancelled one whose cancel has not yet released it, gives
+/// its units back through its record). A message of a dropped order that comes again finds
+/// no record and commits late; its row is already final, so the worker gives those units
+/// back (`settle`).
+async fn forget_ended_regular_orders(state: &AppState) -> Result<usize, OrdersError> {
+    let settled = products::settled_regular_records(state).await?;
+    if settled.is_empty() {
+        return Ok(0);
+    }
+    let statuses = statuses_of(state, settled.iter().map(|r| (r.order, r.buyer))).await?;
+    let ended: Vec<products::SettledRecord> = settled
+        .into_iter()
+        .filter(|r| {
+            statuses.get(&r.order).is_some_and(|status| match status {
+                OrderStatus::Failed | OrderStatus::Cancelled => r.released(),
+                OrderStatus::Shipped | OrderStatus::Completed => !r.released(),
+                OrderStatus::Pending | OrderStatus::Paid => false,
+            })
         })
+        .collect();
+    Ok(products::forget_settled(state, &ended).await?)
+}
+
+/// The statuses in PostgreSQL of `orders` (order, buyer; absent: not written).
+async fn statuses_of(
+    state: &AppState,
+    orders: impl Iterator<Item = (uuid::Uuid, uuid::Uuid)>,
+) -> Result<std::collections::BTreeMap<uuid::Uuid, OrderStatus>, OrdersError> {
+    let owners: Vec<store::OrderOwner> = orders
+        .map(|(order, user)| store::OrderOwner { order, user })
         .collect();
     store::statuses(&state.db, &owners).await
 }
@@ -174,7 +202,7 @@ async fn redrive(
     if lost.is_empty() {
         return Ok(0);
     }
-    let written = written(state, &lost).await?;
+    let written = statuses_of(state, lost.iter().map(|s| (s.order, s.buyer))).await?;
     let (done, lost): (Vec<_>, Vec<_>) = lost
         .into_iter()
         .partition(|stale| written.contains_key(&stale.order));
@@ -225,7 +253,7 @@ async fn release_unpersisted(
     stale: Vec<products::StaleReservation>,
 ) -> Result<usize, OrdersError> {
     let fenced = products::fence(state, stale).await?;
-    let persisted = written(state, &fenced).await?;
+    let persisted = statuses_of(state, fenced.iter().map(|s| (s.order, s.buyer))).await?;
     let mut released = 0;
     for stale in fenced {
         let (order, product) = (stale.order, stale.product);
@@ -349,4 +377,6 @@ fn record_repairs(repairs: &Repairs) {
         .increment(repairs.redriven as u64);
     metrics::counter!("reconciler_repairs_total", "kind" => "refunds")
         .increment(repairs.refunds as u64);
+    metrics::counter!("reconciler_repairs_total", "kind" => "forgotten")
+        .increment(repairs.forgotten as u64);
 }

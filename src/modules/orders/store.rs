@@ -478,19 +478,43 @@ async fn assemble(
         .collect()
 }
 
-/// The units of `product` in every live (not cancelled or failed) order, in every shard:
-/// what a rebuild after a Redis loss gives back to each buyer's allowance.
-pub async fn live_holdings(db: &Databases, product: Uuid) -> Result<Vec<Holding>, OrdersError> {
+/// Which orders a rebuild after a Redis loss gives their records back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holders {
+    /// Every live (not cancelled or failed) order: a flash sale's buyers' allowances.
+    Live,
+    /// Paid orders only: the ones a cancel may still give units back through. Regular stock
+    /// has no allowances, and shipped orders stay sold.
+    Cancellable,
+}
+
+/// The units of `product` in each of its `holders`' orders, in every shard.
+pub async fn holdings(
+    db: &Databases,
+    product: Uuid,
+    holders: Holders,
+) -> Result<Vec<Holding>, OrdersError> {
     let mut all = vec![];
     for shard in db.shards() {
         let mut conn = shard.write_conn().await?;
-        let rows: Vec<(Uuid, Uuid, i32)> = orders::table
+        let of_product = orders::table
             .inner_join(order_items::table)
             .filter(order_items::product_id.eq(product))
-            .filter(orders::status.ne_all(["cancelled", "failed"]))
-            .select((orders::id, orders::user_id, order_items::quantity))
-            .load(&mut conn)
-            .await?;
+            .select((orders::id, orders::user_id, order_items::quantity));
+        let rows: Vec<(Uuid, Uuid, i32)> = match holders {
+            Holders::Live => {
+                of_product
+                    .filter(orders::status.ne_all(["cancelled", "failed"]))
+                    .load(&mut conn)
+                    .await?
+            }
+            Holders::Cancellable => {
+                of_product
+                    .filter(orders::status.eq("paid"))
+                    .load(&mut conn)
+                    .await?
+            }
+        };
         all.extend(rows.into_iter().map(|(order, buyer, units)| Holding {
             order,
             buyer,

@@ -20,7 +20,7 @@ use uuid::Uuid;
 pub use crate::modules::stock::{
     new_epoch, CommitEpoch, CommitOutcome, Holding, ReleaseOutcome, Releaser, Reservation,
     ReserveRequest, ReservedUnits, RoomAnswer, RoomReply, RoomRequest, RoomView, SaleKind,
-    SaleState, SaleTerms, StaleReservation,
+    SaleState, SaleTerms, SettledRecord, StaleReservation,
 };
 pub use auditor::{audit_once, run as run_auditor, SaleFindings};
 pub use error::ProductsError;
@@ -649,6 +649,30 @@ pub async fn stale_regular_reservations(
         .products
         .stock
         .stale_regular_reservations(&state.redis, cutoff)
+        .await?)
+}
+
+/// Released and persisted records of regular products' orders, a page per product holding
+/// more than a few: only PostgreSQL can say whether each is still needed.
+pub async fn settled_regular_records(
+    state: &AppState,
+) -> Result<Vec<SettledRecord>, ProductsError> {
+    Ok(state
+        .products
+        .stock
+        .settled_regular_records(&state.redis)
+        .await?)
+}
+
+/// Drops records whose orders are final and can give no units back; answers how many went.
+pub async fn forget_settled(
+    state: &AppState,
+    records: &[SettledRecord],
+) -> Result<usize, ProductsError> {
+    Ok(state
+        .products
+        .stock
+        .forget_settled(&state.redis, records)
         .await?)
 }
 

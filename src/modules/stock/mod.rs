@@ -137,6 +137,7 @@ pub struct StockScripts {
     adjust: Script,
     rebuild: Script,
     rebuild_holdings: Script,
+    forget: Script,
     reopen: Script,
     audit: Script,
     room: Script,
@@ -163,6 +164,7 @@ impl StockScripts {
             adjust: Script::new(include_str!("lua/adjust.lua")),
             rebuild: Script::new(include_str!("lua/rebuild.lua")),
             rebuild_holdings: Script::new(include_str!("lua/rebuild_holdings.lua")),
+            forget: Script::new(include_str!("lua/forget.lua")),
             reopen: Script::new(include_str!("lua/reopen.lua")),
             audit: Script::new(include_str!("lua/audit.lua")),
             room: Script::new(include_str!("lua/room.lua")),
@@ -380,6 +382,32 @@ pub struct StaleReservation {
 
 /// Products whose regular stock one reconciler round trip looks at.
 const REGULAR_PAGE: usize = 500;
+
+/// Records a regular product keeps before the reconciler looks for ones to drop: a small
+/// hash costs little, and looking costs a read of PostgreSQL.
+const SETTLED_CHECK_ABOVE: i64 = 256;
+
+/// Records of one regular product the reconciler reads per pass (it goes on from there on
+/// the next).
+const SETTLED_CHECK_PAGE: usize = 1000;
+
+/// A regular order's record that only PostgreSQL can say is still needed: released, or
+/// persisted (its order may be cancelled, and then its units come back through it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettledRecord {
+    pub product: Uuid,
+    pub order: Uuid,
+    pub buyer: Uuid,
+    /// The record as read: it is dropped only while unchanged.
+    record: String,
+}
+
+impl SettledRecord {
+    /// Released (its units went back), rather than persisted (sold).
+    pub fn released(&self) -> bool {
+        self.record.starts_with('x')
+    }
+}
 
 /// A live order's units of a product, as PostgreSQL has them: what a rebuild gives back to
 /// its buyer's allowance, with the order's record (persisted) so a later cancel releases them.
@@ -1570,6 +1598,82 @@ impl StockScripts {
         Ok(stale)
     }
 
+    /// A page of the released and persisted records of each regular product holding more
+    /// than a few; each product's scan goes on from where the last call left it, to the end
+    /// of the hash once begun.
+    pub async fn settled_regular_records(
+        &self,
+        redis: &Redis,
+    ) -> redis::RedisResult<Vec<SettledRecord>> {
+        let cursors_key = redis.key("stock:regular:scanned");
+        let mut found = vec![];
+        for page in self.regular_products(redis).await?.chunks(REGULAR_PAGE) {
+            let keys: Vec<SaleKeys> = page.iter().map(|p| SaleKeys::new(redis, *p, 0)).collect();
+            let mut pipe = redis::pipe();
+            for (product, bucket) in page.iter().zip(&keys) {
+                pipe.hlen(&bucket.reservations)
+                    .hget(&cursors_key, product.simple().to_string());
+            }
+            let read: Vec<(i64, Option<u64>)> = pipe.query_async(&mut redis.conn()).await?;
+            for ((&product, bucket), (size, cursor)) in page.iter().zip(&keys).zip(read) {
+                let cursor = cursor.unwrap_or(0);
+                if size <= SETTLED_CHECK_ABOVE && cursor == 0 {
+                    continue;
+                }
+                let field = product.simple().to_string();
+                let (next, records): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+                    .arg(&bucket.reservations)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(SETTLED_CHECK_PAGE)
+                    .query_async(&mut redis.conn())
+                    .await?;
+                redis::pipe()
+                    .hset(&cursors_key, &field, next)
+                    .ignore()
+                    .expire(&cursors_key, REGULAR_TTL_SECS)
+                    .ignore()
+                    .query_async::<()>(&mut redis.conn())
+                    .await?;
+                found.extend(records.into_iter().filter_map(|(order, record)| {
+                    let mut parts = record.split(':');
+                    let (state, buyer) = (parts.next()?, parts.next()?);
+                    (state == "x" || state == "p").then_some(SettledRecord {
+                        product,
+                        order: Uuid::try_parse(&order).ok()?,
+                        buyer: Uuid::try_parse(buyer).ok()?,
+                        record,
+                    })
+                }));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Drops `records` (their orders are final in PostgreSQL and can give no units back),
+    /// each only if unchanged since it was read; answers how many went.
+    pub async fn forget_settled(
+        &self,
+        redis: &Redis,
+        records: &[SettledRecord],
+    ) -> redis::RedisResult<usize> {
+        let mut by_product: std::collections::BTreeMap<Uuid, Vec<&SettledRecord>> =
+            Default::default();
+        for record in records {
+            by_product.entry(record.product).or_default().push(record);
+        }
+        let mut dropped = 0;
+        for (product, records) in by_product {
+            let keys = SaleKeys::new(redis, product, 0);
+            let mut invocation = self.forget.key(&keys.reservations);
+            for record in records {
+                invocation.arg(record.order.to_string()).arg(&record.record);
+            }
+            dropped += invocation.invoke_async::<usize>(&mut redis.conn()).await?;
+        }
+        Ok(dropped)
+    }
+
     /// Notes that the sale was found lost (once); answers when it was first found, in ms.
     pub async fn mark_lost(&self, redis: &Redis, product: Uuid) -> redis::RedisResult<i64> {
         let keys = SaleKeys::new(redis, product, 0);
@@ -1713,11 +1817,11 @@ impl StockScripts {
     }
 
     /// Replaces the counters from PostgreSQL's truth after a Redis loss (the stock dealt out
-    /// over the buckets, each live order's units back with its buyer, in their home bucket),
-    /// under `epoch`, which the
-    /// caller fenced PostgreSQL with before it read the numbers. A flash sale stays closed
-    /// until `reopen`; regular stock opens at once (it has no buyers' allowance to forget).
-    /// Buckets already at `epoch` or a later one are left alone.
+    /// over the buckets, each live order's record back in its buyer's home bucket, with the
+    /// buyer's allowance where the sale has a limit), under `epoch`, which the caller fenced
+    /// PostgreSQL with before it read the numbers. A flash sale stays closed until `reopen`;
+    /// regular stock opens at once (it has no buyers' allowance to forget). Buckets already
+    /// at `epoch` or a later one are left alone.
     pub async fn rebuild(
         &self,
         redis: &Redis,
@@ -1758,7 +1862,12 @@ impl StockScripts {
                 invocation
                     .key(&keys.epoch)
                     .key(&keys.reservations)
-                    .arg(&epoch);
+                    .arg(&epoch)
+                    .arg(if terms.kind == SaleKind::Flash {
+                        "1"
+                    } else {
+                        "0"
+                    });
                 for held in chunk {
                     invocation
                         .arg(held.order.to_string())

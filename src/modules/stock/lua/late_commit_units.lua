@@ -11,11 +11,14 @@ if rec then
 end
 if tonumber(stock) < units then return {'sold_out'} end
 -- No terms yet (a rebuild writes them first; a bucket lost since): not loaded, never a limit of 0.
-local limit = redis.call('HGET', sale_key, 'limit')
+local terms = redis.call('HMGET', sale_key, 'limit', 'kind')
+local limit, limited = terms[1], terms[2] ~= 'regular'
 if not limit then return {'not_loaded'} end
-if tonumber(redis.call('HGET', buyers_key, user) or '0') + units > tonumber(limit) then return {'limit'} end
+if limited and tonumber(redis.call('HGET', buyers_key, user) or '0') + units > tonumber(limit) then
+  return {'limit'}
+end
 redis.call('DECRBY', stock_key, units)
-redis.call('HINCRBY', buyers_key, user, units)
+if limited then redis.call('HINCRBY', buyers_key, user, units) end
 redis.call('HSET', reservations_key, order, 'c:' .. user .. ':' .. units)
 redis.call('HINCRBY', sale_key, 'committed', units)
 local now = redis.call('TIME')

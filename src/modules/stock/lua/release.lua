@@ -14,7 +14,14 @@ local state, user, units = string.match(rec, '^(%a):([^:]+):(%d+)$')
 if state == 'x' then return 'already' end
 if not string.find(allowed, state, 1, true) then return 'kept:' .. state end
 redis.call('INCRBY', stock_key, units)
-redis.call('HINCRBY', buyers_key, user, -tonumber(units))
+-- The buyer's allowance, never below 0 (regular stock keeps none; a product once sold
+-- regularly and now on flash sale has orders its allowances never counted).
+local allowance = tonumber(redis.call('HGET', buyers_key, user) or '0')
+if allowance > tonumber(units) then
+  redis.call('HINCRBY', buyers_key, user, -tonumber(units))
+elseif allowance > 0 then
+  redis.call('HDEL', buyers_key, user)
+end
 redis.call('HSET', reservations_key, order, 'x:' .. user .. ':' .. units)
 redis.call('ZREM', pending_key, order)
 if state == 'c' or state == 'p' then

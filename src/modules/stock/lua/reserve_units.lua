@@ -15,11 +15,14 @@ if verify_window_ms > 0 and sale[8] and now_ms - tonumber(sale[8]) < verify_wind
 end
 if not sale[1] or sale[5] ~= sale_kind then return {'not_active'} end
 if now_ms < tonumber(sale[1]) or now_ms >= tonumber(sale[2]) then return {'not_active'} end
-local bought = tonumber(redis.call('HGET', buyers_key, user) or '0')
-if bought + units > tonumber(sale[3]) then return {'limit'} end
+-- Regular stock has no per-buyer limit, so it keeps no allowances (they would only grow).
+local limited = sale_kind ~= 'regular'
+if limited and tonumber(redis.call('HGET', buyers_key, user) or '0') + units > tonumber(sale[3]) then
+  return {'limit'}
+end
 if tonumber(stock) < units then return {'sold_out'} end
 redis.call('DECRBY', stock_key, units)
-redis.call('HINCRBY', buyers_key, user, units)
+if limited then redis.call('HINCRBY', buyers_key, user, units) end
 redis.call('HSET', reservations_key, order, 'r:' .. user .. ':' .. units)
 redis.call('ZADD', pending_key, now_ms, order)
 -- The pending set empties (and goes) whenever every order in flight settled; the records and
