@@ -73,20 +73,42 @@ pub async fn create_flash_sale(
     stock: i64,
     keys: &flashsale::modules::auth::TokenKeys,
 ) -> uuid::Uuid {
-    use flashsale::modules::users::Role;
-    let admin = keys
-        .issue(uuid::Uuid::now_v7(), Role::Admin, uuid::Uuid::new_v4())
-        .expect("admin token");
     let now = chrono::Utc::now();
     let body = serde_json::json!({
         "name": "Load-test gadget", "price": "99.00", "inventory": stock, "is_flash_sale": true,
         "flash_sale_price": "9.99", "flash_sale_start": now - chrono::Duration::seconds(5),
         "flash_sale_end": now + chrono::Duration::hours(2),
     });
+    create_product(client, base_url, keys, &body).await
+}
+
+/// Creates a product sold only through regular orders, with `stock` units.
+pub async fn create_regular_product(
+    client: &reqwest::Client,
+    base_url: &str,
+    stock: i64,
+    keys: &flashsale::modules::auth::TokenKeys,
+) -> uuid::Uuid {
+    let body = serde_json::json!({
+        "name": "Load-test staple", "price": "9.99", "inventory": stock,
+    });
+    create_product(client, base_url, keys, &body).await
+}
+
+async fn create_product(
+    client: &reqwest::Client,
+    base_url: &str,
+    keys: &flashsale::modules::auth::TokenKeys,
+    body: &serde_json::Value,
+) -> uuid::Uuid {
+    use flashsale::modules::users::Role;
+    let admin = keys
+        .issue(uuid::Uuid::now_v7(), Role::Admin, uuid::Uuid::new_v4())
+        .expect("admin token");
     let res = client
         .post(format!("{base_url}/products"))
         .bearer_auth(admin)
-        .json(&body)
+        .json(body)
         .send()
         .await
         .expect("create product");

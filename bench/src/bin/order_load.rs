@@ -18,6 +18,9 @@
 //! once the sale has drained, orders paid by then and the accept-to-paid percentiles of the
 //! orders paid that second.
 //!
+//! With `--regular` the orders are regular ones (`POST /orders`, one unit of a regular
+//! product) instead of the flash-sale route's.
+//!
 //!     order_load --config-dir config --env development --stock 200000 --duration-secs 30 \
 //!                --connections 256 [--rate 6000] [--path /orders/flash-sale/{product}] \
 //!                [--stats run.csv]
@@ -73,6 +76,9 @@ struct Args {
     /// Route under test; `{product}` is replaced (the naive baseline uses /naive/{product}).
     #[arg(long, default_value = "/orders/flash-sale/{product}")]
     path: String,
+    /// Regular orders (`POST /orders`, one unit of a regular product) instead of the route.
+    #[arg(long, conflicts_with = "path")]
+    regular: bool,
     /// Seconds to wait for the worker to settle every accepted order.
     #[arg(long, default_value_t = 180)]
     drain_timeout_secs: u64,
@@ -247,6 +253,8 @@ struct Senders {
     /// client does not sign its own tokens; signing in the loop took the server's cores).
     fresh_tokens: Vec<String>,
     reuse_keys: bool,
+    /// Every order's body.
+    order: Bytes,
     next: AtomicUsize,
     /// Order ids answered 201 (a replay answers an id already here).
     accepted: std::sync::Mutex<std::collections::HashSet<Uuid>>,
@@ -256,7 +264,7 @@ struct Senders {
 }
 
 impl Senders {
-    fn new(keys: Arc<TokenKeys>, args: &Args) -> Self {
+    fn new(keys: Arc<TokenKeys>, args: &Args, order: Bytes) -> Self {
         let buyers = (0..args.buyers.unwrap_or(0))
             .map(|_| {
                 let token = keys
@@ -280,6 +288,7 @@ impl Senders {
             buyers,
             fresh_tokens,
             reuse_keys: args.reuse_keys,
+            order,
             next: Default::default(),
             accepted: Default::default(),
             cancel_every: args.cancel_every.filter(|n| *n > 0),
@@ -341,22 +350,29 @@ async fn main() {
         .expect("http client");
     let product = match args.product {
         Some(product) => product,
+        None if args.regular => {
+            flashsale_bench::create_regular_product(&client, &args.base_url, args.stock, &keys)
+                .await
+        }
         None => {
             flashsale_bench::create_flash_sale(&client, &args.base_url, args.stock, &keys).await
         }
     };
-    let url = format!(
-        "{}{}",
-        args.base_url,
-        args.path.replace("{product}", &product.to_string())
-    );
+    let (path, order) = if args.regular {
+        let order = serde_json::json!({"items": [{"product_id": product, "quantity": 1}]});
+        ("/orders".to_owned(), Bytes::from(order.to_string()))
+    } else {
+        let path = args.path.replace("{product}", &product.to_string());
+        (path, Bytes::from_static(FLASH_SALE_ORDER.as_bytes()))
+    };
+    let url = format!("{}{path}", args.base_url);
     println!(
         "product {product}: {} units; {}",
         args.stock,
         describe(&args)
     );
 
-    let senders = Arc::new(Senders::new(keys.clone(), &args));
+    let senders = Arc::new(Senders::new(keys.clone(), &args, order));
     let started = Instant::now();
     let started_at = chrono::Utc::now();
     let live = Arc::new(Live::new());
@@ -393,10 +409,7 @@ async fn main() {
     let drain_started = Instant::now();
     let deadline = drain_started + Duration::from_secs(args.drain_timeout_secs);
     let mut counts = at_end;
-    while counts.settled() < accepted
-        && Instant::now() < deadline
-        && args.path.contains("flash-sale")
-    {
+    while counts.settled() < accepted && Instant::now() < deadline && settles(&args) {
         tokio::time::sleep(Duration::from_millis(250)).await;
         counts = settled(&db, product).await;
     }
@@ -409,7 +422,7 @@ async fn main() {
         counts.failed,
         counts.pending,
     );
-    if args.path.contains("flash-sale") {
+    if settles(&args) {
         accept_to_paid(&db, product).await;
     }
     if let Some(path) = &args.stats {
@@ -465,7 +478,7 @@ async fn send(
         .bearer_auth(token)
         .header("idempotency-key", key)
         .header(CONTENT_TYPE, "application/json")
-        .body(ORDER_BODY)
+        .body(senders.order.clone())
         .send()
         .await
         .ok()?;
@@ -476,8 +489,13 @@ async fn send(
     Some(Answer::read(status, retry_after.as_ref(), &body, senders))
 }
 
-/// Every order of the load: one unit, the default payment method.
-const ORDER_BODY: &str = r#"{"quantity":1}"#;
+/// Every flash-sale order of the load: one unit, the default payment method.
+const FLASH_SALE_ORDER: &str = r#"{"quantity":1}"#;
+
+/// Whether the orders under test go to the worker (the naive baseline's do not).
+fn settles(args: &Args) -> bool {
+    args.regular || args.path.contains("flash-sale")
+}
 
 /// The fields of an answer the load reads (an order's id, a ticket's wait, a problem's code).
 #[derive(serde::Deserialize, Default)]
@@ -534,7 +552,11 @@ impl Connection {
     /// The answer, or `None` on a transport error (the connection is then opened again).
     async fn order(&mut self, senders: &Senders) -> Option<u16> {
         let (token, key) = senders.next()?;
-        let sent = tokio::time::timeout(REQUEST_TIMEOUT, self.send(&token, &key)).await;
+        let sent = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.send(&token, &key, senders.order.clone()),
+        )
+        .await;
         match sent {
             Ok(Some((status, retry_after, body))) => {
                 let answer = Answer::read(status, retry_after.as_ref(), &body, senders);
@@ -550,13 +572,18 @@ impl Connection {
         }
     }
 
-    async fn send(&mut self, token: &str, key: &str) -> Option<(u16, Option<HeaderValue>, Bytes)> {
+    async fn send(
+        &mut self,
+        token: &str,
+        key: &str,
+        order: Bytes,
+    ) -> Option<(u16, Option<HeaderValue>, Bytes)> {
         let request = Request::post(self.uri.clone())
             .header(HOST, self.uri.authority()?.as_str())
             .header(AUTHORIZATION, format!("Bearer {token}"))
             .header("idempotency-key", key)
             .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from_static(ORDER_BODY.as_bytes())))
+            .body(Full::new(order))
             .ok()?;
         self.exchange(request).await
     }
