@@ -218,17 +218,7 @@ async fn a_node_losing_one_bucket_closes_the_sale_until_it_is_rebuilt() {
     .await;
 
     // One bucket's keys go, as when the node holding its slot restarts empty.
-    let lost = &app.sale_buckets(product)[5];
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{lost}:*"))
-        .query_async(&mut app.state.redis.conn())
-        .await
-        .expect("keys");
-    redis::cmd("DEL")
-        .arg(keys)
-        .query_async::<()>(&mut app.state.redis.conn())
-        .await
-        .expect("lose a bucket");
+    lose_bucket(&app, product, 5).await;
     assert_eq!(
         products::sale_state(&app.state, product).await.unwrap(),
         products::SaleState::Missing
@@ -250,6 +240,82 @@ async fn a_node_losing_one_bucket_closes_the_sale_until_it_is_rebuilt() {
     }
     let late: Vec<Uuid> = (0..30).map(|_| Uuid::now_v7()).collect();
     assert_eq!(sold(&stampede(&app, product, &late, 1).await), 18);
+    assert_books_balance(&app, product).await;
+}
+
+/// Deletes every key of one bucket of the sale, as when the node holding its slot restarts
+/// empty.
+async fn lose_bucket(app: &TestApp, product: Uuid, bucket: usize) {
+    let lost = &app.sale_buckets(product)[bucket];
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{lost}:*"))
+        .query_async(&mut app.state.redis.conn())
+        .await
+        .expect("keys");
+    redis::cmd("DEL")
+        .arg(keys)
+        .query_async::<()>(&mut app.state.redis.conn())
+        .await
+        .expect("lose a bucket");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_lost_rebuilds_only_its_buckets_and_orders_in_flight_elsewhere_keep_their_units() {
+    let app = cluster_app(1).await;
+    let admin = app.register_admin(&unique_email("admin")).await;
+    let product = app.flash_sale_product(&admin.access, 24, "1.00").await;
+    // Two orders in flight (reserved, their workers not there yet), homed in buckets 2 and 5.
+    let (kept, gone) = (buyer_homed_at(2), buyer_homed_at(5));
+    let (kept_order, gone_order) = (Uuid::now_v7(), Uuid::now_v7());
+    app.reserve_unpublished(product, kept, kept_order, "h", "k2")
+        .await;
+    app.reserve_unpublished(product, gone, gone_order, "h", "k5")
+        .await;
+
+    lose_bucket(&app, product, 5).await;
+    common::until("the lost bucket to be rebuilt", || async {
+        reconcile_once(&app.state).await.expect("reconcile");
+        products::sale_state(&app.state, product).await.unwrap() != products::SaleState::Missing
+    })
+    .await;
+
+    // Bucket 2 kept its order's reservation and its buyer's allowance: that order commits as
+    // it would have, and its unit stays off the shelf. The lost bucket's order takes its unit
+    // again when it commits (late).
+    let record = |bucket: usize, order: Uuid| {
+        let key = format!("{}:res", app.sale_buckets(product)[bucket]);
+        let app = app.clone();
+        async move {
+            redis::cmd("HGET")
+                .arg(key)
+                .arg(order.to_string())
+                .query_async::<Option<String>>(&mut app.state.redis.conn())
+                .await
+                .expect("read a record")
+        }
+    };
+    assert_eq!(
+        record(2, kept_order).await,
+        Some(format!("r:{}:1", kept.simple()))
+    );
+    assert_eq!(record(5, gone_order).await, None);
+    let allowance: Option<i64> = redis::cmd("HGET")
+        .arg(format!("{}:buyers", app.sale_buckets(product)[2]))
+        .arg(kept.simple().to_string())
+        .query_async(&mut app.state.redis.conn())
+        .await
+        .expect("read the allowance");
+    assert_eq!(allowance, Some(1));
+    assert_eq!(
+        app.remaining(product).await,
+        23,
+        "all but the kept order's unit"
+    );
+    common::until("the sale to reopen", || async {
+        reconcile_once(&app.state).await.expect("reconcile");
+        products::sale_state(&app.state, product).await.unwrap() == products::SaleState::Open
+    })
+    .await;
     assert_books_balance(&app, product).await;
 }
 

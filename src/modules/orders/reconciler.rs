@@ -6,8 +6,9 @@
 //!   pass after it was found lost, fenced (see `fences`: a batch that committed before the
 //!   loss and writes after the fence takes its units again), and stays closed until the
 //!   orders in flight at the loss have settled: the order queues drained, or
-//!   `orders.stock_restore_wait_secs` passed. Orders in flight take their units at commit,
-//!   within the purchase limit. Until it opens the flash-sale path answers 503.
+//!   `orders.stock_restore_wait_secs` passed. Orders in flight in the lost buckets take their
+//!   units at commit, within the purchase limit; buckets the loss spared (a Cluster node lost)
+//!   keep theirs. Until it opens the flash-sale path answers 503.
 //!
 //! - A move of units between two buckets of a sale that its mover left half done (it died
 //!   between giving and taking) is finished.

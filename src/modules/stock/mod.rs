@@ -54,6 +54,12 @@
 //! or fails sold out, refunded. A rebuild never goes back: a bucket already at a newer
 //! epoch is left alone, and regular stock another order loaded meanwhile keeps its
 //! reservations and only moves to the new epoch.
+//!
+//! A flash sale's bucket that a loss spared (one Cluster node restarted empty) keeps its
+//! records: its committed orders answer the new epoch when they commit again after the
+//! fence voided their write (`already`), and its counter is its share of the on-hand units
+//! less the units its orders in flight hold, so those are counted once. Only the lost
+//! buckets' orders in flight commit late.
 
 use std::time::Duration;
 
@@ -136,6 +142,7 @@ pub struct StockScripts {
     load: Script,
     adjust: Script,
     rebuild: Script,
+    rebuild_kept: Script,
     rebuild_holdings: Script,
     forget: Script,
     reopen: Script,
@@ -163,6 +170,7 @@ impl StockScripts {
             load: Script::new(include_str!("lua/load.lua")),
             adjust: Script::new(include_str!("lua/adjust.lua")),
             rebuild: Script::new(include_str!("lua/rebuild.lua")),
+            rebuild_kept: Script::new(include_str!("lua/rebuild_kept.lua")),
             rebuild_holdings: Script::new(include_str!("lua/rebuild_holdings.lua")),
             forget: Script::new(include_str!("lua/forget.lua")),
             reopen: Script::new(include_str!("lua/reopen.lua")),
@@ -201,11 +209,16 @@ impl Layout {
 
     /// `units` dealt out over the buckets, the first ones taking the remainder.
     fn shares(&self, units: i64) -> Vec<i64> {
-        let n = i64::from(self.buckets);
-        (0..n)
-            .map(|b| units / n + i64::from(b < units % n))
-            .collect()
+        deal(units, self.buckets as usize)
     }
+}
+
+/// `units` dealt out over `n` parts, the first ones taking the remainder.
+fn deal(units: i64, n: usize) -> Vec<i64> {
+    let n = n as i64;
+    (0..n)
+        .map(|b| units / n + i64::from(b < units % n))
+        .collect()
 }
 
 /// Units given by one bucket and not yet taken by another.
@@ -277,6 +290,17 @@ impl SaleKeys {
             .key(&self.buyers)
             .key(&self.reservations)
             .key(&self.pending);
+        invocation
+    }
+
+    /// Starts an invocation of a rebuild script: the six sale keys, then the moves and the
+    /// committed set (KEYS[7..9]), which a rebuild replaces too.
+    fn invoke_rebuild<'a>(&self, script: &'a Script) -> redis::ScriptInvocation<'a> {
+        let mut invocation = self.invoke(script);
+        invocation
+            .key(&self.moves_out)
+            .key(&self.moves_in)
+            .key(&self.committed);
         invocation
     }
 
@@ -1822,6 +1846,11 @@ impl StockScripts {
     /// PostgreSQL with before it read the numbers. A flash sale stays closed until `reopen`;
     /// regular stock opens at once (it has no buyers' allowance to forget). Buckets already
     /// at `epoch` or a later one are left alone.
+    ///
+    /// A flash sale's buckets that the loss spared (a Cluster node lost, not all of Redis)
+    /// keep their records, buyers and orders in flight, and take their share less what those
+    /// orders hold (`rebuild_kept.lua`); only the lost buckets start from nothing, with what
+    /// is left to deal, and only their orders in flight commit late.
     pub async fn rebuild(
         &self,
         redis: &Redis,
@@ -1834,17 +1863,33 @@ impl StockScripts {
         let layout = self.rebuild_layout(redis, product, terms.kind).await?;
         let closed = if terms.kind == SaleKind::Flash { 1 } else { 0 };
         let epoch = epoch.to_string();
+        let mut undealt = stock;
+        let mut lost = vec![];
         for (bucket, share) in (0..layout.buckets).zip(layout.shares(stock)) {
             let keys = layout.bucket(redis, bucket);
             // The terms first (window, limit, price): a commit that finds the counters must
             // find the limit they are sold under, never a missing one.
             self.load_bucket(redis, &keys, None, &epoch, terms, layout.buckets)
                 .await?;
-            let mut invocation = keys.invoke(&self.rebuild);
+            if terms.kind == SaleKind::Flash {
+                let mut invocation = keys.invoke_rebuild(&self.rebuild_kept);
+                invocation.arg(share).arg(undealt).arg(&epoch);
+                let (outcome, taken): (String, i64) =
+                    invocation.invoke_async(&mut redis.conn()).await?;
+                match outcome.as_str() {
+                    "kept" => undealt -= taken,
+                    "lost" => lost.push(bucket),
+                    _ => {}
+                }
+            } else {
+                lost.push(bucket);
+            }
+        }
+        let shares = deal(undealt.max(0), lost.len());
+        for (bucket, share) in lost.into_iter().zip(shares) {
+            let keys = layout.bucket(redis, bucket);
+            let mut invocation = keys.invoke_rebuild(&self.rebuild);
             invocation
-                .key(&keys.moves_out)
-                .key(&keys.moves_in)
-                .key(&keys.committed)
                 .arg(share)
                 .arg(&epoch)
                 .arg(layout.buckets)

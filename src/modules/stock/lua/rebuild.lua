@@ -1,4 +1,5 @@
--- Replaces one bucket's counters after a Redis loss: stock, epoch (the same in every bucket of
+-- Replaces one lost bucket's counters after a Redis loss (a flash sale's buckets the loss
+-- spared go through rebuild_kept.lua instead): stock, epoch (the same in every bucket of
 -- the sale), bucket count, closed ('1': a flash sale, closed until reopened). The live orders'
 -- holdings come after, in chunks (rebuild_holdings.lua). The caller fenced PostgreSQL with this epoch before it read the numbers:
 -- a bucket already at this epoch or a later one (another rebuild's) is left as it is.
