@@ -28,7 +28,7 @@ bin="${FLASHSALE_BIN:-$target/flashsale}"
 load="${ORDER_LOAD_BIN:-$target/order_load}"
 all_scenarios=(worker_killed broker_dropped redis_flushed redis_node_lost redis_node_paused_lost
   shard_down payment_down rolling_sigterm same_key_retries kafka_down worker_frozen
-  same_key_flushed messages_lost cancel_before_settle regular_flushed)
+  same_key_flushed messages_lost cancel_before_settle regular_flushed redis_flushed_held)
 scenarios=("${@:-${all_scenarios[@]}}")
 
 export FLASHSALE__LOG__FILTER=error
@@ -212,6 +212,21 @@ fault_cancel_before_settle() { :; }
 # the loss and writes after it takes its units again or fails; no unit sells twice (finding
 # 3). Limits and the auditor are a flash sale's: their columns read '-'.
 fault_regular_flushed() { fault_redis_flushed; }
+# The order-worker holds deliveries for seconds (its payments take 3 s a batch, so a batch and
+# the messages prefetched behind it stay unacked) while Redis loses everything, and the sale
+# sells out meanwhile. The rebuilt sale must stay closed while any worker holds deliveries:
+# opened early, it would sell the units of the orders in flight to newer buyers, and those
+# orders would fail sold out (finding 9). The row ends with the accepted orders that failed
+# sold out, which must be 0.
+fault_redis_flushed_held() {
+  stop order-worker
+  start order-worker FLASHSALE__ORDERS__PAYMENT__LATENCY_MS=3000
+  sleep 2
+  fault_redis_flushed
+  sleep 20
+  stop order-worker
+  start order-worker
+}
 fault_messages_lost() {
   kill -STOP "${pid[order-worker]}"
   sleep 1
@@ -229,6 +244,8 @@ load_args() { # scenario
     echo "--buyers 3000 --rate 500 --duration-secs 12 --stock 4000 --cancel-every 3" ;;
   regular_flushed)
     echo "--regular --buyers 3000 --rate 500 --duration-secs 12 --stock 4000" ;;
+  redis_flushed_held)
+    echo "--buyers 3000 --rate 500 --duration-secs 12 --stock 1500" ;;
   *) echo "--buyers 3000 --rate 500 --duration-secs 12 --stock 4000" ;;
   esac
 }
@@ -305,6 +322,12 @@ run() { # scenario; prints its row, answers 1 when a guarantee broke
     backlog=$(($(admission_backlog) - backlog_before))
     [ "$backlog" -eq 0 ] || recovered=0
     backlog=" backlog+$backlog"
+  fi
+  if [ "$scenario" = redis_flushed_held ]; then
+    local sold_out_failed
+    sold_out_failed=$(shard_sum "SELECT count(*) $of_product AND o.status = 'failed' AND o.failure_reason = 'sold_out'")
+    [ "$sold_out_failed" -eq 0 ] || recovered=0
+    backlog=" failed-sold-out $sold_out_failed"
   fi
   # The sale is over: later scenarios' auditor and reconciler passes need not visit it.
   psql -h 127.0.0.1 -U postgres -d flashsale_global -qc \
