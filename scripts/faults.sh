@@ -13,7 +13,7 @@
 # last six must be 0; the suite exits 1 otherwise. Not part of the CI test command (it
 # restarts roles and cuts shared services).
 #
-#   scripts/faults.sh [SCENARIO...]     default: all of them, in about 5 minutes
+#   scripts/faults.sh [SCENARIO...]     default: all of them, in about 7 minutes
 #   REDIS_CLUSTER=1 scripts/faults.sh   the same on the local 3-node Redis Cluster with each
 #                                       sale in 8 buckets (`redis_node_lost` empties one node)
 #
