@@ -500,21 +500,13 @@ pub async fn holdings(
         let of_product = orders::table
             .inner_join(order_items::table)
             .filter(order_items::product_id.eq(product))
-            .select((orders::id, orders::user_id, order_items::quantity));
-        let rows: Vec<(Uuid, Uuid, i32)> = match holders {
-            Holders::Live => {
-                of_product
-                    .filter(orders::status.ne_all(["cancelled", "failed"]))
-                    .load(&mut conn)
-                    .await?
-            }
-            Holders::Cancellable => {
-                of_product
-                    .filter(orders::status.eq("paid"))
-                    .load(&mut conn)
-                    .await?
-            }
+            .select((orders::id, orders::user_id, order_items::quantity))
+            .into_boxed();
+        let held = match holders {
+            Holders::Live => of_product.filter(orders::status.ne_all(["cancelled", "failed"])),
+            Holders::Cancellable => of_product.filter(orders::status.eq("paid")),
         };
+        let rows: Vec<(Uuid, Uuid, i32)> = held.load(&mut conn).await?;
         all.extend(rows.into_iter().map(|(order, buyer, units)| Holding {
             order,
             buyer,

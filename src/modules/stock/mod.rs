@@ -118,6 +118,15 @@ const TAKE: &str = concat!(
     include_str!("lua/take_units.lua"),
     include_str!("lua/take_done.lua"),
 );
+// The auditor and a spared bucket's rebuild count the units orders in flight hold alike.
+const AUDIT: &str = concat!(
+    include_str!("lua/units_held.lua"),
+    include_str!("lua/audit.lua")
+);
+const REBUILD_KEPT: &str = concat!(
+    include_str!("lua/units_held.lua"),
+    include_str!("lua/rebuild_kept.lua")
+);
 const LATE_COMMIT: &str = concat!(
     include_str!("lua/late_commit.lua"),
     include_str!("lua/take_units.lua"),
@@ -170,11 +179,11 @@ impl StockScripts {
             load: Script::new(include_str!("lua/load.lua")),
             adjust: Script::new(include_str!("lua/adjust.lua")),
             rebuild: Script::new(include_str!("lua/rebuild.lua")),
-            rebuild_kept: Script::new(include_str!("lua/rebuild_kept.lua")),
+            rebuild_kept: Script::new(REBUILD_KEPT),
             rebuild_holdings: Script::new(include_str!("lua/rebuild_holdings.lua")),
             forget: Script::new(include_str!("lua/forget.lua")),
             reopen: Script::new(include_str!("lua/reopen.lua")),
-            audit: Script::new(include_str!("lua/audit.lua")),
+            audit: Script::new(AUDIT),
             room: Script::new(include_str!("lua/room.lua")),
             give: Script::new(include_str!("lua/give.lua")),
             take: Script::new(TAKE),
@@ -1660,12 +1669,11 @@ impl StockScripts {
                     .query_async::<()>(&mut redis.conn())
                     .await?;
                 found.extend(records.into_iter().filter_map(|(order, record)| {
-                    let mut parts = record.split(':');
-                    let (state, buyer) = (parts.next()?, parts.next()?);
-                    (state == "x" || state == "p").then_some(SettledRecord {
+                    let (order, buyer) = record_in(&order, &record, &["x", "p"])?;
+                    Some(SettledRecord {
                         product,
-                        order: Uuid::try_parse(&order).ok()?,
-                        buyer: Uuid::try_parse(buyer).ok()?,
+                        order,
+                        buyer,
                         record,
                     })
                 }));
@@ -1974,19 +1982,24 @@ async fn records_in(
         .into_iter()
         .zip(records)
         .filter_map(|((_, product, order), record)| {
-            let record = record?;
-            let mut parts = record.split(':');
-            let (state, buyer) = (parts.next()?, parts.next()?);
-            if !states.contains(&state) {
-                return None;
-            }
+            let (order, buyer) = record_in(&order, &record?, states)?;
             Some(StaleReservation {
                 product,
-                order: Uuid::try_parse(&order).ok()?,
-                buyer: Uuid::try_parse(buyer).ok()?,
+                order,
+                buyer,
             })
         })
         .collect())
+}
+
+/// The order and buyer of a reservation record (`state:buyer:units`) in one of `states`.
+fn record_in(order: &str, record: &str, states: &[&str]) -> Option<(Uuid, Uuid)> {
+    let mut parts = record.split(':');
+    let (state, buyer) = (parts.next()?, parts.next()?);
+    if !states.contains(&state) {
+        return None;
+    }
+    Some((Uuid::try_parse(order).ok()?, Uuid::try_parse(buyer).ok()?))
 }
 
 /// The orders committed before `cutoff` in `buckets` (product, keys) and still committed:

@@ -12,18 +12,6 @@ if sale[3] then state = 'recovering' end
 local limit = tonumber(sale[2] or '0')
 -- Loaded by a version without the counter: not checked (a sale ends within hours).
 if not sale[4] then return {state, 0, limit} end
-local held = tonumber(sale[4])
-local pending = redis.call('ZRANGE', pending_key, 0, -1)
--- HMGET in chunks: Lua's unpack takes a few thousand values at most.
-for first = 1, #pending, 1000 do
-  local last = math.min(first + 999, #pending)
-  local records = redis.call('HMGET', reservations_key, unpack(pending, first, last))
-  for _, rec in ipairs(records) do
-    if rec then
-      local rec_state, units = string.match(rec, '^(%a):[^:]+:(%d+)$')
-      if rec_state == 'r' or rec_state == 'f' then held = held + tonumber(units) end
-    end
-  end
-end
+local held = tonumber(sale[4]) + units_held(reservations_key, pending_key, 'rf')
 local available = tonumber(redis.call('GET', stock_key) or '0')
 return {state, available + held - tonumber(sale[1]), limit}

@@ -15,24 +15,8 @@ local share, undealt, epoch = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local stored = redis.call('GET', epoch_key)
 if stored and stored >= epoch then return {'newer', 0} end
 if not stored or redis.call('EXISTS', stock_key) == 0 then return {'lost', 0} end
--- The units of `set`'s orders whose record is in one of `states` (HMGET in chunks: Lua's
--- unpack takes a few thousand values at most).
-local function units_in(set, states)
-  local orders = redis.call('ZRANGE', set, 0, -1)
-  local units = 0
-  for first = 1, #orders, 1000 do
-    local last = math.min(first + 999, #orders)
-    for _, rec in ipairs(redis.call('HMGET', reservations_key, unpack(orders, first, last))) do
-      if rec then
-        local state, n = string.match(rec, '^(%a):[^:]+:(%d+)$')
-        if string.find(states, state, 1, true) then units = units + tonumber(n) end
-      end
-    end
-  end
-  return units
-end
-local reserved = units_in(pending_key, 'rf')
-local in_flight = reserved + units_in(committed_key, 'c')
+local reserved = units_held(reservations_key, pending_key, 'rf')
+local in_flight = reserved + units_held(reservations_key, committed_key, 'c')
 local taken = math.max(share, in_flight)
 if taken > undealt then taken = math.max(undealt, in_flight) end
 local stock = taken - in_flight
