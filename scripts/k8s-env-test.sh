@@ -17,7 +17,8 @@ as_postgres() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/bash -c "$1"; el
 
 work=$(mktemp -d)
 chmod 755 "$work"
-password=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')
+# Hex: a URL-safe token may start with '-', which rabbitmqctl reads as an option (1 run in 64).
+password=$(python3 -c 'import secrets; print(secrets.token_hex(24))')
 pg_port=$(free_port)
 redis_port=$(free_port)
 pgbin="/usr/lib/postgresql/$(ls /usr/lib/postgresql | sort -V | tail -1)/bin"
